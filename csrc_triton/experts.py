@@ -1,0 +1,584 @@
+"""Grouped SwiGLU expert MLPs over ragged expert groups, forward and backward, in five Triton kernels.
+
+For the slots of expert e (rows ``offsets[e]:offsets[e+1]`` of the expert-sorted order, see permute.py):
+
+    h = [x W_gate[e]^T, x W_up[e]^T]          gate-up GEMM; the token gather is fused into its A loads,
+    a = silu(h_gate) * h_up                   SwiGLU fused into its epilogue (h is kept for backward)
+    y = a W_down[e]^T                         down GEMM
+    out[t] = residual[t] + sum_j w[t,j] y[slot(t,j)]   weighted combine (permute.combine)
+
+Backward, with dout gathered per slot inside the loads:
+
+    g  = dout[tok] W_down[e]                  down dgrad; its epilogue recomputes a from h and emits
+    dw = <g, a>,  dh = SwiGLU'(h) * (w g)     the routing-weight gradient and dh (y is never stored)
+    dW_down[e] = (w dout[tok])^T a            wgrad, a recomputed from h in the loads
+    dx_slot = dh_gate W_gate[e] + dh_up W_up[e]   up dgrad (two K segments, one accumulator)
+    dW_gate_up[e] = dh^T x[tok]               wgrad, x gathered in the loads
+    dx[t] = sum_j dx_slot[slot(t,j)]          combine
+
+Operands bf16/fp16 (fp32 for tests) with fp32 accumulation. Tiles of a group never mix experts, so empty
+experts cost nothing and groups need not be block multiples. The grid is sized by an upper bound on the
+number of row tiles (no device->host sync); surplus programs exit at once.
+"""
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import check, interpreting, use_triton
+from .permute import RoutingPlan, combine, plan_routing
+
+__all__ = ["expert_mlp", "expert_mlp_reference", "shared_expert_mlp", "shared_expert_mlp_reference",
+           "grouped_mlp", "grouped_mlp_reference"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _find_group(pid_m, tile_cum_ptr, offsets_ptr, E, BM: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    """Map a row-tile index to (expert, first row, end row) by binary search over the cumulative tile counts.
+
+    Returns expert == E for surplus tiles past the last group.
+    """
+    lo = pid_m * 0
+    hi = lo + E
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        active = lo < hi
+        go_right = tl.load(tile_cum_ptr + mid, mask=active, other=0) <= pid_m
+        lo = tl.where(active & go_right, mid + 1, lo)
+        hi = tl.where(active & ~go_right, mid, hi)
+    expert = lo
+    first_tile = tl.load(tile_cum_ptr + expert - 1, mask=expert > 0, other=0)
+    row_start = tl.load(offsets_ptr + expert, mask=expert < E, other=0) + (pid_m - first_tile) * BM
+    row_end = tl.load(offsets_ptr + expert + 1, mask=expert < E, other=0)
+    return expert, row_start, row_end
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    if PRECISION == "upcast":  # the triton 3.6 interpreter multiplies bf16 operands wrongly; fp32 is exact
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _rows_of(token_ptr, rows, rmask, GATHER: tl.constexpr):
+    if GATHER:
+        return tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    return rows.to(tl.int64)
+
+
+@triton.jit
+def _mma(acc, a_ptr, a_rows, a_mask, stride_a, b_ptr, cols, cmask, stride_bn, stride_bk, K,
+         BK: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += A[a_rows, :K] @ B[:K, cols], where B[k, n] = b_ptr[n * stride_bn + k * stride_bk]."""
+    ks = tl.arange(0, BK)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_a + ks[None, :]
+    b_ptrs = b_ptr + cols[None, :] * stride_bn + ks[:, None] * stride_bk
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=a_mask[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=cmask[None, :], other=0.0)
+        else:
+            kmask = ks < K - k0
+            a = tl.load(a_ptrs, mask=a_mask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = _dot(a, b, acc, PRECISION)
+        a_ptrs += BK
+        b_ptrs += BK * stride_bk
+    return acc
+
+
+@triton.jit
+def _gate_up_fwd_kernel(
+    x_ptr, token_ptr, wg_ptr, wu_ptr, h_ptr, act_ptr, offsets_ptr, tile_cum_ptr,
+    E, H, I, stride_x, stride_we, stride_wn, stride_wk, stride_h, stride_act,
+    GATHER: tl.constexpr, SAVE_H: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    expert, row_start, row_end = _find_group(pid_m, tile_cum_ptr, offsets_ptr, E, BM, SEARCH_STEPS)
+    if expert >= E:
+        return
+    rows = row_start + tl.arange(0, BM)
+    rmask = rows < row_end
+    x_rows = _rows_of(token_ptr, rows, rmask, GATHER)
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < I
+    ks = tl.arange(0, BK)
+    a_ptrs = x_ptr + x_rows[:, None] * stride_x + ks[None, :]
+    w_off = expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
+    bg_ptrs = wg_ptr + w_off
+    bu_ptrs = wu_ptr + w_off
+    acc_g = tl.zeros([BM, BN], tl.float32)
+    acc_u = tl.zeros([BM, BN], tl.float32)
+    for k0 in range(0, H, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            bg = tl.load(bg_ptrs, mask=cmask[None, :], other=0.0)
+            bu = tl.load(bu_ptrs, mask=cmask[None, :], other=0.0)
+        else:
+            kmask = ks < H - k0
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            bg = tl.load(bg_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            bu = tl.load(bu_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc_g = _dot(a, bg, acc_g, PRECISION)
+        acc_u = _dot(a, bu, acc_u, PRECISION)
+        a_ptrs += BK
+        bg_ptrs += BK * stride_wk
+        bu_ptrs += BK * stride_wk
+    mask = rmask[:, None] & cmask[None, :]
+    rows64 = rows.to(tl.int64)
+    if SAVE_H:
+        h_ptrs = h_ptr + rows64[:, None] * stride_h + cols[None, :]
+        tl.store(h_ptrs, acc_g.to(h_ptr.dtype.element_ty), mask=mask)
+        tl.store(h_ptrs + I, acc_u.to(h_ptr.dtype.element_ty), mask=mask)
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(act_ptr + rows64[:, None] * stride_act + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _down_fwd_kernel(
+    act_ptr, w_ptr, scale_ptr, y_ptr, offsets_ptr, tile_cum_ptr,
+    E, H, I, stride_act, stride_we, stride_wn, stride_wk, stride_y,
+    ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    expert, row_start, row_end = _find_group(pid_m, tile_cum_ptr, offsets_ptr, E, BM, SEARCH_STEPS)
+    if expert >= E:
+        return
+    rows = row_start + tl.arange(0, BM)
+    rmask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < H
+    acc = tl.zeros([BM, BN], tl.float32)
+    acc = _mma(acc, act_ptr, rows64, rmask, stride_act, w_ptr + expert.to(tl.int64) * stride_we, cols, cmask,
+               stride_wn, stride_wk, I, BK, EVEN_K, PRECISION)
+    if ROW_SCALE:
+        acc *= tl.load(scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + rows64[:, None] * stride_y + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _down_dgrad_kernel(
+    dout_ptr, token_ptr, w_ptr, h_ptr, wslot_ptr, dh_ptr, dw_part_ptr, offsets_ptr, tile_cum_ptr,
+    E, H, I, stride_dout, stride_we, stride_wn, stride_wk, stride_h, stride_part,
+    GATHER: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr, EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    expert, row_start, row_end = _find_group(pid_m, tile_cum_ptr, offsets_ptr, E, BM, SEARCH_STEPS)
+    if expert >= E:
+        return
+    rows = row_start + tl.arange(0, BM)
+    rmask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    d_rows = _rows_of(token_ptr, rows, rmask, GATHER)
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < I
+    g = tl.zeros([BM, BN], tl.float32)
+    g = _mma(g, dout_ptr, d_rows, rmask, stride_dout, w_ptr + expert.to(tl.int64) * stride_we, cols, cmask,
+             stride_wn, stride_wk, H, BK, EVEN_K, PRECISION)
+    # Epilogue: SwiGLU backward from the saved pre-activations, and this column tile's share of dw.
+    mask = rmask[:, None] & cmask[None, :]
+    h_ptrs = h_ptr + rows64[:, None] * stride_h + cols[None, :]
+    h_gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+    h_up = tl.load(h_ptrs + I, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(h_gate)
+    silu = h_gate * sig
+    if NEED_DW:
+        tl.store(dw_part_ptr + rows64 * stride_part + pid_n, tl.sum(g * silu * h_up, 1), mask=rmask)
+    if HAS_W:
+        g *= tl.load(wslot_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    d_up = g * silu
+    d_gate = g * h_up * sig * (1.0 + h_gate * (1.0 - sig))
+    dh_ptrs = dh_ptr + rows64[:, None] * stride_h + cols[None, :]
+    tl.store(dh_ptrs, d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dh_ptrs + I, d_up.to(dh_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _up_dgrad_kernel(
+    dh_ptr, wg_ptr, wu_ptr, dx_ptr, offsets_ptr, tile_cum_ptr,
+    E, H, I, stride_dh, stride_we, stride_wn, stride_wk, stride_dx,
+    EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    expert, row_start, row_end = _find_group(pid_m, tile_cum_ptr, offsets_ptr, E, BM, SEARCH_STEPS)
+    if expert >= E:
+        return
+    rows = row_start + tl.arange(0, BM)
+    rmask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < H
+    w_off = expert.to(tl.int64) * stride_we
+    acc = tl.zeros([BM, BN], tl.float32)
+    # dx = dh_gate @ W_gate[e] + dh_up @ W_up[e]: B[k, n] = W[e, k, n], k over I, n over H.
+    acc = _mma(acc, dh_ptr, rows64, rmask, stride_dh, wg_ptr + w_off, cols, cmask, stride_wk, stride_wn, I, BK,
+               EVEN_K, PRECISION)
+    acc = _mma(acc, dh_ptr + I, rows64, rmask, stride_dh, wu_ptr + w_off, cols, cmask, stride_wk, stride_wn, I,
+               BK, EVEN_K, PRECISION)
+    tl.store(dx_ptr + rows64[:, None] * stride_dx + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _wgrad_kernel(
+    a_ptr, a_token_ptr, a_scale_ptr, b_ptr, b_token_ptr, out_ptr, offsets_ptr,
+    M, N, b_up_offset, stride_a, stride_b, stride_oe, stride_om, stride_on,
+    A_GATHER: tl.constexpr, A_SCALE: tl.constexpr, B_GATHER: tl.constexpr, B_SWIGLU: tl.constexpr,
+    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """out[e] = A[rows of e]^T @ B[rows of e]: [M, N] per expert, reduced over that expert's slots.
+
+    A rows may be gathered (by token) and scaled per slot; B rows may be gathered, or be silu(gate) * up
+    recomputed from the saved pre-activations (gate at column n, up at column n + b_up_offset).
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    expert = tl.program_id(2)
+    row_start = tl.load(offsets_ptr + expert)
+    row_end = tl.load(offsets_ptr + expert + 1)
+    mcols = pid_m * BM + tl.arange(0, BM)
+    ncols = pid_n * BN + tl.arange(0, BN)
+    mmask = mcols < M
+    nmask = ncols < N
+    acc = tl.zeros([BM, BN], tl.float32)
+    for r0 in range(row_start, row_end, BK):
+        rows = r0 + tl.arange(0, BK)
+        rmask = rows < row_end
+        a_rows = _rows_of(a_token_ptr, rows, rmask, A_GATHER)
+        a = tl.load(a_ptr + a_rows[:, None] * stride_a + mcols[None, :], mask=rmask[:, None] & mmask[None, :],
+                    other=0.0)
+        if A_SCALE:
+            scale = tl.load(a_scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * scale[:, None]).to(a_ptr.dtype.element_ty)
+        b_rows = _rows_of(b_token_ptr, rows, rmask, B_GATHER)
+        b_ptrs = b_ptr + b_rows[:, None] * stride_b + ncols[None, :]
+        bmask = rmask[:, None] & nmask[None, :]
+        if B_SWIGLU:
+            gate = tl.load(b_ptrs, mask=bmask, other=0.0).to(tl.float32)
+            up = tl.load(b_ptrs + b_up_offset, mask=bmask, other=0.0).to(tl.float32)
+            b = (gate * tl.sigmoid(gate) * up).to(b_ptr.dtype.element_ty)
+        else:
+            b = tl.load(b_ptrs, mask=bmask, other=0.0)
+        acc = _dot(tl.trans(a), b, acc, PRECISION)
+    tl.store(out_ptr + expert.to(tl.int64) * stride_oe + mcols[:, None] * stride_om + ncols[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch configuration
+
+
+class _Config(NamedTuple):
+    bm: int
+    bn: int
+    bk: int
+    num_warps: int
+    num_stages: int
+
+
+def _config(dtype: torch.dtype, fused_pair: bool = False) -> _Config:
+    """Tile shapes. The gate-up kernel holds two accumulators, so it gets half the columns."""
+    if interpreting():
+        return _Config(16, 16, 16, 1, 1)
+    if dtype == torch.float32:
+        return _Config(64, 32 if fused_pair else 64, 32, 4, 2)
+    return _Config(128, 64 if fused_pair else 128, 64, 8, 3)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 operands get IEEE dots (tests compare at fp32 tolerance); 16-bit ones the tensor cores."""
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if interpreting() else "tf32"
+
+
+class _Groups(NamedTuple):
+    """Slots of each expert. token: slot -> token (None: slot s is token s); offsets [E+1] int32."""
+    token: torch.Tensor | None
+    offsets: torch.Tensor
+    counts: torch.Tensor
+    num_slots: int
+
+    def tile_grid(self, bm: int) -> tuple[torch.Tensor, int]:
+        tile_cum = torch.cumsum((self.counts + (bm - 1)) // bm, 0, dtype=torch.int32)
+        return tile_cum, triton.cdiv(self.num_slots, bm) + self.counts.numel()
+
+
+def _search_steps(num_experts: int) -> int:
+    return max(1, num_experts.bit_length())
+
+
+def _swiglu_forward(x, groups: _Groups, w_gate, w_up, w_down, row_scale, save_h):
+    """Run the gate-up and down kernels over the groups: returns (y [slots, H], h [slots, 2I] or None)."""
+    num_experts, hidden, inter = w_down.shape
+    dev, dtype = x.device, x.dtype
+    h = torch.empty(groups.num_slots, 2 * inter, device=dev, dtype=dtype) if save_h else None
+    act = torch.empty(groups.num_slots, inter, device=dev, dtype=dtype)
+    y = torch.empty(groups.num_slots, hidden, device=dev, dtype=dtype)
+    if groups.num_slots == 0:
+        return y, h
+    steps = _search_steps(num_experts)
+    cfg = _config(dtype, fused_pair=True)
+    tile_cum, m_tiles = groups.tile_grid(cfg.bm)
+    _gate_up_fwd_kernel[(triton.cdiv(inter, cfg.bn), m_tiles)](
+        x, groups.token if groups.token is not None else x, w_gate, w_up, h if save_h else act, act,
+        groups.offsets, tile_cum, num_experts, hidden, inter, x.stride(0), w_gate.stride(0), w_gate.stride(1),
+        w_gate.stride(2), h.stride(0) if save_h else 0, act.stride(0), GATHER=groups.token is not None,
+        SAVE_H=save_h, EVEN_K=hidden % cfg.bk == 0, PRECISION=_precision(dtype), BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
+        SEARCH_STEPS=steps, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    cfg = _config(dtype)
+    tile_cum, m_tiles = groups.tile_grid(cfg.bm)
+    _down_fwd_kernel[(triton.cdiv(hidden, cfg.bn), m_tiles)](
+        act, w_down, row_scale if row_scale is not None else act, y, groups.offsets, tile_cum, num_experts, hidden,
+        inter, act.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), y.stride(0),
+        ROW_SCALE=row_scale is not None, EVEN_K=inter % cfg.bk == 0, PRECISION=_precision(dtype), BM=cfg.bm,
+        BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=steps, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y, h
+
+
+def _swiglu_backward(dout, x, groups: _Groups, w_gate, w_up, w_down, h, slot_weight, need_dw):
+    """Gradients of the grouped SwiGLU MLP with respect to the slots' inputs, weights and slot weights.
+
+    dout: [T, H], gathered per slot through groups.token. Returns (dx_slot [slots, H], dW_gate, dW_up, dW_down,
+    dslot_weight [slots] fp32 or None).
+    """
+    num_experts, hidden, inter = w_down.shape
+    dev, dtype = x.device, x.dtype
+    slots = groups.num_slots
+    gather = groups.token is not None
+    token = groups.token if gather else x
+    prec = _precision(dtype)
+    steps = _search_steps(num_experts)
+    cfg = _config(dtype)
+    tile_cum, m_tiles = groups.tile_grid(cfg.bm)
+    n_tiles_i = triton.cdiv(inter, cfg.bn)
+
+    dh = torch.empty(slots, 2 * inter, device=dev, dtype=dtype)
+    dw_part = torch.empty(slots, n_tiles_i, device=dev, dtype=torch.float32) if need_dw else None
+    dx_slot = torch.empty(slots, hidden, device=dev, dtype=dtype)
+    dw_gate_up = torch.empty(num_experts, 2 * inter, hidden, device=dev, dtype=w_gate.dtype)
+    dw_down = torch.empty_like(w_down, memory_format=torch.contiguous_format)
+    if slots:
+        _down_dgrad_kernel[(n_tiles_i, m_tiles)](
+            dout, token, w_down, h, slot_weight if slot_weight is not None else dout, dh,
+            dw_part if need_dw else dh, groups.offsets, tile_cum, num_experts, hidden, inter, dout.stride(0),
+            w_down.stride(0), w_down.stride(2), w_down.stride(1), h.stride(0), n_tiles_i, GATHER=gather,
+            HAS_W=slot_weight is not None, NEED_DW=need_dw, EVEN_K=hidden % cfg.bk == 0, PRECISION=prec, BM=cfg.bm,
+            BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=steps, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _up_dgrad_kernel[(triton.cdiv(hidden, cfg.bn), m_tiles)](
+            dh, w_gate, w_up, dx_slot, groups.offsets, tile_cum, num_experts, hidden, inter, dh.stride(0),
+            w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), dx_slot.stride(0), EVEN_K=inter % cfg.bk == 0,
+            PRECISION=prec, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=steps, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+    # Weight gradients; an expert with no slots gets zeros (the loop over its rows is empty).
+    _wgrad_kernel[(triton.cdiv(inter, cfg.bn), triton.cdiv(hidden, cfg.bm), num_experts)](
+        dout, token, slot_weight if slot_weight is not None else dout, h, x, dw_down, groups.offsets,
+        hidden, inter, inter, dout.stride(0), h.stride(0), dw_down.stride(0), dw_down.stride(1), dw_down.stride(2),
+        A_GATHER=gather, A_SCALE=slot_weight is not None, B_GATHER=False, B_SWIGLU=True, PRECISION=prec,
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _wgrad_kernel[(triton.cdiv(hidden, cfg.bn), triton.cdiv(2 * inter, cfg.bm), num_experts)](
+        dh, x, x, x, token, dw_gate_up, groups.offsets, 2 * inter, hidden, 0, dh.stride(0), x.stride(0),
+        dw_gate_up.stride(0), dw_gate_up.stride(1), dw_gate_up.stride(2), A_GATHER=False, A_SCALE=False,
+        B_GATHER=gather, B_SWIGLU=False, PRECISION=prec, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    dw_slot = dw_part.sum(1) if need_dw else None
+    return dx_slot, dw_gate_up[:, :inter], dw_gate_up[:, inter:], dw_down, dw_slot
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd
+
+
+class _RoutedExperts(torch.autograd.Function):
+    """out = residual + combine_w(grouped SwiGLU(x[sorted_token])), weights applied in the combine."""
+
+    @staticmethod
+    def forward(ctx, x, weights, w_gate, w_up, w_down, residual, plan: RoutingPlan):
+        groups = _Groups(plan.sorted_token, plan.offsets, plan.tokens_per_expert, plan.sorted_token.numel())
+        y, h = _swiglu_forward(x, groups, w_gate, w_up, w_down, None, save_h=any(ctx.needs_input_grad[:5]))
+        out = combine(y, plan.slot_of_pair, weights, residual)
+        ctx.save_for_backward(x, weights, w_gate, w_up, w_down, h, *plan)
+        ctx.has_residual = residual is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weights, w_gate, w_up, w_down, h, *plan_tensors = ctx.saved_tensors
+        plan = RoutingPlan(*plan_tensors)
+        groups = _Groups(plan.sorted_token, plan.offsets, plan.tokens_per_expert, plan.sorted_token.numel())
+        dout = dout.contiguous()
+        slot_weight = None
+        if weights is not None:
+            slot_weight = weights.reshape(-1)[plan.sorted_pair.long()].float().contiguous()
+        dx_slot, dwg, dwu, dwd, dw_slot = _swiglu_backward(dout, x, groups, w_gate, w_up, w_down, h, slot_weight,
+                                                           need_dw=ctx.needs_input_grad[1])
+        dx = combine(dx_slot, plan.slot_of_pair)
+        dweights = dw_slot[plan.slot_of_pair.long()].to(weights.dtype) if dw_slot is not None else None
+        return dx, dweights, dwg, dwu, dwd, dout if ctx.has_residual else None, None
+
+
+class _DenseExperts(torch.autograd.Function):
+    """out[t] = gate[t] * SwiGLU(x[t]) through one always-on group (shared experts)."""
+
+    @staticmethod
+    def forward(ctx, x, gate, w_gate, w_up, w_down):
+        num_tokens = x.shape[0]
+        counts = torch.full((1,), num_tokens, device=x.device, dtype=torch.int32)
+        offsets = torch.tensor([0, num_tokens], device=x.device, dtype=torch.int32)
+        groups = _Groups(None, offsets, counts, num_tokens)
+        out, h = _swiglu_forward(x, groups, w_gate, w_up, w_down, gate, save_h=any(ctx.needs_input_grad))
+        ctx.save_for_backward(x, gate, w_gate, w_up, w_down, h, offsets, counts)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, gate, w_gate, w_up, w_down, h, offsets, counts = ctx.saved_tensors
+        groups = _Groups(None, offsets, counts, x.shape[0])
+        dx, dwg, dwu, dwd, dgate = _swiglu_backward(dout.contiguous(), x, groups, w_gate, w_up, w_down, h,
+                                                    gate, need_dw=gate is not None and ctx.needs_input_grad[1])
+        return dx, dgate.to(gate.dtype) if dgate is not None else None, dwg, dwu, dwd
+
+
+# ----------------------------------------------------------------------------------------------------------
+# References (the oracles and the CPU path): the transformers experts loop, line for line
+
+
+def _swiglu(x, w_gate, w_up, w_down):
+    return torch.nn.functional.linear(
+        torch.nn.functional.silu(torch.nn.functional.linear(x, w_gate)) * torch.nn.functional.linear(x, w_up),
+        w_down)
+
+
+def expert_mlp_reference(x, weights, expert_ids, w_gate_up, w_down, residual=None):
+    """transformers' eager experts: per hit expert, SwiGLU MLP of its tokens times their weights, index_add."""
+    out = torch.zeros_like(x) if residual is None else residual.clone()
+    inter = w_down.shape[2]
+    for expert in torch.unique(expert_ids).tolist():
+        token, pos = torch.where(expert_ids == expert)
+        y = _swiglu(x[token], w_gate_up[expert, :inter], w_gate_up[expert, inter:], w_down[expert])
+        out.index_add_(0, token, (y * weights[token, pos, None]).to(out.dtype))
+    return out
+
+
+def shared_expert_mlp_reference(x, w_gate, w_up, w_down, gate=None):
+    y = _swiglu(x, w_gate, w_up, w_down)
+    return y if gate is None else gate * y
+
+
+def grouped_mlp_reference(x, expert_of_row, w_gate_up, w_down):
+    out = torch.zeros_like(x)
+    inter = w_down.shape[2]
+    for expert in torch.unique(expert_of_row).tolist():
+        rows = torch.where(expert_of_row == expert)[0]
+        out[rows] = _swiglu(x[rows], w_gate_up[expert, :inter], w_gate_up[expert, inter:], w_down[expert])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def _check_experts(name, x, w_gate_up, w_down):
+    check(x.dim() == 2, f"{name}: x must be [tokens, hidden], got {tuple(x.shape)}")
+    check(w_gate_up.dim() == 3 and w_down.dim() == 3,
+          f"{name}: w_gate_up must be [E, 2I, H] and w_down [E, H, I], got {tuple(w_gate_up.shape)} and "
+          f"{tuple(w_down.shape)}")
+    num_experts, hidden, inter = w_down.shape
+    check(w_gate_up.shape == (num_experts, 2 * inter, hidden),
+          f"{name}: w_gate_up {tuple(w_gate_up.shape)} does not match w_down {tuple(w_down.shape)}: expected "
+          f"{(num_experts, 2 * inter, hidden)}")
+    check(x.shape[1] == hidden, f"{name}: x has hidden size {x.shape[1]}, the experts expect {hidden}")
+    check(x.dtype == w_gate_up.dtype == w_down.dtype,
+          f"{name}: x ({x.dtype}) and expert weights ({w_gate_up.dtype}, {w_down.dtype}) must share a dtype; "
+          "cast them or run under torch.autocast")
+
+
+def _rowmajor(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def expert_mlp(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, w_gate_up: torch.Tensor,
+               w_down: torch.Tensor, residual: torch.Tensor | None = None,
+               plan: RoutingPlan | None = None) -> torch.Tensor:
+    """Routed SwiGLU experts with the top-k weighted combine.
+
+    Args:
+        x: [T, H] tokens (bf16/fp16/fp32).
+        weights: [T, k] routing weights (any float dtype; applied in fp32).
+        expert_ids: [T, k] integer expert ids in [0, E).
+        w_gate_up: [E, 2I, H] (gate rows first, as transformers stores ``gate_up_proj``); w_down: [E, H, I].
+        residual: optional [T, H] added to the output (e.g. the shared experts' output).
+        plan: ``plan_routing(expert_ids, E)`` if already made (the router's ids need no range check).
+
+    Returns:
+        [T, H] in x's dtype: residual[t] + sum_j weights[t, j] * MLP_{expert_ids[t, j]}(x[t]).
+    """
+    _check_experts("expert_mlp", x, w_gate_up, w_down)
+    check(weights.shape == expert_ids.shape == (x.shape[0], expert_ids.shape[-1]),
+          f"expert_mlp: weights {tuple(weights.shape)} and expert_ids {tuple(expert_ids.shape)} must both be "
+          f"[{x.shape[0]}, k]")
+    if not use_triton(x):
+        return expert_mlp_reference(x, weights, expert_ids, w_gate_up, w_down, residual)
+    if plan is None:
+        plan = plan_routing(expert_ids, w_down.shape[0])
+    inter = w_down.shape[2]
+    return _RoutedExperts.apply(_rowmajor(x), weights, w_gate_up[:, :inter], w_gate_up[:, inter:],
+                                w_down, residual, plan)
+
+
+def shared_expert_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                      gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Shared (always-on) SwiGLU expert through the same grouped kernels, as one group of all T tokens.
+
+    Args: x [T, H]; w_gate, w_up [S, H]; w_down [H, S] (nn.Linear layouts); gate: optional [T, 1] per-token
+    factor (e.g. Qwen2-MoE's sigmoid(shared_expert_gate(x))). Returns [T, H] = gate * MLP(x).
+    """
+    check(w_gate.dim() == 2 and w_gate.shape == w_up.shape and w_down.shape == w_gate.shape[::-1],
+          f"shared_expert_mlp: w_gate {tuple(w_gate.shape)} and w_up {tuple(w_up.shape)} must be [S, H] and "
+          f"w_down {tuple(w_down.shape)} [H, S]")
+    check(x.dim() == 2 and x.shape[1] == w_gate.shape[1],
+          f"shared_expert_mlp: x {tuple(x.shape)} must be [tokens, {w_gate.shape[1]}]")
+    check(x.dtype == w_gate.dtype == w_up.dtype == w_down.dtype,
+          "shared_expert_mlp: x and the weights must share a dtype; cast them or run under torch.autocast")
+    if gate is not None:
+        check(gate.shape == (x.shape[0], 1), f"shared_expert_mlp: gate must be [T, 1], got {tuple(gate.shape)}")
+    if not use_triton(x):
+        return shared_expert_mlp_reference(x, w_gate, w_up, w_down, gate)
+    w_gate, w_up = _rowmajor(w_gate), _rowmajor(w_up)
+    if gate is not None:
+        gate = gate.float().contiguous().view(-1)
+    return _DenseExperts.apply(_rowmajor(x), gate, w_gate[None], w_up[None], w_down[None])
+
+
+def grouped_mlp(x: torch.Tensor, expert_of_row: torch.Tensor, w_gate_up: torch.Tensor,
+                w_down: torch.Tensor) -> torch.Tensor:
+    """One expert per row, unweighted: y[r] = MLP_{expert_of_row[r]}(x[r]) -> [R, H].
+
+    This is what an expert owner runs on the hidden states it received from all parties.
+    """
+    _check_experts("grouped_mlp", x, w_gate_up, w_down)
+    check(expert_of_row.shape == (x.shape[0],),
+          f"grouped_mlp: expert_of_row must be [{x.shape[0]}], got {tuple(expert_of_row.shape)}")
+    if not use_triton(x):
+        return grouped_mlp_reference(x, expert_of_row, w_gate_up, w_down)
+    plan = plan_routing(expert_of_row.view(-1, 1), w_down.shape[0])
+    inter = w_down.shape[2]
+    return _RoutedExperts.apply(_rowmajor(x), None, w_gate_up[:, :inter], w_gate_up[:, inter:], w_down, None,
+                                plan)

@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from csrc_triton.experts import (expert_mlp, expert_mlp_reference, grouped_mlp, grouped_mlp_reference,
+                                 shared_expert_mlp, shared_expert_mlp_reference)
+from helpers import TOLERANCE, leaf, rel_err
+from test_permute import random_ids
+
+# tokens, hidden, intermediate, experts, top_k, experts left empty
+SMALL = [(29, 40, 24, 6, 3, (2,)), (17, 32, 48, 4, 1, ()), (40, 24, 16, 8, 8, ()), (33, 16, 16, 3, 1, (0, 2))]
+LARGE = [(4096, 2048, 1408, 60, 4, (7, 11)), (2000, 1000, 700, 256, 8, (0,)), (3000, 2048, 768, 128, 8, ())]
+
+
+def check_expert_mlp(tokens, hidden, inter, experts, k, empty, dtype, device):
+    ids = random_ids(tokens, experts, k, empty).to(device)
+    x, w, res = torch.randn(tokens, hidden), torch.rand(tokens, k), torch.randn(tokens, hidden)
+    wgu, wd = torch.randn(experts, 2 * inter, hidden) / hidden**0.5, torch.randn(experts, hidden, inter) / inter**0.5
+    ours = [leaf(x, device, dtype), leaf(w, device), leaf(wgu, device, dtype), leaf(wd, device, dtype),
+            leaf(res, device, dtype)]
+    # The oracle sees the same (rounded) values, in fp64.
+    refs = [leaf(t.detach().cpu(), "cpu", torch.float64) for t in ours]
+    out = expert_mlp(ours[0], ours[1], ids, ours[2], ours[3], residual=ours[4])
+    ref = expert_mlp_reference(refs[0], refs[1], ids.cpu().long(), refs[2], refs[3], refs[4])
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+    g = torch.randn(tokens, hidden)
+    out.backward(g.to(device, dtype))
+    ref.backward(g.double())
+    for name, a, b in zip(["x", "weights", "gate_up", "down", "residual"], ours, refs):
+        assert rel_err(a.grad, b.grad) < TOLERANCE[dtype], name
+    for e in empty:  # an expert that got no token gets exactly zero gradient
+        assert ours[2].grad[e].abs().max().item() == 0 and ours[3].grad[e].abs().max().item() == 0
+
+
+@pytest.mark.parametrize("case", SMALL, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_mlp(case, dtype, device, poison):
+    check_expert_mlp(*case, dtype, device)
+
+
+def test_every_token_on_one_expert(device, poison):
+    tokens, hidden, inter, experts = 37, 32, 24, 5
+    ids = torch.full((tokens, 1), 3, dtype=torch.int32, device=device)
+    x, wgu, wd = torch.randn(tokens, hidden), torch.randn(experts, 2 * inter, hidden), torch.randn(experts, hidden, inter)
+    w = torch.rand(tokens, 1)
+    out = expert_mlp(x.to(device), w.to(device), ids, wgu.to(device), wd.to(device))
+    ref = expert_mlp_reference(x.double(), w.double(), ids.cpu().long(), wgu.double(), wd.double())
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_expert_mlp(gated, dtype, device, poison):
+    tokens, hidden, inter = 27, 40, 56
+    tensors = [torch.randn(tokens, hidden), torch.randn(inter, hidden) / hidden**0.5,
+               torch.randn(inter, hidden) / hidden**0.5, torch.randn(hidden, inter) / inter**0.5]
+    ours = [leaf(t, device, dtype) for t in tensors]
+    gate = [leaf(torch.rand(tokens, 1), device, dtype)] if gated else []
+    refs = [leaf(t.detach().cpu(), "cpu", torch.float64) for t in ours + gate]
+    out = shared_expert_mlp(*ours, *gate)
+    ref = shared_expert_mlp_reference(*refs)
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+    g = torch.randn(tokens, hidden)
+    out.backward(g.to(device, dtype))
+    ref.backward(g.double())
+    for a, b in zip(ours + gate, refs):
+        assert rel_err(a.grad, b.grad) < TOLERANCE[dtype]
+
+
+def test_grouped_mlp_one_expert_per_row(device, poison):
+    rows, hidden, inter, experts = 45, 24, 40, 7
+    expert_of_row = torch.randint(0, experts - 1, (rows,), device=device)  # last expert empty
+    ours = [leaf(torch.randn(rows, hidden), device), leaf(torch.randn(experts, 2 * inter, hidden) * 0.2, device),
+            leaf(torch.randn(experts, hidden, inter) * 0.2, device)]
+    refs = [leaf(t.detach().cpu(), "cpu", torch.float64) for t in ours]
+    out = grouped_mlp(ours[0], expert_of_row, *ours[1:])
+    ref = grouped_mlp_reference(refs[0], expert_of_row.cpu(), *refs[1:])
+    assert rel_err(out, ref) < 1e-5
+    g = torch.randn(rows, hidden)
+    out.backward(g.to(device))
+    ref.backward(g.double())
+    for a, b in zip(ours, refs):
+        assert rel_err(a.grad, b.grad) < 1e-5
+
+
+def test_empty_input(device):
+    out = expert_mlp(torch.randn(0, 16, device=device), torch.rand(0, 2, device=device),
+                     torch.zeros(0, 2, dtype=torch.int32, device=device), torch.randn(4, 32, 16, device=device),
+                     torch.randn(4, 16, 16, device=device))
+    assert out.shape == (0, 16)
+
+
+def test_mismatched_shapes_say_what_is_wrong():
+    with pytest.raises(ValueError, match="does not match w_down"):
+        expert_mlp(torch.randn(4, 16), torch.rand(4, 2), torch.zeros(4, 2, dtype=torch.int32),
+                   torch.randn(4, 30, 16), torch.randn(4, 16, 16))
+    with pytest.raises(ValueError, match="share a dtype"):
+        expert_mlp(torch.randn(4, 16), torch.rand(4, 2), torch.zeros(4, 2, dtype=torch.int32),
+                   torch.randn(4, 32, 16, dtype=torch.float64), torch.randn(4, 16, 16, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", LARGE, ids=str)
+def test_expert_mlp_large_bf16(case, device):
+    check_expert_mlp(*case, torch.bfloat16, device)
