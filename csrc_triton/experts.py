@@ -63,7 +63,9 @@ def _find_group(pid_m, tile_cum_ptr, offsets_ptr, E, BM: tl.constexpr, SEARCH_ST
 def _dot(a, b, acc, PRECISION: tl.constexpr):
     if PRECISION == "upcast":  # the triton 3.6 interpreter multiplies bf16 operands wrongly; fp32 is exact
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+    if PRECISION == "ieee":
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -306,7 +308,7 @@ def _precision(dtype: torch.dtype) -> str:
     """fp32 operands get IEEE dots (tests compare at fp32 tolerance); 16-bit ones the tensor cores."""
     if dtype == torch.float32:
         return "ieee"
-    return "upcast" if interpreting() else "tf32"
+    return "upcast" if interpreting() else "native"
 
 
 class _Groups(NamedTuple):
