@@ -5,7 +5,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double().cpu(), ref.double().cpu()
+    out, ref = out.double(), ref.double().to(out.device)
     assert torch.isfinite(out).all(), "output has NaN/Inf (an unwritten or poisoned element)"
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 

@@ -17,13 +17,13 @@ def check_expert_mlp(tokens, hidden, inter, experts, k, empty, dtype, device):
     wgu, wd = torch.randn(experts, 2 * inter, hidden) / hidden**0.5, torch.randn(experts, hidden, inter) / inter**0.5
     ours = [leaf(x, device, dtype), leaf(w, device), leaf(wgu, device, dtype), leaf(wd, device, dtype),
             leaf(res, device, dtype)]
-    # The oracle sees the same (rounded) values, in fp64.
-    refs = [leaf(t.detach().cpu(), "cpu", torch.float64) for t in ours]
+    # The oracle sees the same (rounded) values, in fp64 (on the GPU there: fp64 GEMMs on the CPU take minutes).
+    refs = [leaf(t.detach(), device, torch.float64) for t in ours]
     out = expert_mlp(ours[0], ours[1], ids, ours[2], ours[3], residual=ours[4])
-    ref = expert_mlp_reference(refs[0], refs[1], ids.cpu().long(), refs[2], refs[3], refs[4])
+    ref = expert_mlp_reference(refs[0], refs[1], ids.long(), refs[2], refs[3], refs[4])
     assert rel_err(out, ref) < TOLERANCE[dtype]
-    g = torch.randn(tokens, hidden)
-    out.backward(g.to(device, dtype))
+    g = torch.randn(tokens, hidden, device=device)
+    out.backward(g.to(dtype))
     ref.backward(g.double())
     for name, a, b in zip(["x", "weights", "gate_up", "down", "residual"], ours, refs):
         assert rel_err(a.grad, b.grad) < TOLERANCE[dtype], name
