@@ -240,15 +240,16 @@ def _up_dgrad_kernel(
 
 @triton.jit
 def _wgrad_kernel(
-    a_ptr, a_token_ptr, a_scale_ptr, b_ptr, b_token_ptr, out_ptr, offsets_ptr,
+    a_ptr, a_token_ptr, b_ptr, b_token_ptr, b_scale_ptr, out_ptr, offsets_ptr,
     M, N, b_up_offset, stride_a, stride_b, stride_oe, stride_om, stride_on,
-    A_GATHER: tl.constexpr, A_SCALE: tl.constexpr, B_GATHER: tl.constexpr, B_SWIGLU: tl.constexpr,
+    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, B_SWIGLU: tl.constexpr, B_SCALE: tl.constexpr,
     PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """out[e] = A[rows of e]^T @ B[rows of e]: [M, N] per expert, reduced over that expert's slots.
 
-    A rows may be gathered (by token) and scaled per slot; B rows may be gathered, or be silu(gate) * up
-    recomputed from the saved pre-activations (gate at column n, up at column n + b_up_offset).
+    A rows may be gathered (by token). B rows may be gathered, or be silu(gate) * up recomputed from the
+    saved pre-activations (gate at column n, up at column n + b_up_offset) times a per-slot scale: the
+    register math then sits on one operand only, and A stays a plain (gathered) load.
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -266,16 +267,16 @@ def _wgrad_kernel(
         a_rows = _rows_of(a_token_ptr, rows, rmask, A_GATHER)
         a = tl.load(a_ptr + a_rows[:, None] * stride_a + mcols[None, :], mask=rmask[:, None] & mmask[None, :],
                     other=0.0)
-        if A_SCALE:
-            scale = tl.load(a_scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) * scale[:, None]).to(a_ptr.dtype.element_ty)
         b_rows = _rows_of(b_token_ptr, rows, rmask, B_GATHER)
         b_ptrs = b_ptr + b_rows[:, None] * stride_b + ncols[None, :]
         bmask = rmask[:, None] & nmask[None, :]
         if B_SWIGLU:
             gate = tl.load(b_ptrs, mask=bmask, other=0.0).to(tl.float32)
             up = tl.load(b_ptrs + b_up_offset, mask=bmask, other=0.0).to(tl.float32)
-            b = (gate * tl.sigmoid(gate) * up).to(b_ptr.dtype.element_ty)
+            b = gate * tl.sigmoid(gate) * up
+            if B_SCALE:
+                b *= tl.load(b_scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
+            b = b.to(b_ptr.dtype.element_ty)
         else:
             b = tl.load(b_ptrs, mask=bmask, other=0.0)
         acc = _dot(tl.trans(a), b, acc, PRECISION)
@@ -358,8 +359,8 @@ def _swiglu_forward(x, groups: _Groups, w_gate, w_up, w_down, row_scale, save_h)
 def _swiglu_backward(dout, x, groups: _Groups, w_gate, w_up, w_down, h, slot_weight, need_dw):
     """Gradients of the grouped SwiGLU MLP with respect to the slots' inputs, weights and slot weights.
 
-    dout: [T, H], gathered per slot through groups.token. Returns (dx_slot [slots, H], dW_gate, dW_up, dW_down,
-    dslot_weight [slots] fp32 or None).
+    dout: [T, H], gathered per slot through groups.token. Returns (dx_slot [slots, H], dW_gate_up [E, 2I, H],
+    dW_down, dslot_weight [slots] fp32 or None).
     """
     num_experts, hidden, inter = w_down.shape
     dev, dtype = x.device, x.dtype
@@ -375,7 +376,7 @@ def _swiglu_backward(dout, x, groups: _Groups, w_gate, w_up, w_down, h, slot_wei
     dh = torch.empty(slots, 2 * inter, device=dev, dtype=dtype)
     dw_part = torch.empty(slots, n_tiles_i, device=dev, dtype=torch.float32) if need_dw else None
     dx_slot = torch.empty(slots, hidden, device=dev, dtype=dtype)
-    dw_gate_up = torch.empty(num_experts, 2 * inter, hidden, device=dev, dtype=w_gate.dtype)
+    dw_gate_up = torch.empty(num_experts, 2 * inter, hidden, device=dev, dtype=w_down.dtype)
     dw_down = torch.empty_like(w_down, memory_format=torch.contiguous_format)
     if slots:
         _down_dgrad_kernel[(n_tiles_i, m_tiles)](
@@ -391,17 +392,17 @@ def _swiglu_backward(dout, x, groups: _Groups, w_gate, w_up, w_down, h, slot_wei
             num_stages=cfg.num_stages)
     # Weight gradients; an expert with no slots gets zeros (the loop over its rows is empty).
     _wgrad_kernel[(triton.cdiv(inter, cfg.bn), triton.cdiv(hidden, cfg.bm), num_experts)](
-        dout, token, slot_weight if slot_weight is not None else dout, h, x, dw_down, groups.offsets,
+        dout, token, h, h, slot_weight if slot_weight is not None else h, dw_down, groups.offsets,
         hidden, inter, inter, dout.stride(0), h.stride(0), dw_down.stride(0), dw_down.stride(1), dw_down.stride(2),
-        A_GATHER=gather, A_SCALE=slot_weight is not None, B_GATHER=False, B_SWIGLU=True, PRECISION=prec,
+        A_GATHER=gather, B_GATHER=False, B_SWIGLU=True, B_SCALE=slot_weight is not None, PRECISION=prec,
         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _wgrad_kernel[(triton.cdiv(hidden, cfg.bn), triton.cdiv(2 * inter, cfg.bm), num_experts)](
-        dh, x, x, x, token, dw_gate_up, groups.offsets, 2 * inter, hidden, 0, dh.stride(0), x.stride(0),
-        dw_gate_up.stride(0), dw_gate_up.stride(1), dw_gate_up.stride(2), A_GATHER=False, A_SCALE=False,
-        B_GATHER=gather, B_SWIGLU=False, PRECISION=prec, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
+        dh, dh, x, token, x, dw_gate_up, groups.offsets, 2 * inter, hidden, 0, dh.stride(0), x.stride(0),
+        dw_gate_up.stride(0), dw_gate_up.stride(1), dw_gate_up.stride(2), A_GATHER=False, B_GATHER=gather,
+        B_SWIGLU=False, B_SCALE=False, PRECISION=prec, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     dw_slot = dw_part.sum(1) if need_dw else None
-    return dx_slot, dw_gate_up[:, :inter], dw_gate_up[:, inter:], dw_down, dw_slot
+    return dx_slot, dw_gate_up, dw_down, dw_slot
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -412,28 +413,32 @@ class _RoutedExperts(torch.autograd.Function):
     """out = residual + combine_w(grouped SwiGLU(x[sorted_token])), weights applied in the combine."""
 
     @staticmethod
-    def forward(ctx, x, weights, w_gate, w_up, w_down, residual, plan: RoutingPlan):
+    def forward(ctx, x, weights, w_gate_up, w_down, residual, plan: RoutingPlan):
         groups = _Groups(plan.sorted_token, plan.offsets, plan.tokens_per_expert, plan.sorted_token.numel())
-        y, h = _swiglu_forward(x, groups, w_gate, w_up, w_down, None, save_h=any(ctx.needs_input_grad[:5]))
+        inter = w_down.shape[2]
+        y, h = _swiglu_forward(x, groups, w_gate_up[:, :inter], w_gate_up[:, inter:], w_down, None,
+                               save_h=any(ctx.needs_input_grad[:4]))
         out = combine(y, plan.slot_of_pair, weights, residual)
-        ctx.save_for_backward(x, weights, w_gate, w_up, w_down, h, *plan)
+        ctx.save_for_backward(x, weights, w_gate_up, w_down, h, *plan)
         ctx.has_residual = residual is not None
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, weights, w_gate, w_up, w_down, h, *plan_tensors = ctx.saved_tensors
+        x, weights, w_gate_up, w_down, h, *plan_tensors = ctx.saved_tensors
+        inter = w_down.shape[2]
         plan = RoutingPlan(*plan_tensors)
         groups = _Groups(plan.sorted_token, plan.offsets, plan.tokens_per_expert, plan.sorted_token.numel())
         dout = dout.contiguous()
         slot_weight = None
         if weights is not None:
             slot_weight = weights.reshape(-1)[plan.sorted_pair.long()].float().contiguous()
-        dx_slot, dwg, dwu, dwd, dw_slot = _swiglu_backward(dout, x, groups, w_gate, w_up, w_down, h, slot_weight,
-                                                           need_dw=ctx.needs_input_grad[1])
+        dx_slot, dw_gate_up, dw_down, dw_slot = _swiglu_backward(
+            dout, x, groups, w_gate_up[:, :inter], w_gate_up[:, inter:], w_down, h, slot_weight,
+            need_dw=ctx.needs_input_grad[1])
         dx = combine(dx_slot, plan.slot_of_pair)
         dweights = dw_slot[plan.slot_of_pair.long()].to(weights.dtype) if dw_slot is not None else None
-        return dx, dweights, dwg, dwu, dwd, dout if ctx.has_residual else None, None
+        return dx, dweights, dw_gate_up, dw_down, dout if ctx.has_residual else None, None
 
 
 class _DenseExperts(torch.autograd.Function):
@@ -453,9 +458,11 @@ class _DenseExperts(torch.autograd.Function):
     def backward(ctx, dout):
         x, gate, w_gate, w_up, w_down, h, offsets, counts = ctx.saved_tensors
         groups = _Groups(None, offsets, counts, x.shape[0])
-        dx, dwg, dwu, dwd, dgate = _swiglu_backward(dout.contiguous(), x, groups, w_gate, w_up, w_down, h,
-                                                    gate, need_dw=gate is not None and ctx.needs_input_grad[1])
-        return dx, dgate.to(gate.dtype) if dgate is not None else None, dwg, dwu, dwd
+        dx, dw_gate_up, dw_down, dgate = _swiglu_backward(dout.contiguous(), x, groups, w_gate, w_up, w_down, h,
+                                                          gate, need_dw=gate is not None and ctx.needs_input_grad[1])
+        inter = w_down.shape[2]
+        dgate = dgate.to(gate.dtype) if dgate is not None else None
+        return dx, dgate, dw_gate_up[:, :inter], dw_gate_up[:, inter:], dw_down
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -540,9 +547,7 @@ def expert_mlp(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
         return expert_mlp_reference(x, weights, expert_ids, w_gate_up, w_down, residual)
     if plan is None:
         plan = plan_routing(expert_ids, w_down.shape[0])
-    inter = w_down.shape[2]
-    return _RoutedExperts.apply(_rowmajor(x), weights, w_gate_up[:, :inter], w_gate_up[:, inter:],
-                                w_down, residual, plan)
+    return _RoutedExperts.apply(_rowmajor(x), weights, w_gate_up, w_down, residual, plan)
 
 
 def shared_expert_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
@@ -581,6 +586,4 @@ def grouped_mlp(x: torch.Tensor, expert_of_row: torch.Tensor, w_gate_up: torch.T
     if not use_triton(x):
         return grouped_mlp_reference(x, expert_of_row, w_gate_up, w_down)
     plan = plan_routing(expert_of_row.view(-1, 1), w_down.shape[0])
-    inter = w_down.shape[2]
-    return _RoutedExperts.apply(_rowmajor(x), None, w_gate_up[:, :inter], w_gate_up[:, inter:], w_down, None,
-                                plan)
+    return _RoutedExperts.apply(_rowmajor(x), None, w_gate_up, w_down, None, plan)
