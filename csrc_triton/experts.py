@@ -297,7 +297,9 @@ class _Config(NamedTuple):
 
 
 def _config(dtype: torch.dtype, fused_pair: bool = False) -> _Config:
-    """Tile shapes. The gate-up kernel holds two accumulators, so it gets half the columns."""
+    """Tile shapes. ``fused_pair`` kernels keep two [BM, BN] fp32 tiles live (the gate-up forward's two
+    accumulators, the down dgrad's SwiGLU-backward epilogue), so they get half the columns. BM must be the
+    same for every kernel of one grouping (the row-tile schedule depends on it)."""
     if interpreting():
         return _Config(16, 16, 16, 1, 1)
     if dtype == torch.float32:
@@ -369,9 +371,9 @@ def _swiglu_backward(dout, x, groups: _Groups, w_gate, w_up, w_down, h, slot_wei
     token = groups.token if gather else x
     prec = _precision(dtype)
     steps = _search_steps(num_experts)
-    cfg = _config(dtype)
+    cfg, pair_cfg = _config(dtype), _config(dtype, fused_pair=True)
     tile_cum, m_tiles = groups.tile_grid(cfg.bm)
-    n_tiles_i = triton.cdiv(inter, cfg.bn)
+    n_tiles_i = triton.cdiv(inter, pair_cfg.bn)
 
     dh = torch.empty(slots, 2 * inter, device=dev, dtype=dtype)
     dw_part = torch.empty(slots, n_tiles_i, device=dev, dtype=torch.float32) if need_dw else None
@@ -383,8 +385,9 @@ def _swiglu_backward(dout, x, groups: _Groups, w_gate, w_up, w_down, h, slot_wei
             dout, token, w_down, h, slot_weight if slot_weight is not None else dout, dh,
             dw_part if need_dw else dh, groups.offsets, tile_cum, num_experts, hidden, inter, dout.stride(0),
             w_down.stride(0), w_down.stride(2), w_down.stride(1), h.stride(0), n_tiles_i, GATHER=gather,
-            HAS_W=slot_weight is not None, NEED_DW=need_dw, EVEN_K=hidden % cfg.bk == 0, PRECISION=prec, BM=cfg.bm,
-            BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=steps, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            HAS_W=slot_weight is not None, NEED_DW=need_dw, EVEN_K=hidden % pair_cfg.bk == 0, PRECISION=prec,
+            BM=pair_cfg.bm, BN=pair_cfg.bn, BK=pair_cfg.bk, SEARCH_STEPS=steps, num_warps=pair_cfg.num_warps,
+            num_stages=pair_cfg.num_stages)
         _up_dgrad_kernel[(triton.cdiv(hidden, cfg.bn), m_tiles)](
             dh, w_gate, w_up, dx_slot, groups.offsets, tile_cum, num_experts, hidden, inter, dh.stride(0),
             w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), dx_slot.stride(0), EVEN_K=inter % cfg.bk == 0,
