@@ -2,6 +2,7 @@
 ceilings measured in the same run, and a plain-text table."""
 
 import datetime
+import os
 import platform
 import subprocess
 
@@ -11,11 +12,13 @@ from triton.testing import do_bench
 
 
 def environment() -> dict:
+    """Device, commit (PCMOE_COMMIT where the tree has no .git, e.g. a copy on a GPU machine), date, versions."""
+    commit = os.environ.get("PCMOE_COMMIT")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        commit = commit or "unknown"
     import transformers
 
     return dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
