@@ -62,7 +62,8 @@ def launch(parties: int, train_args: list[str], env: dict | None = None) -> int:
 def _report(run_dir: Path) -> None:
     s = json.loads((run_dir / "summary.json").read_text())
     mib = 2**20
-    print(f"\n{run_dir}: {s['parties']} parties, preset {s['preset']}, {s['steps']} steps")
+    print(f"\n{run_dir}: {s['parties']} part{'y' if s['parties'] == 1 else 'ies'}, preset {s['preset']}, "
+          f"{s['steps']} steps")
     for i in range(s["parties"]):
         if i in s["parties_missing"]:
             continue

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["ModelConfig", "DataConfig", "TrainConfig", "Config", "PRESETS", "load_config", "validate",
-           "BUILTIN_CORPORA", "DEFAULT_CONFIG"]
+           "BUILTIN_CORPORA", "DEFAULT_CONFIG", "corpus_path"]
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.toml"
 BUILTIN_CORPORA = {"tinyshakespeare": Path(__file__).parent / "data" / "tinyshakespeare.txt.gz"}

@@ -12,7 +12,6 @@ nothing is fetched and no party's private text shapes the shared vocabulary.
 import gzip
 import hashlib
 import os
-import random
 import re
 from pathlib import Path
 
@@ -20,8 +19,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .config import Config, DataConfig, corpus_path
+from .model import seeded
 
-__all__ = ["read_text", "party_texts", "load_tokenizer", "Batches", "eval_batches"]
+__all__ = ["read_text", "party_texts", "load_tokenizer", "encode", "Batches", "eval_batches"]
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -48,8 +48,7 @@ def party_texts(cfg: Config, party: int) -> tuple[str, str]:
     else:
         blocks = _blocks(read_text(corpus_path(d.corpus)))
         if d.split == "iid":
-            order = list(range(len(blocks)))
-            random.Random(cfg.train.seed).shuffle(order)
+            order = torch.randperm(len(blocks), generator=seeded(cfg.train.seed, "split")).tolist()
             blocks = [blocks[i] for i in order[party::cfg.parties]]
         else:
             per_party = len(blocks) // cfg.parties
@@ -91,7 +90,7 @@ def encode(tokenizer: Tokenizer, text: str) -> torch.Tensor:
 class Batches:
     """Random windows of ``seq_len + 1`` tokens, each window once per epoch; the position is checkpointed."""
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: tuple[int, ...]):
+    def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: tuple):
         self.num_windows = (tokens.numel() - 1) // seq_len
         if self.num_windows < batch_size:
             raise ValueError(f"{tokens.numel()} tokens make {self.num_windows} windows of {seq_len}: fewer than "
@@ -101,8 +100,7 @@ class Batches:
         self._order = self._shuffle()
 
     def _shuffle(self) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(hash((*self.seed, self.epoch)))  # ints hash alike everywhere
-        return torch.randperm(self.num_windows, generator=generator)
+        return torch.randperm(self.num_windows, generator=seeded(*self.seed, self.epoch))
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), both [batch_size, seq_len]."""

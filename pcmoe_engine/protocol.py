@@ -32,6 +32,7 @@ from torch import nn
 import csrc_triton as ct
 
 from .config import ModelConfig
+from .model import seeded
 from .nvtx import nvtx_range
 
 __all__ = ["WIRE_KINDS", "owner_of", "owned_experts", "ExpertShard", "WireEntry", "WireLog", "Wire",
@@ -54,12 +55,7 @@ def owner_of(expert: int, parties: int) -> int:
 
 def owned_experts(party: int, parties: int, num_experts: int) -> list[int]:
     """The global ids of the experts a party owns, in the order of its local indices."""
-    return list(range(party, num_experts, parties))
-
-
-def _generator(*keys: int) -> torch.Generator:
-    # A tuple of ints hashes the same in every process (only str/bytes hashing is randomised).
-    return torch.Generator().manual_seed(hash(keys))
+    return [e for e in range(num_experts) if owner_of(e, parties) == party]
 
 
 class ExpertShard(nn.Module):
@@ -72,7 +68,7 @@ class ExpertShard(nn.Module):
 
     def __init__(self, cfg: ModelConfig, party: int = 0, parties: int = 1):
         super().__init__()
-        self.party, self.parties, self.num_experts = party, parties, cfg.num_experts
+        self.num_experts = cfg.num_experts
         self.expert_ids = owned_experts(party, parties, cfg.num_experts)
         local, hidden, inter = len(self.expert_ids), cfg.hidden_size, cfg.expert_intermediate_size
         self.w_gate_up = nn.ParameterList(
@@ -86,7 +82,7 @@ class ExpertShard(nn.Module):
         num_layers = len(self.w_down)
         for layer in range(num_layers):
             for local, expert in enumerate(self.expert_ids):
-                gen = _generator(seed, 1, layer, expert)
+                gen = seeded(seed, "expert", layer, expert)
                 w_gate_up, w_down = self.w_gate_up[layer][local], self.w_down[layer][local]
                 w_gate_up.copy_(torch.randn(w_gate_up.shape, generator=gen) * std)
                 w_down.copy_(torch.randn(w_down.shape, generator=gen) * (std / math.sqrt(2 * num_layers)))

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, load_config
 from .data import Batches, encode, eval_batches, load_tokenizer, party_texts
-from .model import Backbone, compute_loss, count_parameters
+from .model import Backbone, compute_loss, count_parameters, seeded
 from .nvtx import nvtx_range
 from .protocol import DistributedExperts, ExpertShard, Wire, WireLog
 
@@ -110,14 +110,15 @@ def train(cfg: Config, party: int) -> dict:
 
     tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size)
     train_text, eval_text = party_texts(cfg, party)
-    batches = Batches(encode(tokenizer, train_text), cfg.data.seq_len, t.batch_size, seed=(t.seed, party))
+    batches = Batches(encode(tokenizer, train_text), cfg.data.seq_len, t.batch_size, seed=(t.seed, "data", party))
     eval_tokens = encode(tokenizer, eval_text)
 
     backbone = Backbone(cfg.model)
-    backbone.init_weights(torch.Generator().manual_seed(hash((t.seed, 0, party))))  # each party its own
+    backbone.init_weights(seeded(t.seed, "backbone", party))  # each party its own
     shard = ExpertShard(cfg.model, party, parties)
     shard.init_weights(t.seed)
-    backbone.to(device), shard.to(device)
+    backbone.to(device)
+    shard.to(device)
     wire_log = WireLog(party_dir / "wire.jsonl") if t.wire_log else None
     wire = Wire(party, parties, dist.group.WORLD if parties > 1 else None, wire_log)
     experts = DistributedExperts(shard, wire)
@@ -159,7 +160,7 @@ def train(cfg: Config, party: int) -> dict:
     params = list(backbone.parameters()) + list(shard.parameters())
     tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len
     memory_kind = _peak_memory(device)[1]
-    record, eval_loss = None, None
+    record = None
     while step < t.steps:
         step += 1
         started = time.perf_counter()
