@@ -32,8 +32,11 @@ def read_text(path: str | os.PathLike) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     if not files:
         raise ValueError(f"{str(path)!r} holds no files: give a text file or a directory of text files")
-    return "\n\n".join((gzip.open(f, "rt", encoding="utf-8", errors="replace") if f.suffix == ".gz"
-                        else open(f, encoding="utf-8", errors="replace")).read() for f in files)
+    texts = []
+    for f in files:
+        with (gzip.open if f.suffix == ".gz" else open)(f, "rt", encoding="utf-8", errors="replace") as text:
+            texts.append(text.read())
+    return "\n\n".join(texts)
 
 
 def _blocks(text: str) -> list[str]:

@@ -11,8 +11,11 @@ every MoE layer, the routed experts e with e mod n == i. At each MoE layer (``Di
 3. each owner runs its local experts on the rows received from all parties with one grouped GEMM;
 4. the outputs return to their origin ("output"), which combines them with its top-k weights.
 
+The origin computes its shared expert while its hidden states are in flight (the dispatch is asynchronous).
+Owner-local expert ids never travel row by row: rows arrive sorted by local expert, so the counts suffice.
+
 Backward retraces the route: output gradients go to the owners ("output_grad"), input gradients come back
-("hidden_grad"). An owner's expert gradients so sum the contributions of every party's tokens. Nothing else
+("hidden_grad"). An owner's expert gradients thus sum the contributions of every party's tokens. Nothing else
 crosses: no token ids, labels, positions, masks, routing weights, backbone parameters or their gradients.
 Every transfer goes through ``Wire.exchange``, which counts its bytes and can log it to a ``WireLog``.
 
@@ -101,7 +104,8 @@ class WireEntry:
 
 
 class WireLog:
-    """Every transfer a party sends or receives; kept in memory, or written as JSON lines to ``path``."""
+    """Every transfer a party sends or receives (one entry per other party and direction, empty ones
+    included); kept in memory, or written as JSON lines to ``path``."""
 
     def __init__(self, path=None):
         self.entries: list[WireEntry] = []
