@@ -124,7 +124,7 @@ def train(cfg: Config, party: int) -> dict:
     experts = DistributedExperts(shard, wire)
     optimizer = _optimizer(cfg, (backbone, shard))
 
-    step, progress = 0, {"initial_loss": None, "timed_tokens": 0, "timed_seconds": 0.0}
+    step, progress = 0, {"initial_loss": None, "final_loss": None, "timed_tokens": 0, "timed_seconds": 0.0}
     checkpoints = party_dir / "checkpoints"
     resume_from = latest_checkpoint(checkpoints) if t.resume else None
     if resume_from is not None:
@@ -160,7 +160,6 @@ def train(cfg: Config, party: int) -> dict:
     params = list(backbone.parameters()) + list(shard.parameters())
     tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len
     memory_kind = _peak_memory(device)[1]
-    record = None
     while step < t.steps:
         step += 1
         started = time.perf_counter()
@@ -186,6 +185,7 @@ def train(cfg: Config, party: int) -> dict:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
         ce, balance, z = (sums / t.grad_accum).tolist()
+        progress["final_loss"] = ce
         if progress["initial_loss"] is None:
             progress["initial_loss"] = ce
         else:  # the first step pays for warm-up (allocator, caches): leave it out of the throughput
@@ -211,7 +211,7 @@ def train(cfg: Config, party: int) -> dict:
                           if torch.is_tensor(v))
     summary = {
         "party": party, "parties": parties, "preset": cfg.model.preset, "steps": step, "device": str(device),
-        "initial_loss": progress["initial_loss"], "final_loss": record["loss"] if record else None,
+        "initial_loss": progress["initial_loss"], "final_loss": progress["final_loss"],
         "eval_loss": eval_loss,
         "tokens_per_s": progress["timed_tokens"] / progress["timed_seconds"] if progress["timed_seconds"] else None,
         "peak_memory_bytes": peak, "peak_memory_kind": memory_kind,

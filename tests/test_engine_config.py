@@ -103,3 +103,10 @@ def test_batches_resume_where_they_stopped():
     for _ in range(5):
         (xa, ya), (xb, yb) = a.next(), b.next()
         assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(xa[:, 1:], ya[:, :-1])
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_packaged_configs_validate(name):
+    from pcmoe_engine.config import DEFAULT_CONFIG
+
+    assert load_config(DEFAULT_CONFIG.with_name(f"{name}.toml")).model.preset == name
