@@ -36,6 +36,7 @@ def launch(parties: int, train_args: list[str], env: dict | None = None) -> int:
     base.pop("TRITON_INTERPRET", None)
     base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent.parent), base.get("PYTHONPATH")]))
     base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parties)))
+    base.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the parties are all on this machine: loopback only
     port = str(free_port())
     procs = []
     for party in range(parties):

@@ -89,9 +89,11 @@ def _close(a, b, what):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parties,checkpointing", [(1, False), (2, False), (3, False), (4, False), (2, True)])
 def test_parties_equal_single_process(parties, checkpointing, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # spawned parties run csrc_triton's CPU references
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     mp.spawn(_party, args=(parties, free_port(), str(tmp_path), checkpointing), nprocs=parties)
     results = [torch.load(tmp_path / f"party{p}.pt", weights_only=False) for p in range(parties)]
 
