@@ -25,8 +25,9 @@ With one party the exchanges are local no-ops: centralized training through the 
 import itertools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
