@@ -1,0 +1,186 @@
+"""A decoder-only MoE transformer, split the PC-MoE way: a party's private Backbone (embeddings, RoPE attention,
+RMSNorms, each MoE layer's router and shared expert, LM head) and the routed experts, reached through an
+``experts`` callable (``protocol.DistributedExperts``) so the Backbone never holds another party's experts.
+"""
+
+import hashlib
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+import csrc_triton as ct
+
+from .config import ModelConfig
+from .nvtx import nvtx_range
+
+__all__ = ["Backbone", "Loss", "compute_loss", "count_parameters", "seeded"]
+
+
+def seeded(*keys: int | str) -> torch.Generator:
+    """A generator for one purpose of one run, e.g. seeded(seed, "expert", layer, expert): the same in every
+    process (a stable digest, unlike hash() of a str) and independent of everything else drawn."""
+    digest = hashlib.sha256(repr(keys).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # In fp32 whatever the activations' dtype, as the HF models do.
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE (the HF Llama/Qwen/OLMoE convention) on [B, heads, T, head_dim]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
+        # OLMoE normalises the whole query and key projections.
+        self.q_norm = RMSNorm(q_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(kv_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x, cos, sin):
+        batch, seq, _ = x.shape
+        q = self.q_norm(self.q_proj(x)).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x)).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class SharedExpert(nn.Module):
+    """The always-on SwiGLU expert of an MoE layer (part of the private backbone), optionally gated."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden, inter = cfg.hidden_size, cfg.shared_intermediate_size
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate = nn.Linear(hidden, 1, bias=False) if cfg.shared_expert_gate else None
+
+    def forward(self, x):
+        gate = torch.sigmoid(self.gate(x)) if self.gate is not None else None
+        return ct.shared_expert_mlp(x, self.gate_proj.weight.to(x.dtype), self.up_proj.weight.to(x.dtype),
+                                    self.down_proj.weight.to(x.dtype), gate)
+
+
+class MoEFeedForward(nn.Module):
+    """Route with this party's router, send to the routed experts (wherever they live), add the shared expert."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.top_k, self.norm_topk_prob = layer, cfg.top_k, cfg.norm_topk_prob
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.shared = SharedExpert(cfg) if cfg.shared_intermediate_size else None
+
+    def forward(self, x, experts) -> tuple[torch.Tensor, ct.RouterOutput]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if torch.is_autocast_enabled(x.device.type):  # the expert kernels take one dtype for x and weights
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        with nvtx_range("router"):
+            routing = ct.route(self.router(x), self.top_k, norm_topk_prob=self.norm_topk_prob)
+        shared = (lambda: self.shared(x)) if self.shared is not None else None
+        out, shared_out = experts(self.layer, x, routing.weights, routing.expert_ids, concurrent=shared)
+        if shared_out is not None:
+            out = out + shared_out
+        return out.view(shape), routing
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.moe = MoEFeedForward(cfg, layer)
+
+    def forward(self, x, cos, sin, experts):
+        with nvtx_range("attention"):
+            x = x + self.attn(self.attn_norm(x), cos, sin)
+        moe_out, routing = self.moe(self.ffn_norm(x), experts)
+        return x + moe_out, routing
+
+
+class Backbone(nn.Module):
+    """Everything a party keeps to itself. ``forward(tokens, experts)`` -> (logits, one RouterOutput per layer)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList([Block(cfg, layer) for layer in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator, std: float = 0.02) -> None:
+        """Normal(0, std) matrices, residual-output projections scaled by 1/sqrt(2 * layers) (GPT-2)."""
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.zeros_like(p))
+            else:
+                scale = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
+
+    def forward(self, tokens: torch.Tensor, experts, activation_checkpointing: bool = False):
+        cos, sin = rope_tables(tokens.shape[1], self.cfg.head_dim, self.cfg.rope_theta, tokens.device)
+        x = self.embed(tokens)
+        routings = []
+        for block in self.blocks:
+            if activation_checkpointing and torch.is_grad_enabled():
+                # Without early stop the recomputation replays the whole block, so every party repeats the
+                # same exchanges in the same order.
+                with set_checkpoint_early_stop(False):
+                    x, routing = checkpoint(block, x, cos, sin, experts, use_reentrant=False)
+            else:
+                x, routing = block(x, cos, sin, experts)
+            routings.append(routing)
+        return self.lm_head(self.norm(x)), routings
+
+
+class Loss(NamedTuple):
+    total: torch.Tensor  # what backward runs on
+    ce: torch.Tensor
+    load_balancing: torch.Tensor  # mean over layers
+    z: torch.Tensor  # mean over layers
+
+
+def compute_loss(logits, targets, routings, aux_loss_coef: float, z_loss_coef: float) -> Loss:
+    ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+    balance = torch.stack([ct.load_balancing_loss(r) for r in routings]).mean()
+    z = torch.stack([ct.router_z_loss(r) for r in routings]).mean()
+    return Loss(ce + aux_loss_coef * balance + z_loss_coef * z, ce, balance, z)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

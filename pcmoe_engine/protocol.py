@@ -1,0 +1,261 @@
+"""The PC-MoE protocol: what each party holds, and the only tensors that cross between parties.
+
+n parties train one MoE model. Party i keeps private its data, its Backbone (embeddings, attention, norms,
+every MoE layer's router and shared expert, LM head) and its optimizer state, and holds an ExpertShard: in
+every MoE layer, the routed experts e with e mod n == i. At each MoE layer (``DistributedExperts``):
+
+1. party i routes its tokens with its own router and sorts its (token, expert) pairs by the expert's owner,
+   then by the owner's local expert index;
+2. the per-expert pair counts go to each owner ("splits"), then the pairs' hidden states ("hidden"), with
+   uneven splits over all_to_all_single;
+3. each owner runs its local experts on the rows received from all parties with one grouped GEMM;
+4. the outputs return to their origin ("output"), which combines them with its top-k weights.
+
+The origin computes its shared expert while its hidden states are in flight (the dispatch is asynchronous).
+Owner-local expert ids never travel row by row: rows arrive sorted by local expert, so the counts suffice.
+
+Backward retraces the route: output gradients go to the owners ("output_grad"), input gradients come back
+("hidden_grad"). An owner's expert gradients thus sum the contributions of every party's tokens. Nothing else
+crosses: no token ids, labels, positions, masks, routing weights, backbone parameters or their gradients.
+Every transfer goes through ``Wire.exchange``, which counts its bytes and can log it to a ``WireLog``.
+
+With one party the exchanges are local no-ops: centralized training through the same code.
+"""
+
+import itertools
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import csrc_triton as ct
+
+from .config import ModelConfig
+from .model import seeded
+from .nvtx import nvtx_range
+
+__all__ = ["WIRE_KINDS", "owner_of", "owned_experts", "ExpertShard", "WireEntry", "WireLog", "Wire",
+           "DistributedExperts"]
+
+# What may cross between parties, and nothing else.
+WIRE_KINDS = (
+    "splits",  # per (origin, owner-local expert) pair counts: the all_to_all split sizes
+    "hidden",  # dispatched hidden states, origin -> owner
+    "output",  # expert outputs, owner -> origin
+    "output_grad",  # gradients of the expert outputs, origin -> owner
+    "hidden_grad",  # gradients of the dispatched hidden states, owner -> origin
+)
+
+
+def owner_of(expert: int, parties: int) -> int:
+    """Round-robin ownership: expert e lives with party e mod n."""
+    return expert % parties
+
+
+def owned_experts(party: int, parties: int, num_experts: int) -> list[int]:
+    """The global ids of the experts a party owns, in the order of its local indices."""
+    return [e for e in range(num_experts) if owner_of(e, parties) == party]
+
+
+class ExpertShard(nn.Module):
+    """A party's routed experts: in every MoE layer, the SwiGLU experts it owns, stacked for the grouped GEMM.
+
+    ``w_gate_up[layer]`` is [local experts, 2I, H] (gate rows first) and ``w_down[layer]`` [local, H, I]: the
+    layout csrc_triton's grouped_mlp takes. Parameters stay fp32 (the optimizer's master copy); they are cast
+    to the activations' dtype at use, so under bf16 autocast the GEMMs run in bf16.
+    """
+
+    def __init__(self, cfg: ModelConfig, party: int = 0, parties: int = 1):
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.expert_ids = owned_experts(party, parties, cfg.num_experts)
+        local, hidden, inter = len(self.expert_ids), cfg.hidden_size, cfg.expert_intermediate_size
+        self.w_gate_up = nn.ParameterList(
+            [nn.Parameter(torch.empty(local, 2 * inter, hidden)) for _ in range(cfg.num_layers)])
+        self.w_down = nn.ParameterList(
+            [nn.Parameter(torch.empty(local, hidden, inter)) for _ in range(cfg.num_layers)])
+
+    @torch.no_grad()
+    def init_weights(self, seed: int, std: float = 0.02) -> None:
+        """Each expert from its own generator, so expert e starts the same whatever the number of parties."""
+        num_layers = len(self.w_down)
+        for layer in range(num_layers):
+            for local, expert in enumerate(self.expert_ids):
+                gen = seeded(seed, "expert", layer, expert)
+                w_gate_up, w_down = self.w_gate_up[layer][local], self.w_down[layer][local]
+                w_gate_up.copy_(torch.randn(w_gate_up.shape, generator=gen) * std)
+                w_down.copy_(torch.randn(w_down.shape, generator=gen) * (std / math.sqrt(2 * num_layers)))
+
+
+@dataclass
+class WireEntry:
+    """One transfer between two parties, as the audit sees it."""
+    kind: str
+    layer: int
+    shape: tuple[int, ...]
+    dtype: str
+    bytes: int
+    src: int
+    dst: int
+
+
+class WireLog:
+    """Every transfer a party sends or receives (one entry per other party and direction, empty ones
+    included); kept in memory, or written as JSON lines to ``path``."""
+
+    def __init__(self, path=None):
+        self.entries: list[WireEntry] = []
+        self._file = open(path, "a", buffering=1) if path is not None else None
+
+    def record(self, entry: WireEntry) -> None:
+        if self._file is None:
+            self.entries.append(entry)
+        else:
+            self._file.write(json.dumps(asdict(entry)) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class Transfer(NamedTuple):
+    """A tensor on its way in: ``wait()`` returns it once it has arrived."""
+    tensor: torch.Tensor
+    work: "dist.Work | None"
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        return self.tensor
+
+
+class Wire:
+    """A party's link to the others: the process group, its traffic counters and an optional WireLog."""
+
+    def __init__(self, party: int = 0, parties: int = 1, group=None, log: WireLog | None = None):
+        self.party, self.parties, self.group, self.log = party, parties, group, log
+        self.bytes_sent = dict.fromkeys(WIRE_KINDS, 0)
+        self.bytes_received = dict.fromkeys(WIRE_KINDS, 0)
+
+    def exchange(self, kind: str, layer: int, send: torch.Tensor, send_splits: list[int],
+                 recv_splits: list[int], async_op: bool = False) -> Transfer:
+        """THE crossing point: rows ``send[sum(send_splits[:p]):...]`` go to party p, rows from each party
+        arrive in party order. Rows a party keeps for itself are copied locally and count as no traffic."""
+        if kind not in WIRE_KINDS:
+            raise ValueError(f"{kind!r} may not cross between parties; allowed: {', '.join(WIRE_KINDS)}")
+        row_shape = tuple(send.shape[1:])
+        row_bytes = math.prod(row_shape) * send.element_size()
+        for other in range(self.parties):
+            if other == self.party:
+                continue
+            self.bytes_sent[kind] += send_splits[other] * row_bytes
+            self.bytes_received[kind] += recv_splits[other] * row_bytes
+            if self.log is not None:
+                dtype = str(send.dtype).removeprefix("torch.")
+                self.log.record(WireEntry(kind, layer, (send_splits[other], *row_shape), dtype,
+                                          send_splits[other] * row_bytes, self.party, other))
+                self.log.record(WireEntry(kind, layer, (recv_splits[other], *row_shape), dtype,
+                                          recv_splits[other] * row_bytes, other, self.party))
+        if self.parties == 1:
+            return Transfer(send, None)
+        send = send.contiguous()
+        recv = send.new_empty((sum(recv_splits), *row_shape))
+        work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group, async_op=async_op)
+        return Transfer(recv, work)
+
+    @property
+    def total_sent(self) -> int:
+        return sum(self.bytes_sent.values())
+
+    @property
+    def total_received(self) -> int:
+        return sum(self.bytes_received.values())
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows in flight between parties; backward sends their gradients back along the reverse route.
+
+    Forward only waits: the caller launched the transfer, so it can compute while the rows travel. The
+    splits given are the backward's (each received row's gradient returns to where the row came from).
+    """
+
+    @staticmethod
+    def forward(ctx, send, transfer: Transfer, wire: Wire, grad_kind: str, layer: int, grad_send_splits,
+                grad_recv_splits):
+        ctx.backward_route = wire, grad_kind, layer, grad_send_splits, grad_recv_splits
+        return transfer.wait()
+
+    @staticmethod
+    def backward(ctx, grad):
+        wire, grad_kind, layer, grad_send_splits, grad_recv_splits = ctx.backward_route
+        grad_send = wire.exchange(grad_kind, layer, grad, grad_send_splits, grad_recv_splits).wait()
+        return grad_send, None, None, None, None, None, None
+
+
+class _Route(NamedTuple):
+    send_splits: list[int]  # rows to each party
+    recv_splits: list[int]  # rows from each party
+    local_expert: torch.Tensor  # [received rows]: the owner-local expert of each received row
+
+
+class DistributedExperts:
+    """The routed experts of one MoE model spread over the parties, as party ``wire.party`` reaches them.
+
+    ``experts(layer, x, weights, expert_ids, concurrent)`` returns (sum_j weights[t,j] * MLP_{expert_ids[t,j]}(x[t]),
+    concurrent()): ``concurrent`` (the shared expert) computes while the hidden states are in flight.
+    """
+
+    def __init__(self, shard: ExpertShard, wire: Wire):
+        self.shard, self.wire = shard, wire
+        parties = wire.parties
+        self.local_counts = [len(owned_experts(p, parties, shard.num_experts)) for p in range(parties)]
+        # Position of each global expert in the wire order: grouped by owner, then by owner-local index.
+        order = [e for p in range(parties) for e in owned_experts(p, parties, shard.num_experts)]
+        position = torch.empty(len(order), dtype=torch.int64)
+        position[order] = torch.arange(len(order))
+        self.wire_position = position.to(shard.w_down[0].device)
+
+    def _route(self, layer: int, pairs_per_expert: torch.Tensor) -> _Route:
+        """Exchange the split sizes: per owner-local expert counts, so each owner knows what it will receive."""
+        wire, mine = self.wire, self.local_counts[self.wire.party]
+        send_counts = pairs_per_expert.to(torch.int64)
+        recv_counts = wire.exchange("splits", layer, send_counts, self.local_counts, [mine] * wire.parties).wait()
+        counts = torch.cat([send_counts, recv_counts]).tolist()  # one host sync for both
+        sent, received = counts[:len(send_counts)], counts[len(send_counts):]
+        starts = [0, *itertools.accumulate(self.local_counts)]
+        send_splits = [sum(sent[starts[p]:starts[p + 1]]) for p in range(wire.parties)]
+        recv_splits = [sum(received[p * mine:(p + 1) * mine]) for p in range(wire.parties)]
+        local_expert = torch.arange(mine, device=recv_counts.device).repeat(wire.parties)
+        return _Route(send_splits, recv_splits, local_expert.repeat_interleave(recv_counts))
+
+    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                 concurrent: Callable[[], torch.Tensor] | None = None):
+        wire, shard = self.wire, self.shard
+        with nvtx_range("permute"):
+            plan = ct.plan_routing(self.wire_position[expert_ids.long()], shard.num_experts, validate=False)
+            x_sorted = ct.permute(x, plan)
+        with nvtx_range("dispatch"):
+            route = self._route(layer, plan.tokens_per_expert)
+            transfer = wire.exchange("hidden", layer, x_sorted.detach(), route.send_splits, route.recv_splits,
+                                     async_op=True)
+        side = concurrent() if concurrent is not None else None
+        with nvtx_range("dispatch"):
+            received = _AllToAll.apply(x_sorted, transfer, wire, "hidden_grad", layer, route.recv_splits,
+                                       route.send_splits)
+        with nvtx_range("experts"):
+            if received.shape[0]:
+                y = ct.grouped_mlp(received, route.local_expert, shard.w_gate_up[layer].to(received.dtype),
+                                   shard.w_down[layer].to(received.dtype))
+            else:  # nothing to run, but the empty output must stay on the graph: its backward exchanges too
+                y = received * 0
+        with nvtx_range("combine"):
+            transfer = wire.exchange("output", layer, y.detach(), route.recv_splits, route.send_splits)
+            y_sorted = _AllToAll.apply(y, transfer, wire, "output_grad", layer, route.send_splits,
+                                       route.recv_splits)
+            out = ct.unpermute(y_sorted, plan, weights)
+        return out, side
