@@ -129,6 +129,9 @@ def main():
     for name in args.shapes:
         report["cases"].append(bench_shape(name, args.tokens, torch.bfloat16, args.warmup_ms, args.rep_ms))
         torch.cuda.empty_cache()
+    from csrc_triton.experts import _wgrad_kernel
+
+    report["wgrad_tuned_configs"] = {str(key): str(cfg) for key, cfg in _wgrad_kernel.cache.items()}
     print(fmt_table(report))
     if args.out:
         with open(args.out, "w") as f:

@@ -238,6 +238,16 @@ def _up_dgrad_kernel(
              mask=rmask[:, None] & cmask[None, :])
 
 
+def _wgrad_configs() -> list:
+    """The wgrad's tiles are not tied to a row schedule, so they are tuned per (M, N) on first use."""
+    if interpreting():
+        return [triton.Config(dict(BM=16, BN=16, BK=16), num_warps=1, num_stages=1)]
+    return [triton.Config(dict(BM=bm, BN=bn, BK=bk), num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 256, 64, 8, 3),
+                                      (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]]
+
+
+@triton.autotune(configs=_wgrad_configs(), key=["M", "N", "A_GATHER", "B_GATHER", "B_SWIGLU"])
 @triton.jit
 def _wgrad_kernel(
     a_ptr, a_token_ptr, b_ptr, b_token_ptr, b_scale_ptr, out_ptr, offsets_ptr,
@@ -394,16 +404,17 @@ def _swiglu_backward(dout, x, groups: _Groups, w_gate, w_up, w_down, h, slot_wei
             PRECISION=prec, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=steps, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
     # Weight gradients; an expert with no slots gets zeros (the loop over its rows is empty).
-    _wgrad_kernel[(triton.cdiv(inter, cfg.bn), triton.cdiv(hidden, cfg.bm), num_experts)](
+    def wgrad_grid(m, n):
+        return lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(m, meta["BM"]), num_experts)
+
+    _wgrad_kernel[wgrad_grid(hidden, inter)](
         dout, token, h, h, slot_weight if slot_weight is not None else h, dw_down, groups.offsets,
         hidden, inter, inter, dout.stride(0), h.stride(0), dw_down.stride(0), dw_down.stride(1), dw_down.stride(2),
-        A_GATHER=gather, B_GATHER=False, B_SWIGLU=True, B_SCALE=slot_weight is not None, PRECISION=prec,
-        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _wgrad_kernel[(triton.cdiv(hidden, cfg.bn), triton.cdiv(2 * inter, cfg.bm), num_experts)](
+        A_GATHER=gather, B_GATHER=False, B_SWIGLU=True, B_SCALE=slot_weight is not None, PRECISION=prec)
+    _wgrad_kernel[wgrad_grid(2 * inter, hidden)](
         dh, dh, x, token, x, dw_gate_up, groups.offsets, 2 * inter, hidden, 0, dh.stride(0), x.stride(0),
         dw_gate_up.stride(0), dw_gate_up.stride(1), dw_gate_up.stride(2), A_GATHER=False, B_GATHER=gather,
-        B_SWIGLU=False, B_SCALE=False, PRECISION=prec, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        B_SWIGLU=False, B_SCALE=False, PRECISION=prec)
     dw_slot = dw_part.sum(1) if need_dw else None
     return dx_slot, dw_gate_up, dw_down, dw_slot
 
