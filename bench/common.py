@@ -49,7 +49,7 @@ def fmt_table(report: dict) -> str:
     if "ceilings" in report:
         c = report["ceilings"]
         lines.append(f"ceilings: bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s, copy {c['copy_gbps']:.0f} GB/s")
-    header = f"{'shape':<20}{'impl':<12}{'fwd ms':>9}{'TFLOP/s':>9}{'f+b ms':>9}{'TFLOP/s':>9}{'peak GiB':>10}{'ours x':>8}"
+    header = f"{'shape':<20}{'impl':<12}{'fwd ms':>9}{'TFLOP/s':>9}{'f+b ms':>9}{'TFLOP/s':>9}{'peak GiB':>10}{'ours x':>8}{'host ms':>9}"
     lines.append(header)
     for case in report["cases"]:
         for row in case["results"]:
@@ -58,7 +58,8 @@ def fmt_table(report: dict) -> str:
                 continue
             lines.append(f"{case['shape']:<20}{row['impl']:<12}{row['fwd_ms']:>9.3f}{row['fwd_tflops']:>9.0f}"
                          f"{row['fwd_bwd_ms']:>9.3f}{row['fwd_bwd_tflops']:>9.0f}{row['peak_bytes'] / 2**30:>10.2f}"
-                         f"{row.get('pcmoe_speedup_fwd_bwd', float('nan')):>8.2f}")
+                         f"{row.get('pcmoe_speedup_fwd_bwd', float('nan')):>8.2f}"
+                         f"{row.get('host_fwd_bwd_ms', float('nan')):>9.2f}")
         chk = case.get("check")
         if chk:
             lines.append(f"{'':<20}check vs eager: out rel err {chk['out_rel_err']:.2e}, "

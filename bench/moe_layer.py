@@ -8,6 +8,7 @@ Prints a table (ms, TFLOP/s, peak memory, speed-up) and writes JSON with device,
 
 import argparse
 import json
+import time
 
 import torch
 import triton
@@ -102,8 +103,14 @@ def bench_shape(name, tokens, dtype, warmup_ms, rep_ms):
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base
             block.zero_grad(set_to_none=True)
+            # Host time to enqueue one forward+backward: if it nears fwd_bwd_ms, launches (not kernels) bound it.
+            start = time.perf_counter()
+            forward_backward()
+            host_ms = (time.perf_counter() - start) * 1e3
+            torch.cuda.synchronize()
+            block.zero_grad(set_to_none=True)
             rows.append(dict(impl=impl, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd, fwd_tflops=flops / fwd / 1e9,
-                             fwd_bwd_tflops=3 * flops / fwd_bwd / 1e9, peak_bytes=peak))
+                             fwd_bwd_tflops=3 * flops / fwd_bwd / 1e9, peak_bytes=peak, host_fwd_bwd_ms=host_ms))
         except Exception as e:  # a peer that cannot run is reported with its reason, never dropped
             rows.append(dict(impl=impl, error=f"{type(e).__name__}: {e}"[:300]))
     pcmoe = rows[0]

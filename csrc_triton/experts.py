@@ -462,7 +462,8 @@ class _DenseExperts(torch.autograd.Function):
     def forward(ctx, x, gate, w_gate, w_up, w_down):
         num_tokens = x.shape[0]
         counts = torch.full((1,), num_tokens, device=x.device, dtype=torch.int32)
-        offsets = torch.tensor([0, num_tokens], device=x.device, dtype=torch.int32)
+        # Built on the device: torch.tensor([0, T], device=...) is a pageable copy that waits for the stream.
+        offsets = torch.arange(2, device=x.device, dtype=torch.int32) * num_tokens
         groups = _Groups(None, offsets, counts, num_tokens)
         out, h = _swiglu_forward(x, groups, w_gate, w_up, w_down, gate, save_h=any(ctx.needs_input_grad))
         ctx.save_for_backward(x, gate, w_gate, w_up, w_down, h, offsets, counts)
