@@ -69,6 +69,15 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _tile(tile_cum_ptr, offsets_ptr, E, N, BM: tl.constexpr, BN: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    """This program's output tile: (expert, rows, row mask, columns, column mask); expert == E: no work."""
+    expert, row_start, row_end = _find_group(tl.program_id(1), tile_cum_ptr, offsets_ptr, E, BM, SEARCH_STEPS)
+    rows = row_start + tl.arange(0, BM)
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    return expert, rows, rows < row_end, cols, cols < N
+
+
+@triton.jit
 def _rows_of(token_ptr, rows, rmask, GATHER: tl.constexpr):
     if GATHER:
         return tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
@@ -103,16 +112,10 @@ def _gate_up_fwd_kernel(
     GATHER: tl.constexpr, SAVE_H: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    expert, row_start, row_end = _find_group(pid_m, tile_cum_ptr, offsets_ptr, E, BM, SEARCH_STEPS)
+    expert, rows, rmask, cols, cmask = _tile(tile_cum_ptr, offsets_ptr, E, I, BM, BN, SEARCH_STEPS)
     if expert >= E:
         return
-    rows = row_start + tl.arange(0, BM)
-    rmask = rows < row_end
     x_rows = _rows_of(token_ptr, rows, rmask, GATHER)
-    cols = pid_n * BN + tl.arange(0, BN)
-    cmask = cols < I
     ks = tl.arange(0, BK)
     a_ptrs = x_ptr + x_rows[:, None] * stride_x + ks[None, :]
     w_off = expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
@@ -152,16 +155,10 @@ def _down_fwd_kernel(
     ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    expert, row_start, row_end = _find_group(pid_m, tile_cum_ptr, offsets_ptr, E, BM, SEARCH_STEPS)
+    expert, rows, rmask, cols, cmask = _tile(tile_cum_ptr, offsets_ptr, E, H, BM, BN, SEARCH_STEPS)
     if expert >= E:
         return
-    rows = row_start + tl.arange(0, BM)
-    rmask = rows < row_end
     rows64 = rows.to(tl.int64)
-    cols = pid_n * BN + tl.arange(0, BN)
-    cmask = cols < H
     acc = tl.zeros([BM, BN], tl.float32)
     acc = _mma(acc, act_ptr, rows64, rmask, stride_act, w_ptr + expert.to(tl.int64) * stride_we, cols, cmask,
                stride_wn, stride_wk, I, BK, EVEN_K, PRECISION)
@@ -178,17 +175,11 @@ def _down_dgrad_kernel(
     GATHER: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr, EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    expert, row_start, row_end = _find_group(pid_m, tile_cum_ptr, offsets_ptr, E, BM, SEARCH_STEPS)
+    expert, rows, rmask, cols, cmask = _tile(tile_cum_ptr, offsets_ptr, E, I, BM, BN, SEARCH_STEPS)
     if expert >= E:
         return
-    rows = row_start + tl.arange(0, BM)
-    rmask = rows < row_end
     rows64 = rows.to(tl.int64)
     d_rows = _rows_of(token_ptr, rows, rmask, GATHER)
-    cols = pid_n * BN + tl.arange(0, BN)
-    cmask = cols < I
     g = tl.zeros([BM, BN], tl.float32)
     g = _mma(g, dout_ptr, d_rows, rmask, stride_dout, w_ptr + expert.to(tl.int64) * stride_we, cols, cmask,
              stride_wn, stride_wk, H, BK, EVEN_K, PRECISION)
@@ -200,7 +191,7 @@ def _down_dgrad_kernel(
     sig = tl.sigmoid(h_gate)
     silu = h_gate * sig
     if NEED_DW:
-        tl.store(dw_part_ptr + rows64 * stride_part + pid_n, tl.sum(g * silu * h_up, 1), mask=rmask)
+        tl.store(dw_part_ptr + rows64 * stride_part + tl.program_id(0), tl.sum(g * silu * h_up, 1), mask=rmask)
     if HAS_W:
         g *= tl.load(wslot_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
     d_up = g * silu
@@ -217,16 +208,10 @@ def _up_dgrad_kernel(
     EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    expert, row_start, row_end = _find_group(pid_m, tile_cum_ptr, offsets_ptr, E, BM, SEARCH_STEPS)
+    expert, rows, rmask, cols, cmask = _tile(tile_cum_ptr, offsets_ptr, E, H, BM, BN, SEARCH_STEPS)
     if expert >= E:
         return
-    rows = row_start + tl.arange(0, BM)
-    rmask = rows < row_end
     rows64 = rows.to(tl.int64)
-    cols = pid_n * BN + tl.arange(0, BN)
-    cmask = cols < H
     w_off = expert.to(tl.int64) * stride_we
     acc = tl.zeros([BM, BN], tl.float32)
     # dx = dh_gate @ W_gate[e] + dh_up @ W_up[e]: B[k, n] = W[e, k, n], k over I, n over H.
