@@ -1,4 +1,4 @@
-"""Grouped SwiGLU expert MLPs over ragged expert groups, forward and backward, in five Triton kernels.
+"""Grouped SwiGLU expert MLPs over ragged expert groups, forward and backward.
 
 For the slots of expert e (rows ``offsets[e]:offsets[e+1]`` of the expert-sorted order, see permute.py):
 
@@ -9,12 +9,15 @@ For the slots of expert e (rows ``offsets[e]:offsets[e+1]`` of the expert-sorted
 
 Backward, with dout gathered per slot inside the loads:
 
-    g  = dout[tok] W_down[e]                  down dgrad; its epilogue recomputes a from h and emits
-    dw = <g, a>,  dh = SwiGLU'(h) * (w g)     the routing-weight gradient and dh (y is never stored)
+    g  = dout[tok] W_down[e]                  down dgrad (a plain grouped GEMM, into dh's up half)
+    dw = <g, a>,  dh = SwiGLU'(h) * (w g)     one pass over g and h: the routing-weight gradient and dh, in
+                                              place (y is never stored)
     dW_down[e] = (w dout[tok])^T a            wgrad, a recomputed from h in the loads
-    dx_slot = dh_gate W_gate[e] + dh_up W_up[e]   up dgrad (two K segments, one accumulator)
+    dx_slot = dh W_gate_up[e]                 up dgrad (gate and up rows are one K range of 2I)
     dW_gate_up[e] = dh^T x[tok]               wgrad, x gathered in the loads
     dx[t] = sum_j dx_slot[slot(t,j)]          combine
+
+Shared (always-on) experts are dense: their GEMMs go to the vendor GEMM, with the same SwiGLU passes.
 
 Operands bf16/fp16 (fp32 for tests) with fp32 accumulation. Tiles of a group never mix experts, so empty
 experts cost nothing and groups need not be block multiples. The grid is sized by an upper bound on the
@@ -109,13 +112,13 @@ def _mma(acc, a_ptr, a_rows, a_mask, stride_a, b_ptr, cols, cmask, stride_bn, st
 def _gate_up_fwd_kernel(
     x_ptr, token_ptr, wg_ptr, wu_ptr, h_ptr, act_ptr, offsets_ptr, tile_cum_ptr,
     E, H, I, stride_x, stride_we, stride_wn, stride_wk, stride_h, stride_act,
-    GATHER: tl.constexpr, SAVE_H: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    SAVE_H: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
     expert, rows, rmask, cols, cmask = _tile(tile_cum_ptr, offsets_ptr, E, I, BM, BN, SEARCH_STEPS)
     if expert >= E:
         return
-    x_rows = _rows_of(token_ptr, rows, rmask, GATHER)
+    x_rows = _rows_of(token_ptr, rows, rmask, True)
     ks = tl.arange(0, BK)
     a_ptrs = x_ptr + x_rows[:, None] * stride_x + ks[None, :]
     w_off = expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
@@ -149,78 +152,91 @@ def _gate_up_fwd_kernel(
 
 
 @triton.jit
-def _down_fwd_kernel(
-    act_ptr, w_ptr, scale_ptr, y_ptr, offsets_ptr, tile_cum_ptr,
-    E, H, I, stride_act, stride_we, stride_wn, stride_wk, stride_y,
-    ROW_SCALE: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+def _grouped_gemm_kernel(
+    a_ptr, token_ptr, b_ptr, c_ptr, offsets_ptr, tile_cum_ptr,
+    E, N, K, stride_a, stride_be, stride_bn, stride_bk, stride_c,
+    GATHER: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
-    expert, rows, rmask, cols, cmask = _tile(tile_cum_ptr, offsets_ptr, E, H, BM, BN, SEARCH_STEPS)
+    """C[rows of e] = A[rows of e] @ B[e] with B[e][k, n] = b_ptr[e*stride_be + n*stride_bn + k*stride_bk];
+    A's rows optionally gathered by token. The down GEMM, its dgrad and the up dgrad (K = 2I: gate and up
+    rows of w_gate_up are one K range) are all this kernel."""
+    expert, rows, rmask, cols, cmask = _tile(tile_cum_ptr, offsets_ptr, E, N, BM, BN, SEARCH_STEPS)
     if expert >= E:
         return
-    rows64 = rows.to(tl.int64)
     acc = tl.zeros([BM, BN], tl.float32)
-    acc = _mma(acc, act_ptr, rows64, rmask, stride_act, w_ptr + expert.to(tl.int64) * stride_we, cols, cmask,
-               stride_wn, stride_wk, I, BK, EVEN_K, PRECISION)
+    acc = _mma(acc, a_ptr, _rows_of(token_ptr, rows, rmask, GATHER), rmask, stride_a,
+               b_ptr + expert.to(tl.int64) * stride_be, cols, cmask, stride_bn, stride_bk, K, BK, EVEN_K, PRECISION)
+    tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_c + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    hg_ptr, hu_ptr, scale_ptr, act_ptr, R, I, stride_hg, stride_hu, stride_act,
+    ROW_SCALE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):
+    """act = scale[r] * silu(h_gate) * h_up (the shared expert's gate folded into the down GEMM's operand)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rmask = rows < R
+    rows64 = rows.to(tl.int64)
     if ROW_SCALE:
-        acc *= tl.load(scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
-    tl.store(y_ptr + rows64[:, None] * stride_y + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=rmask[:, None] & cmask[None, :])
+        scale = tl.load(scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    for c0 in range(0, I, BC):
+        cols = c0 + tl.arange(0, BC)
+        mask = rmask[:, None] & (cols < I)[None, :]
+        hg = tl.load(hg_ptr + rows64[:, None] * stride_hg + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        hu = tl.load(hu_ptr + rows64[:, None] * stride_hu + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        act = hg * tl.sigmoid(hg) * hu
+        if ROW_SCALE:
+            act *= scale[:, None]
+        tl.store(act_ptr + rows64[:, None] * stride_act + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _down_dgrad_kernel(
-    dout_ptr, token_ptr, w_ptr, h_ptr, wslot_ptr, dh_ptr, dw_part_ptr, offsets_ptr, tile_cum_ptr,
-    E, H, I, stride_dout, stride_we, stride_wn, stride_wk, stride_h, stride_part,
-    GATHER: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr, EVEN_K: tl.constexpr,
-    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+def _swiglu_bwd_kernel(
+    g_ptr, hg_ptr, hu_ptr, scale_ptr, dg_ptr, du_ptr, act_ptr, dscale_ptr,
+    R, I, stride_g, stride_hg, stride_hu, stride_dg, stride_du, stride_act,
+    ROW_SCALE: tl.constexpr, NEED_DSCALE: tl.constexpr, SAVE_ACT: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr,
 ):
-    expert, rows, rmask, cols, cmask = _tile(tile_cum_ptr, offsets_ptr, E, I, BM, BN, SEARCH_STEPS)
-    if expert >= E:
-        return
-    rows64 = rows.to(tl.int64)
-    d_rows = _rows_of(token_ptr, rows, rmask, GATHER)
-    g = tl.zeros([BM, BN], tl.float32)
-    g = _mma(g, dout_ptr, d_rows, rmask, stride_dout, w_ptr + expert.to(tl.int64) * stride_we, cols, cmask,
-             stride_wn, stride_wk, H, BK, EVEN_K, PRECISION)
-    # Epilogue: SwiGLU backward from the saved pre-activations, and this column tile's share of dw.
-    mask = rmask[:, None] & cmask[None, :]
-    h_ptrs = h_ptr + rows64[:, None] * stride_h + cols[None, :]
-    h_gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
-    h_up = tl.load(h_ptrs + I, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(h_gate)
-    silu = h_gate * sig
-    if NEED_DW:
-        tl.store(dw_part_ptr + rows64 * stride_part + tl.program_id(0), tl.sum(g * silu * h_up, 1), mask=rmask)
-    if HAS_W:
-        g *= tl.load(wslot_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
-    d_up = g * silu
-    d_gate = g * h_up * sig * (1.0 + h_gate * (1.0 - sig))
-    dh_ptrs = dh_ptr + rows64[:, None] * stride_h + cols[None, :]
-    tl.store(dh_ptrs, d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
-    tl.store(dh_ptrs + I, d_up.to(dh_ptr.dtype.element_ty), mask=mask)
+    """Backward of y = (scale[r] * silu(h_gate) * h_up) @ W^T from g = dy W, per row:
 
+        dscale = <g, silu(h_gate) h_up>,  d_up = scale g silu(h_gate),  d_gate = scale g h_up silu'(h_gate)
 
-@triton.jit
-def _up_dgrad_kernel(
-    dh_ptr, wg_ptr, wu_ptr, dx_ptr, offsets_ptr, tile_cum_ptr,
-    E, H, I, stride_dh, stride_we, stride_wn, stride_wk, stride_dx,
-    EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-):
-    expert, rows, rmask, cols, cmask = _tile(tile_cum_ptr, offsets_ptr, E, H, BM, BN, SEARCH_STEPS)
-    if expert >= E:
-        return
+    and optionally act = scale silu(h_gate) h_up for W's gradient. Each element is read, then written, by
+    the same program, so either d_up or act may overwrite g in place.
+    """
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rmask = rows < R
     rows64 = rows.to(tl.int64)
-    w_off = expert.to(tl.int64) * stride_we
-    acc = tl.zeros([BM, BN], tl.float32)
-    # dx = dh_gate @ W_gate[e] + dh_up @ W_up[e]: B[k, n] = W[e, k, n], k over I, n over H.
-    acc = _mma(acc, dh_ptr, rows64, rmask, stride_dh, wg_ptr + w_off, cols, cmask, stride_wk, stride_wn, I, BK,
-               EVEN_K, PRECISION)
-    acc = _mma(acc, dh_ptr + I, rows64, rmask, stride_dh, wu_ptr + w_off, cols, cmask, stride_wk, stride_wn, I,
-               BK, EVEN_K, PRECISION)
-    tl.store(dx_ptr + rows64[:, None] * stride_dx + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=rmask[:, None] & cmask[None, :])
+    if ROW_SCALE:
+        scale = tl.load(scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    dscale = tl.zeros([BR], tl.float32)
+    for c0 in range(0, I, BC):
+        cols = c0 + tl.arange(0, BC)
+        mask = rmask[:, None] & (cols < I)[None, :]
+        g = tl.load(g_ptr + rows64[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        hg = tl.load(hg_ptr + rows64[:, None] * stride_hg + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        hu = tl.load(hu_ptr + rows64[:, None] * stride_hu + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(hg)
+        silu = hg * sig
+        if NEED_DSCALE:
+            dscale += tl.sum(g * silu * hu, 1)
+        if ROW_SCALE:
+            g *= scale[:, None]
+        tl.store(dg_ptr + rows64[:, None] * stride_dg + cols[None, :],
+                 (g * hu * sig * (1.0 + hg * (1.0 - sig))).to(dg_ptr.dtype.element_ty), mask=mask)
+        tl.store(du_ptr + rows64[:, None] * stride_du + cols[None, :], (g * silu).to(du_ptr.dtype.element_ty),
+                 mask=mask)
+        if SAVE_ACT:
+            act = silu * hu
+            if ROW_SCALE:
+                act *= scale[:, None]
+            tl.store(act_ptr + rows64[:, None] * stride_act + cols[None, :], act.to(act_ptr.dtype.element_ty),
+                     mask=mask)
+    if NEED_DSCALE:
+        tl.store(dscale_ptr + rows, dscale, mask=rmask)
 
 
 def _wgrad_configs() -> list:
@@ -292,9 +308,9 @@ class _Config(NamedTuple):
 
 
 def _config(dtype: torch.dtype, fused_pair: bool = False) -> _Config:
-    """Tile shapes. ``fused_pair`` kernels keep two [BM, BN] fp32 tiles live (the gate-up forward's two
-    accumulators, the down dgrad's SwiGLU-backward epilogue), so they get half the columns. BM must be the
-    same for every kernel of one grouping (the row-tile schedule depends on it)."""
+    """Tile shapes. The gate-up forward (``fused_pair``) keeps two [BM, BN] fp32 accumulators live, so it
+    gets half the columns. BM must be the same for every kernel of one grouping (the row-tile schedule
+    depends on it)."""
     if interpreting():
         return _Config(16, 16, 16, 1, 1)
     if dtype == torch.float32:
@@ -310,50 +326,82 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 class _Groups(NamedTuple):
-    """Slots of each expert. token: slot -> token (None: slot s is token s); offsets [E+1] int32."""
-    token: torch.Tensor | None
+    """Slots of each expert: token [slots] (slot -> token), offsets [E+1] int32, counts [E]."""
+    token: torch.Tensor
     offsets: torch.Tensor
     counts: torch.Tensor
-    num_slots: int
+
+    @classmethod
+    def of(cls, plan: RoutingPlan) -> "_Groups":
+        return cls(plan.sorted_token, plan.offsets, plan.tokens_per_expert)
 
     def tile_grid(self, bm: int) -> tuple[torch.Tensor, int]:
         tile_cum = torch.cumsum((self.counts + (bm - 1)) // bm, 0, dtype=torch.int32)
-        return tile_cum, triton.cdiv(self.num_slots, bm) + self.counts.numel()
+        return tile_cum, triton.cdiv(self.token.numel(), bm) + self.counts.numel()
 
 
 def _search_steps(num_experts: int) -> int:
     return max(1, num_experts.bit_length())
 
 
-def _swiglu_forward(x, groups: _Groups, w_gate, w_up, w_down, row_scale, save_h):
-    """Run the gate-up and down kernels over the groups: returns (y [slots, H], h [slots, 2I] or None)."""
+def _grouped_gemm(a, groups: _Groups, gather: bool, b, b_strides, out, n: int, k: int):
+    """out[slot] = a[token of slot if gather else slot] @ B[expert of slot], B[e][k, n] at
+    ``b[e].data_ptr() + n * b_strides[0] + k * b_strides[1]``."""
+    if groups.token.numel() == 0:
+        return
+    cfg = _config(a.dtype)
+    tile_cum, m_tiles = groups.tile_grid(cfg.bm)
+    _grouped_gemm_kernel[(triton.cdiv(n, cfg.bn), m_tiles)](
+        a, groups.token, b, out, groups.offsets, tile_cum, groups.counts.numel(), n, k, a.stride(0), b.stride(0),
+        *b_strides, out.stride(0), GATHER=gather, EVEN_K=k % cfg.bk == 0, PRECISION=_precision(a.dtype), BM=cfg.bm,
+        BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=_search_steps(groups.counts.numel()), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+
+
+_SWIGLU_ROWS, _SWIGLU_COLS = 8, 256  # memory-bound elementwise tiles: 16 elements per thread at 4 warps
+
+
+def _rows_grid(rows: int) -> tuple[int]:
+    return (triton.cdiv(rows, _SWIGLU_ROWS),)
+
+
+def _swiglu_backward_rows(g, h_gate, h_up, scale, d_gate, d_up, act=None, need_dscale=False):
+    """Run _swiglu_bwd_kernel over all rows; returns dscale [rows] fp32 if asked for."""
+    rows, inter = g.shape
+    dscale = torch.empty(rows, device=g.device, dtype=torch.float32) if need_dscale else None
+    if rows:
+        _swiglu_bwd_kernel[_rows_grid(rows)](
+            g, h_gate, h_up, scale if scale is not None else g, d_gate, d_up, act if act is not None else g,
+            dscale if need_dscale else g, rows, inter, g.stride(0), h_gate.stride(0), h_up.stride(0),
+            d_gate.stride(0), d_up.stride(0), act.stride(0) if act is not None else 0, ROW_SCALE=scale is not None,
+            NEED_DSCALE=need_dscale, SAVE_ACT=act is not None, BR=_SWIGLU_ROWS, BC=_SWIGLU_COLS, num_warps=4)
+    return dscale
+
+
+def _routed_forward(x, groups: _Groups, w_gate_up, w_down, save_h):
+    """Gate-up GEMM (gather + SwiGLU epilogue), then the down GEMM: returns (y [slots, H], h [slots, 2I] or None)."""
     num_experts, hidden, inter = w_down.shape
+    slots = groups.token.numel()
     dev, dtype = x.device, x.dtype
-    h = torch.empty(groups.num_slots, 2 * inter, device=dev, dtype=dtype) if save_h else None
-    act = torch.empty(groups.num_slots, inter, device=dev, dtype=dtype)
-    y = torch.empty(groups.num_slots, hidden, device=dev, dtype=dtype)
-    if groups.num_slots == 0:
+    h = torch.empty(slots, 2 * inter, device=dev, dtype=dtype) if save_h else None
+    act = torch.empty(slots, inter, device=dev, dtype=dtype)
+    y = torch.empty(slots, hidden, device=dev, dtype=dtype)
+    if slots == 0:
         return y, h
-    steps = _search_steps(num_experts)
     cfg = _config(dtype, fused_pair=True)
     tile_cum, m_tiles = groups.tile_grid(cfg.bm)
+    w_gate, w_up = w_gate_up[:, :inter], w_gate_up[:, inter:]
     _gate_up_fwd_kernel[(triton.cdiv(inter, cfg.bn), m_tiles)](
-        x, groups.token if groups.token is not None else x, w_gate, w_up, h if save_h else act, act,
-        groups.offsets, tile_cum, num_experts, hidden, inter, x.stride(0), w_gate.stride(0), w_gate.stride(1),
-        w_gate.stride(2), h.stride(0) if save_h else 0, act.stride(0), GATHER=groups.token is not None,
-        SAVE_H=save_h, EVEN_K=hidden % cfg.bk == 0, PRECISION=_precision(dtype), BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
-        SEARCH_STEPS=steps, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    cfg = _config(dtype)
-    tile_cum, m_tiles = groups.tile_grid(cfg.bm)
-    _down_fwd_kernel[(triton.cdiv(hidden, cfg.bn), m_tiles)](
-        act, w_down, row_scale if row_scale is not None else act, y, groups.offsets, tile_cum, num_experts, hidden,
-        inter, act.stride(0), w_down.stride(0), w_down.stride(1), w_down.stride(2), y.stride(0),
-        ROW_SCALE=row_scale is not None, EVEN_K=inter % cfg.bk == 0, PRECISION=_precision(dtype), BM=cfg.bm,
-        BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=steps, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        x, groups.token, w_gate, w_up, h if save_h else act, act, groups.offsets, tile_cum, num_experts, hidden,
+        inter, x.stride(0), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), h.stride(0) if save_h else 0,
+        act.stride(0), SAVE_H=save_h, EVEN_K=hidden % cfg.bk == 0, PRECISION=_precision(dtype), BM=cfg.bm,
+        BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=_search_steps(num_experts), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    _grouped_gemm(act, groups, False, w_down, (w_down.stride(1), w_down.stride(2)), y, hidden, inter)
     return y, h
 
 
-def _swiglu_backward(dout, x, groups: _Groups, w_gate, w_up, w_down, h, slot_weight, need_dw):
+def _routed_backward(dout, x, groups: _Groups, w_gate_up, w_down, h, slot_weight, need_dw):
     """Gradients of the grouped SwiGLU MLP with respect to the slots' inputs, weights and slot weights.
 
     dout: [T, H], gathered per slot through groups.token. Returns (dx_slot [slots, H], dW_gate_up [E, 2I, H],
@@ -361,46 +409,30 @@ def _swiglu_backward(dout, x, groups: _Groups, w_gate, w_up, w_down, h, slot_wei
     """
     num_experts, hidden, inter = w_down.shape
     dev, dtype = x.device, x.dtype
-    slots = groups.num_slots
-    gather = groups.token is not None
-    token = groups.token if gather else x
-    prec = _precision(dtype)
-    steps = _search_steps(num_experts)
-    cfg, pair_cfg = _config(dtype), _config(dtype, fused_pair=True)
-    tile_cum, m_tiles = groups.tile_grid(cfg.bm)
-    n_tiles_i = triton.cdiv(inter, pair_cfg.bn)
-
+    slots = groups.token.numel()
     dh = torch.empty(slots, 2 * inter, device=dev, dtype=dtype)
-    dw_part = torch.empty(slots, n_tiles_i, device=dev, dtype=torch.float32) if need_dw else None
     dx_slot = torch.empty(slots, hidden, device=dev, dtype=dtype)
     dw_gate_up = torch.empty(num_experts, 2 * inter, hidden, device=dev, dtype=w_down.dtype)
     dw_down = torch.empty_like(w_down, memory_format=torch.contiguous_format)
-    if slots:
-        _down_dgrad_kernel[(n_tiles_i, m_tiles)](
-            dout, token, w_down, h, slot_weight if slot_weight is not None else dout, dh,
-            dw_part if need_dw else dh, groups.offsets, tile_cum, num_experts, hidden, inter, dout.stride(0),
-            w_down.stride(0), w_down.stride(2), w_down.stride(1), h.stride(0), n_tiles_i, GATHER=gather,
-            HAS_W=slot_weight is not None, NEED_DW=need_dw, EVEN_K=hidden % pair_cfg.bk == 0, PRECISION=prec,
-            BM=pair_cfg.bm, BN=pair_cfg.bn, BK=pair_cfg.bk, SEARCH_STEPS=steps, num_warps=pair_cfg.num_warps,
-            num_stages=pair_cfg.num_stages)
-        _up_dgrad_kernel[(triton.cdiv(hidden, cfg.bn), m_tiles)](
-            dh, w_gate, w_up, dx_slot, groups.offsets, tile_cum, num_experts, hidden, inter, dh.stride(0),
-            w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), dx_slot.stride(0), EVEN_K=inter % cfg.bk == 0,
-            PRECISION=prec, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=steps, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+    # g = dout[token] W_down[e] lands in dh's up half, which the SwiGLU backward then overwrites with d_up.
+    d_gate, d_up = dh[:, :inter], dh[:, inter:]
+    _grouped_gemm(dout, groups, True, w_down, (w_down.stride(2), w_down.stride(1)), d_up, inter, hidden)
+    dw_slot = _swiglu_backward_rows(d_up, h[:, :inter], h[:, inter:], slot_weight, d_gate, d_up, need_dscale=need_dw)
+    _grouped_gemm(dh, groups, False, w_gate_up, (w_gate_up.stride(2), w_gate_up.stride(1)), dx_slot, hidden,
+                  2 * inter)
     # Weight gradients; an expert with no slots gets zeros (the loop over its rows is empty).
     def wgrad_grid(m, n):
         return lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(m, meta["BM"]), num_experts)
 
+    prec = _precision(dtype)
     _wgrad_kernel[wgrad_grid(hidden, inter)](
-        dout, token, h, h, slot_weight if slot_weight is not None else h, dw_down, groups.offsets,
+        dout, groups.token, h, h, slot_weight if slot_weight is not None else h, dw_down, groups.offsets,
         hidden, inter, inter, dout.stride(0), h.stride(0), dw_down.stride(0), dw_down.stride(1), dw_down.stride(2),
-        A_GATHER=gather, B_GATHER=False, B_SWIGLU=True, B_SCALE=slot_weight is not None, PRECISION=prec)
+        A_GATHER=True, B_GATHER=False, B_SWIGLU=True, B_SCALE=slot_weight is not None, PRECISION=prec)
     _wgrad_kernel[wgrad_grid(2 * inter, hidden)](
-        dh, dh, x, token, x, dw_gate_up, groups.offsets, 2 * inter, hidden, 0, dh.stride(0), x.stride(0),
-        dw_gate_up.stride(0), dw_gate_up.stride(1), dw_gate_up.stride(2), A_GATHER=False, B_GATHER=gather,
+        dh, dh, x, groups.token, x, dw_gate_up, groups.offsets, 2 * inter, hidden, 0, dh.stride(0), x.stride(0),
+        dw_gate_up.stride(0), dw_gate_up.stride(1), dw_gate_up.stride(2), A_GATHER=False, B_GATHER=True,
         B_SWIGLU=False, B_SCALE=False, PRECISION=prec)
-    dw_slot = dw_part.sum(1) if need_dw else None
     return dx_slot, dw_gate_up, dw_down, dw_slot
 
 
@@ -413,10 +445,7 @@ class _RoutedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weights, w_gate_up, w_down, residual, plan: RoutingPlan):
-        groups = _Groups(plan.sorted_token, plan.offsets, plan.tokens_per_expert, plan.sorted_token.numel())
-        inter = w_down.shape[2]
-        y, h = _swiglu_forward(x, groups, w_gate_up[:, :inter], w_gate_up[:, inter:], w_down, None,
-                               save_h=any(ctx.needs_input_grad[:4]))
+        y, h = _routed_forward(x, _Groups.of(plan), w_gate_up, w_down, save_h=any(ctx.needs_input_grad[:4]))
         out = combine(y, plan.slot_of_pair, weights, residual)
         ctx.save_for_backward(x, weights, w_gate_up, w_down, h, *plan)
         ctx.has_residual = residual is not None
@@ -425,44 +454,54 @@ class _RoutedExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, weights, w_gate_up, w_down, h, *plan_tensors = ctx.saved_tensors
-        inter = w_down.shape[2]
         plan = RoutingPlan(*plan_tensors)
-        groups = _Groups(plan.sorted_token, plan.offsets, plan.tokens_per_expert, plan.sorted_token.numel())
         dout = dout.contiguous()
         slot_weight = None
         if weights is not None:
             slot_weight = weights.reshape(-1)[plan.sorted_pair.long()].float().contiguous()
-        dx_slot, dw_gate_up, dw_down, dw_slot = _swiglu_backward(
-            dout, x, groups, w_gate_up[:, :inter], w_gate_up[:, inter:], w_down, h, slot_weight,
-            need_dw=ctx.needs_input_grad[1])
+        dx_slot, dw_gate_up, dw_down, dw_slot = _routed_backward(
+            dout, x, _Groups.of(plan), w_gate_up, w_down, h, slot_weight, need_dw=ctx.needs_input_grad[1])
         dx = combine(dx_slot, plan.slot_of_pair)
         dweights = dw_slot[plan.slot_of_pair.long()].to(weights.dtype) if dw_slot is not None else None
         return dx, dweights, dw_gate_up, dw_down, dout if ctx.has_residual else None, None
 
 
-class _DenseExperts(torch.autograd.Function):
-    """out[t] = gate[t] * SwiGLU(x[t]) through one always-on group (shared experts)."""
+class _SharedExpert(torch.autograd.Function):
+    """out[t] = gate[t] * SwiGLU(x[t]) for an always-on expert.
+
+    Its GEMMs are dense, so they go to the vendor GEMM (cuBLAS on GPUs), which runs them faster than a
+    grouped kernel with one group; the SwiGLU, the gate and their backward are fused into one pass each
+    (the gate is folded into the down GEMM's operand), so no [T, S] intermediate beyond h is kept.
+    """
 
     @staticmethod
     def forward(ctx, x, gate, w_gate, w_up, w_down):
-        num_tokens = x.shape[0]
-        counts = torch.full((1,), num_tokens, device=x.device, dtype=torch.int32)
-        # Built on the device: torch.tensor([0, T], device=...) is a pageable copy that waits for the stream.
-        offsets = torch.arange(2, device=x.device, dtype=torch.int32) * num_tokens
-        groups = _Groups(None, offsets, counts, num_tokens)
-        out, h = _swiglu_forward(x, groups, w_gate, w_up, w_down, gate, save_h=any(ctx.needs_input_grad))
-        ctx.save_for_backward(x, gate, w_gate, w_up, w_down, h, offsets, counts)
-        return out
+        with torch.autocast(x.device.type, enabled=False):  # one dtype throughout, as in the grouped kernels
+            return _SharedExpert._forward(ctx, x, gate, w_gate, w_up, w_down)
+
+    @staticmethod
+    def _forward(ctx, x, gate, w_gate, w_up, w_down):
+        h_gate, h_up = x @ w_gate.t(), x @ w_up.t()
+        act = torch.empty_like(h_gate)
+        if x.shape[0]:
+            _swiglu_fwd_kernel[_rows_grid(x.shape[0])](
+                h_gate, h_up, gate if gate is not None else h_gate, act, x.shape[0], h_gate.shape[1],
+                h_gate.stride(0), h_up.stride(0), act.stride(0), ROW_SCALE=gate is not None, BR=_SWIGLU_ROWS,
+                BC=_SWIGLU_COLS, num_warps=4)
+        ctx.save_for_backward(x, gate, w_gate, w_up, w_down, h_gate, h_up)
+        return act @ w_down.t()
 
     @staticmethod
     def backward(ctx, dout):
-        x, gate, w_gate, w_up, w_down, h, offsets, counts = ctx.saved_tensors
-        groups = _Groups(None, offsets, counts, x.shape[0])
-        dx, dw_gate_up, dw_down, dgate = _swiglu_backward(dout.contiguous(), x, groups, w_gate, w_up, w_down, h,
-                                                          gate, need_dw=gate is not None and ctx.needs_input_grad[1])
-        inter = w_down.shape[2]
-        dgate = dgate.to(gate.dtype) if dgate is not None else None
-        return dx, dgate, dw_gate_up[:, :inter], dw_gate_up[:, inter:], dw_down
+        x, gate, w_gate, w_up, w_down, h_gate, h_up = ctx.saved_tensors
+        need_x, need_gate, need_wg, need_wu, need_wd = ctx.needs_input_grad
+        g = dout @ w_down
+        d_gate, d_up = torch.empty_like(g), torch.empty_like(g)
+        # act (gate-scaled, for dW_down) overwrites g in place: g is read first, element by element.
+        dgate = _swiglu_backward_rows(g, h_gate, h_up, gate, d_gate, d_up, act=g, need_dscale=need_gate)
+        dx = torch.addmm(d_gate @ w_gate, d_up, w_up) if need_x else None
+        return (dx, dgate, d_gate.t() @ x if need_wg else None,
+                d_up.t() @ x if need_wu else None, dout.t() @ g if need_wd else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -552,7 +591,7 @@ def expert_mlp(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
 
 def shared_expert_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                       gate: torch.Tensor | None = None) -> torch.Tensor:
-    """Shared (always-on) SwiGLU expert through the same grouped kernels, as one group of all T tokens.
+    """Shared (always-on) SwiGLU expert: dense GEMMs (cuBLAS on GPUs) around fused SwiGLU/gate passes.
 
     Args: x [T, H]; w_gate, w_up [S, H]; w_down [H, S] (nn.Linear layouts); gate: optional [T, 1] per-token
     factor (e.g. Qwen2-MoE's sigmoid(shared_expert_gate(x))). Returns [T, H] = gate * MLP(x).
@@ -568,10 +607,9 @@ def shared_expert_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
         check(gate.shape == (x.shape[0], 1), f"shared_expert_mlp: gate must be [T, 1], got {tuple(gate.shape)}")
     if not use_triton(x):
         return shared_expert_mlp_reference(x, w_gate, w_up, w_down, gate)
-    w_gate, w_up = _rowmajor(w_gate), _rowmajor(w_up)
     if gate is not None:
         gate = gate.float().contiguous().view(-1)
-    return _DenseExperts.apply(_rowmajor(x), gate, w_gate[None], w_up[None], w_down[None])
+    return _SharedExpert.apply(x, gate, w_gate, w_up, w_down)
 
 
 def grouped_mlp(x: torch.Tensor, expert_of_row: torch.Tensor, w_gate_up: torch.Tensor,
