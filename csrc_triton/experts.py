@@ -12,7 +12,7 @@ Backward, with dout gathered per slot inside the loads:
     g  = dout[tok] W_down[e]                  down dgrad (a plain grouped GEMM, into dh's up half)
     dw = <g, a>,  dh = SwiGLU'(h) * (w g)     one pass over g and h: the routing-weight gradient and dh, in
                                               place (y is never stored)
-    dW_down[e] = (w dout[tok])^T a            wgrad, a recomputed from h in the loads
+    dW_down[e] = dout[tok]^T (w a)            wgrad (w a written by that same pass)
     dx_slot = dh W_gate_up[e]                 up dgrad (gate and up rows are one K range of 2I)
     dW_gate_up[e] = dh^T x[tok]               wgrad, x gathered in the loads
     dx[t] = sum_j dx_slot[slot(t,j)]          combine
@@ -248,20 +248,16 @@ def _wgrad_configs() -> list:
                                       (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]]
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["M", "N", "A_GATHER", "B_GATHER", "B_SWIGLU"])
+@triton.autotune(configs=_wgrad_configs(), key=["M", "N", "A_GATHER", "B_GATHER"])
 @triton.jit
 def _wgrad_kernel(
-    a_ptr, a_token_ptr, b_ptr, b_token_ptr, b_scale_ptr, out_ptr, offsets_ptr,
-    M, N, b_up_offset, stride_a, stride_b, stride_oe, stride_om, stride_on,
-    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, B_SWIGLU: tl.constexpr, B_SCALE: tl.constexpr,
-    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    a_ptr, a_token_ptr, b_ptr, b_token_ptr, out_ptr, offsets_ptr,
+    M, N, stride_a, stride_b, stride_oe, stride_om, stride_on,
+    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """out[e] = A[rows of e]^T @ B[rows of e]: [M, N] per expert, reduced over that expert's slots.
-
-    A rows may be gathered (by token). B rows may be gathered, or be silu(gate) * up recomputed from the
-    saved pre-activations (gate at column n, up at column n + b_up_offset) times a per-slot scale: the
-    register math then sits on one operand only, and A stays a plain (gathered) load.
-    """
+    """out[e] = A[rows of e]^T @ B[rows of e]: [M, N] per expert, reduced over that expert's slots; A's or
+    B's rows may be gathered by token. Both operands are plain loads, so they stream straight to the MMA."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     expert = tl.program_id(2)
@@ -279,17 +275,8 @@ def _wgrad_kernel(
         a = tl.load(a_ptr + a_rows[:, None] * stride_a + mcols[None, :], mask=rmask[:, None] & mmask[None, :],
                     other=0.0)
         b_rows = _rows_of(b_token_ptr, rows, rmask, B_GATHER)
-        b_ptrs = b_ptr + b_rows[:, None] * stride_b + ncols[None, :]
-        bmask = rmask[:, None] & nmask[None, :]
-        if B_SWIGLU:
-            gate = tl.load(b_ptrs, mask=bmask, other=0.0).to(tl.float32)
-            up = tl.load(b_ptrs + b_up_offset, mask=bmask, other=0.0).to(tl.float32)
-            b = gate * tl.sigmoid(gate) * up
-            if B_SCALE:
-                b *= tl.load(b_scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
-            b = b.to(b_ptr.dtype.element_ty)
-        else:
-            b = tl.load(b_ptrs, mask=bmask, other=0.0)
+        b = tl.load(b_ptr + b_rows[:, None] * stride_b + ncols[None, :], mask=rmask[:, None] & nmask[None, :],
+                    other=0.0)
         acc = _dot(tl.trans(a), b, acc, PRECISION)
     tl.store(out_ptr + expert.to(tl.int64) * stride_oe + mcols[:, None] * stride_om + ncols[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
@@ -378,6 +365,15 @@ def _swiglu_backward_rows(g, h_gate, h_up, scale, d_gate, d_up, act=None, need_d
     return dscale
 
 
+def _wgrad(a, a_token, b, b_token, out, groups: _Groups):
+    """out[e] = a[rows of e]^T @ b[rows of e], rows gathered through a_token / b_token where given."""
+    num_experts, m, n = out.shape
+    _wgrad_kernel[lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(m, meta["BM"]), num_experts)](
+        a, a_token if a_token is not None else a, b, b_token if b_token is not None else b, out, groups.offsets,
+        m, n, a.stride(0), b.stride(0), out.stride(0), out.stride(1), out.stride(2), A_GATHER=a_token is not None,
+        B_GATHER=b_token is not None, PRECISION=_precision(a.dtype))
+
+
 def _routed_forward(x, groups: _Groups, w_gate_up, w_down, save_h):
     """Gate-up GEMM (gather + SwiGLU epilogue), then the down GEMM: returns (y [slots, H], h [slots, 2I] or None)."""
     num_experts, hidden, inter = w_down.shape
@@ -411,28 +407,23 @@ def _routed_backward(dout, x, groups: _Groups, w_gate_up, w_down, h, slot_weight
     dev, dtype = x.device, x.dtype
     slots = groups.token.numel()
     dh = torch.empty(slots, 2 * inter, device=dev, dtype=dtype)
+    dw_down = torch.empty_like(w_down, memory_format=torch.contiguous_format)
+    # g = dout[token] W_down[e] lands in dh's up half, which the SwiGLU backward then overwrites with d_up;
+    # the same pass writes w * a for W_down's gradient (a plain operand streams to the MMA; recomputing it
+    # inside the wgrad's loads ran that kernel at half the rate of the plain ones).
+    d_gate, d_up = dh[:, :inter], dh[:, inter:]
+    act = torch.empty(slots, inter, device=dev, dtype=dtype)
+    _grouped_gemm(dout, groups, True, w_down, (w_down.stride(2), w_down.stride(1)), d_up, inter, hidden)
+    dw_slot = _swiglu_backward_rows(d_up, h[:, :inter], h[:, inter:], slot_weight, d_gate, d_up, act=act,
+                                    need_dscale=need_dw)
+    # Weight gradients; an expert with no slots gets zeros (the loop over its rows is empty).
+    _wgrad(dout, groups.token, act, None, dw_down, groups)
+    del act
     dx_slot = torch.empty(slots, hidden, device=dev, dtype=dtype)
     dw_gate_up = torch.empty(num_experts, 2 * inter, hidden, device=dev, dtype=w_down.dtype)
-    dw_down = torch.empty_like(w_down, memory_format=torch.contiguous_format)
-    # g = dout[token] W_down[e] lands in dh's up half, which the SwiGLU backward then overwrites with d_up.
-    d_gate, d_up = dh[:, :inter], dh[:, inter:]
-    _grouped_gemm(dout, groups, True, w_down, (w_down.stride(2), w_down.stride(1)), d_up, inter, hidden)
-    dw_slot = _swiglu_backward_rows(d_up, h[:, :inter], h[:, inter:], slot_weight, d_gate, d_up, need_dscale=need_dw)
     _grouped_gemm(dh, groups, False, w_gate_up, (w_gate_up.stride(2), w_gate_up.stride(1)), dx_slot, hidden,
                   2 * inter)
-    # Weight gradients; an expert with no slots gets zeros (the loop over its rows is empty).
-    def wgrad_grid(m, n):
-        return lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(m, meta["BM"]), num_experts)
-
-    prec = _precision(dtype)
-    _wgrad_kernel[wgrad_grid(hidden, inter)](
-        dout, groups.token, h, h, slot_weight if slot_weight is not None else h, dw_down, groups.offsets,
-        hidden, inter, inter, dout.stride(0), h.stride(0), dw_down.stride(0), dw_down.stride(1), dw_down.stride(2),
-        A_GATHER=True, B_GATHER=False, B_SWIGLU=True, B_SCALE=slot_weight is not None, PRECISION=prec)
-    _wgrad_kernel[wgrad_grid(2 * inter, hidden)](
-        dh, dh, x, groups.token, x, dw_gate_up, groups.offsets, 2 * inter, hidden, 0, dh.stride(0), x.stride(0),
-        dw_gate_up.stride(0), dw_gate_up.stride(1), dw_gate_up.stride(2), A_GATHER=False, B_GATHER=True,
-        B_SWIGLU=False, B_SCALE=False, PRECISION=prec)
+    _wgrad(dh, None, x, groups.token, dw_gate_up, groups)
     return dx_slot, dw_gate_up, dw_down, dw_slot
 
 

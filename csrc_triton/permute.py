@@ -113,7 +113,10 @@ def plan_routing(expert_ids: torch.Tensor, num_experts: int, validate: bool = Tr
     if num_blocks:
         _block_histogram_kernel[(num_blocks,)](ids, num_pairs, hist, E_PAD=e_pad, BLOCK=_PLAN_BLOCK)
     counts = hist.sum(0, dtype=torch.int32)[:num_experts]
-    block_start = (hist.cumsum(0, dtype=torch.int32) - hist).contiguous()
+    # Exclusive prefix over blocks, scanned along the contiguous dim: a scan over the outer dim runs serially
+    # over the blocks (150 us at 131k pairs on an H100).
+    per_expert = hist.t().contiguous()
+    block_start = (per_expert.cumsum(1, dtype=torch.int32) - per_expert).t().contiguous()
     offsets = torch.zeros(num_experts + 1, device=dev, dtype=torch.int32)
     offsets[1:] = counts.cumsum(0)
     sorted_token = torch.empty(num_pairs, device=dev, dtype=torch.int32)
