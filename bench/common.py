@@ -1,10 +1,13 @@
-"""What every benchmark shares: the run's environment, timing per the device METHOD.md, the device's
-ceilings measured in the same run, and a plain-text table."""
+"""What every benchmark shares: the run's environment, timing per the device METHOD.md (do_bench medians,
+warm-up, rotating input sets where one set would sit in L2) and the device's ceilings measured in the same run."""
 
 import datetime
+import itertools
+import math
 import os
 import platform
 import subprocess
+import time
 
 import torch
 import triton
@@ -24,44 +27,71 @@ def environment() -> dict:
     return dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
                 commit=commit, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__,
-                cuda=torch.version.cuda)
+                cuda=torch.version.cuda, gpu=gpu_properties())
 
 
-def time_ms(fn, warmup_ms: float = 100, rep_ms: float = 500, grad_to_none=None) -> float:
+def gpu_properties() -> dict | None:
+    if not torch.cuda.is_available():
+        return None
+    p = torch.cuda.get_device_properties(0)
+    return dict(name=p.name, sm_count=p.multi_processor_count, l2_bytes=p.L2_cache_size,
+                memory_bytes=p.total_memory, capability=f"{p.major}.{p.minor}", count=torch.cuda.device_count())
+
+
+def set_count(bytes_per_set: int, limit: int = 256) -> int:
+    """How many input sets to rotate through so that together they are twice the L2 cache: timing one set
+    over and over would measure the cache, not device memory."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size if torch.cuda.is_available() else 50 * 2**20
+    return max(1, min(limit, math.ceil(2 * l2 / max(bytes_per_set, 1))))
+
+
+def rotating(fn, sets: list):
+    """A zero-argument callable that calls fn(*set) on the next of the sets each time."""
+    it = itertools.cycle(sets)
+    return lambda: fn(*next(it))
+
+
+_cache: dict = {}
+
+
+def cached(key, build):
+    """One case's inputs at a time: building the next frees the last (they run to gigabytes)."""
+    if key not in _cache:
+        _cache.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        _cache[key] = build()
+    return _cache[key]
+
+
+# The suites run on the GPU; on a CPU (--bench-cpu, tiny shapes, Triton's interpreter) only to check the
+# harness itself: host-clock medians, and ceilings of the same kind.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, warmup_ms: float = 25, rep_ms: float = 100, grad_to_none=None) -> float:
     """Median milliseconds of fn over CUDA events (triton.testing.do_bench), after warm-up."""
+    if DEVICE == "cpu":
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return sorted(times)[1]
     return do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median")
 
 
 def ceilings() -> dict:
     """The device's dense bf16 matmul rate (8192^3, random data) and copy bandwidth (read + write), measured now."""
-    n = 8192
-    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    n, copy_elems = (8192, 512 * 2**20) if DEVICE == "cuda" else (512, 2**22)  # 2 GiB copied on a GPU
+    a, b = (torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
     mm_ms = time_ms(lambda: a @ b)
-    src = torch.randn(512 * 2**20, device="cuda", dtype=torch.float32)  # 2 GiB
+    src = torch.randn(copy_elems, device=DEVICE, dtype=torch.float32)
     dst = torch.empty_like(src)
     copy_ms = time_ms(lambda: dst.copy_(src))
     return dict(bf16_matmul_tflops=2 * n**3 / mm_ms / 1e9, copy_gbps=2 * src.numel() * 4 / copy_ms / 1e6)
-
-
-def fmt_table(report: dict) -> str:
-    lines = [f"{report['device']}  commit {report['commit']}  {report['date']}  torch {report['torch']}  "
-             f"triton {report['triton']}  transformers {report['transformers']}"]
-    if "ceilings" in report:
-        c = report["ceilings"]
-        lines.append(f"ceilings: bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s, copy {c['copy_gbps']:.0f} GB/s")
-    header = f"{'shape':<20}{'impl':<12}{'fwd ms':>9}{'TFLOP/s':>9}{'f+b ms':>9}{'TFLOP/s':>9}{'peak GiB':>10}{'ours x':>8}{'host ms':>9}"
-    lines.append(header)
-    for case in report["cases"]:
-        for row in case["results"]:
-            if "error" in row:
-                lines.append(f"{case['shape']:<20}{row['impl']:<12}  could not run: {row['error']}")
-                continue
-            lines.append(f"{case['shape']:<20}{row['impl']:<12}{row['fwd_ms']:>9.3f}{row['fwd_tflops']:>9.0f}"
-                         f"{row['fwd_bwd_ms']:>9.3f}{row['fwd_bwd_tflops']:>9.0f}{row['peak_bytes'] / 2**30:>10.2f}"
-                         f"{row.get('pcmoe_speedup_fwd_bwd', float('nan')):>8.2f}"
-                         f"{row.get('host_fwd_bwd_ms', float('nan')):>9.2f}")
-        chk = case.get("check")
-        if chk:
-            lines.append(f"{'':<20}check vs eager: out rel err {chk['out_rel_err']:.2e}, "
-                         f"max grad rel err {chk['max_grad_rel_err']:.2e}")
-    return "\n".join(lines)

@@ -1,0 +1,232 @@
+"""The implementations each stage is timed with: ours (csrc_triton) and the peers, on the same inputs.
+
+Peers: PyTorch eager (our reference: what transformers' "eager" experts do), ``torch._grouped_mm``
+(PyTorch's native grouped GEMM), transformers' MoE blocks with experts_implementation "eager" and
+"grouped_mm", and megablocks (its permutation ops, and dMoE with whichever back end can run). A peer that
+cannot run raises Unavailable with the reason, which the results keep.
+"""
+
+import contextlib
+import importlib.metadata
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+import csrc_triton as ct
+from csrc_triton.experts import _Groups, _swiglu_backward, _swiglu_forward
+
+from .common import sync
+from .shapes import Shape
+
+
+class Unavailable(Exception):
+    """This peer cannot run here; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Router
+
+
+def eager_route(logits: torch.Tensor, s: Shape):
+    """The block's own routing, in PyTorch ops: softmax (or DeepSeek-V3's sigmoid) scores, top-k, renorm."""
+    scores = torch.softmax(logits.float(), -1) if s.scoring == "softmax" else torch.sigmoid(logits.float())
+    weights, ids = torch.topk(scores, s.top_k, dim=-1)
+    if s.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if s.scoring == "sigmoid" else 0))
+    return weights, ids
+
+
+def ours_route(logits: torch.Tensor, s: Shape):
+    return ct.route(logits, s.top_k, scoring=s.scoring, norm_topk_prob=s.norm_topk_prob)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Permutation (plan + gather into expert order) and un-permutation (weighted top-k combine)
+
+
+def ours_permute(x, ids, num_experts):
+    plan = ct.plan_routing(ids, num_experts, validate=False)
+    return ct.permute(x, plan), plan
+
+
+def eager_permute(x, ids, num_experts):
+    """What transformers' grouped_mm experts do: a stable argsort of the pairs, counts, an index_select."""
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    return x.index_select(0, order // ids.shape[1]), counts
+
+
+def ours_unpermute(y_sorted, plan, weights):
+    return ct.unpermute(y_sorted, plan, weights)
+
+
+def eager_unpermute(y_sorted, plan, weights):
+    tokens, k = weights.shape
+    rows = y_sorted.index_select(0, plan.slot_of_pair.flatten().long()).view(tokens, k, -1)
+    return (rows * weights[..., None]).sum(1)
+
+
+def megablocks_ops():
+    """megablocks.ops, which needs megablocks' compiled extension (megablocks_ops)."""
+    try:
+        from megablocks import ops
+    except Exception as e:  # ImportError, or the extension failing to load
+        raise Unavailable(f"megablocks does not import: {type(e).__name__}: {e}"[:300]) from None
+    return ops
+
+
+def megablocks_plan(ops, ids, num_experts):
+    """megablocks' own routing plan (MoE.indices_and_bins): radix sort, histogram, inclusive cumsum."""
+    flat = ids.flatten().int()
+    bin_ids, indices = ops.sort(flat, max(1, (num_experts - 1).bit_length()))
+    tokens_per_expert = ops.histogram(flat, num_experts)
+    return indices, bin_ids, ops.inclusive_cumsum(tokens_per_expert, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Grouped SwiGLU GEMMs on rows already in expert order: forward, dgrad (input gradient), wgrad (weights)
+
+
+def ours_gemm_forward(x, counts, offsets, w_gate_up, w_down):
+    inter = w_down.shape[2]
+    return _swiglu_forward(x, _Groups(None, offsets, counts, x.shape[0]), w_gate_up[:, :inter],
+                           w_gate_up[:, inter:], w_down, None, save_h=True)
+
+
+def ours_gemm_backward(dy, x, h, counts, offsets, w_gate_up, w_down):
+    """dgrad and wgrad: one call runs both (the kernels' backward has no dgrad-only entry point)."""
+    inter = w_down.shape[2]
+    return _swiglu_backward(dy, x, _Groups(None, offsets, counts, x.shape[0]), w_gate_up[:, :inter],
+                            w_gate_up[:, inter:], w_down, h, None, need_dw=False)
+
+
+# Which of our kernels belong to which sub-stage, for the per-kernel split of ours_gemm_backward.
+OURS_BACKWARD_KERNELS = {"gemm_dgrad": ("_down_dgrad_kernel", "_up_dgrad_kernel"), "gemm_wgrad": ("_wgrad_kernel",)}
+
+
+def swiglu_backward_act(h, dact):
+    """dh = d[silu(gate) * up] / d[gate, up] times dact, with h = [gate, up]."""
+    gate, up = h.float().chunk(2, -1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    dgate = dact.float() * up * (sig * (1 + gate * (1 - sig)))
+    return torch.cat([dgate, dact.float() * silu], -1).to(h.dtype)
+
+
+def grouped_mm_forward(x, ends, w_gate_up, w_down):
+    h = torch._grouped_mm(x, w_gate_up.transpose(1, 2), offs=ends)
+    gate, up = h.chunk(2, -1)
+    return torch._grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=ends), h
+
+
+def grouped_mm_dgrad(dy, h, ends, w_gate_up, w_down):
+    dh = swiglu_backward_act(h, torch._grouped_mm(dy, w_down, offs=ends))
+    return torch._grouped_mm(dh, w_gate_up, offs=ends)
+
+
+def grouped_mm_wgrad(dy, act, dh, x, ends):
+    return torch._grouped_mm(dy.t(), act, offs=ends), torch._grouped_mm(dh.t(), x, offs=ends)
+
+
+def eager_forward(x, bounds, w_gate_up, w_down):
+    """transformers' eager experts on sorted rows: one pair of GEMMs per expert (``bounds``: host ints)."""
+    y = torch.empty_like(x)
+    inter = w_down.shape[2]
+    for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if hi > lo:
+            h = x[lo:hi] @ w_gate_up[e].t()
+            y[lo:hi] = (F.silu(h[:, :inter]) * h[:, inter:]) @ w_down[e].t()
+    return y
+
+
+def eager_dgrad(dy, h, bounds, w_gate_up, w_down):
+    dx = torch.empty_like(dy)
+    for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if hi > lo:
+            dx[lo:hi] = swiglu_backward_act(h[lo:hi], dy[lo:hi] @ w_down[e]) @ w_gate_up[e]
+    return dx
+
+
+def eager_wgrad(dy, act, dh, x, bounds, w_gate_up, w_down):
+    dw_down, dw_gate_up = torch.zeros_like(w_down), torch.zeros_like(w_gate_up)
+    for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if hi > lo:
+            torch.mm(dy[lo:hi].t(), act[lo:hi], out=dw_down[e])
+            torch.mm(dh[lo:hi].t(), x[lo:hi], out=dw_gate_up[e])
+    return dw_down, dw_gate_up
+
+
+def kernel_ms(fn, groups: dict[str, tuple[str, ...]], iters: int = 10) -> dict[str, float]:
+    """Mean GPU time per call of fn's kernels, summed per group of kernel names, from torch.profiler (for
+    stages that share one call with others)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        sync()
+    totals = dict.fromkeys(groups, 0.0)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            for group, names in groups.items():
+                if any(n in event.name for n in names):
+                    totals[group] += event.device_time
+    return {group: us / iters / 1e3 for group, us in totals.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole layer
+
+
+LAYER_IMPLS = ("pcmoe", "hf_grouped_mm", "hf_eager", "megablocks")
+
+
+def layer_module(impl: str, block, fused):
+    """The module that runs ``impl``: FusedMoE.from_hf(block) shares the block's weights; the HF block's
+    back end is switched in place."""
+    if impl == "pcmoe":
+        return fused
+    block.experts.config._experts_implementation = impl.removeprefix("hf_")
+    return block
+
+
+def megablocks_dmoe(s: Shape, dtype) -> tuple[torch.nn.Module, str]:
+    """megablocks' dropless MoE of this shape (its own router and weights), and the back end it runs on:
+    "grouped" (grouped_gemm's CUTLASS kernels) if grouped_gemm imports, else "sparse" (stk's Triton
+    block-sparse kernels), for which megablocks' own refusal of triton >= 3.2 is lifted and recorded."""
+    megablocks_ops()
+    from megablocks.layers import arguments, dmoe
+
+    grouped = importlib.util.find_spec("grouped_gemm") is not None
+    backend = "grouped" if grouped else "sparse"
+    args = dict(hidden_size=s.hidden, ffn_hidden_size=s.inter, moe_num_experts=s.experts, moe_top_k=s.top_k,
+                mlp_type="glu", mlp_impl=backend, activation_fn=F.silu, bias=False, return_bias=False,
+                bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, device=torch.cuda.current_device(),
+                moe_normalize_expert_weights=1 if s.norm_topk_prob else None, shared_expert=bool(s.shared),
+                shared_expert_hidden_size=s.shared or None, moe_loss_weight=0)
+    with _triton_guard_lifted(arguments, backend == "sparse"):
+        module = dmoe.dMoE(arguments.Arguments(**args))
+    label = "grouped (grouped_gemm)" if grouped else (
+        f"sparse (stanford-stk {importlib.metadata.version('stanford-stk')} Triton; megablocks refuses "
+        "triton >= 3.2 for it, refusal lifted)")
+    return module, label
+
+
+@contextlib.contextmanager
+def _triton_guard_lifted(arguments, lift: bool):
+    """megablocks 0.10 rejects mlp_impl="sparse" when triton >= 3.2 (a version check in Arguments); whether
+    stk's kernels actually run on this triton is what the benchmark then finds out."""
+    original = arguments.Arguments.__post_init__
+    if lift:
+        def post_init(self):
+            if self.shared_expert_hidden_size is None:
+                self.shared_expert_hidden_size = self.ffn_hidden_size
+        arguments.Arguments.__post_init__ = post_init
+    try:
+        yield
+    finally:
+        arguments.Arguments.__post_init__ = original
