@@ -33,7 +33,8 @@ def pytest_addoption(parser):
                     help="record a peer as skipped when one call takes longer than this")
     group.addoption("--bench-cpu", action="store_true",
                     help="run on the CPU (Triton's interpreter, tiny shapes): checks the harness, times nothing real")
-    group.addoption("--bench-out", default=None, help="results JSON (default bench/results/bench_<gpu>_<commit>.json)")
+    group.addoption("--bench-out", default=None,
+                    help="results JSON, or a folder for bench_<gpu>_<commit>.json (default bench/results)")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -150,7 +151,9 @@ def pytest_sessionfinish(session):
                   options={k: opt(f"--bench-{k}") for k in ("shapes", "tokens", "routing", "warmup-ms", "rep-ms",
                                                              "max-call-s")},
                   peers=_peer_versions(), rows=add_ratios(rows))
-    out = Path(opt("--bench-out") or RESULTS / f"bench_{gpu_tag(env['device'])}_{env['commit']}.json")
+    out = Path(opt("--bench-out") or RESULTS)
+    if out.is_dir():
+        out = out / f"bench_{gpu_tag(env['device'])}_{env['commit']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print("\n" + text_table(report) + f"\n\nresults: {out}")

@@ -158,7 +158,7 @@ def eager_wgrad(dy, act, dh, x, bounds, w_gate_up, w_down):
     return dw_down, dw_gate_up
 
 
-def kernel_ms(fn, groups: dict[str, tuple[str, ...]], iters: int = 10) -> dict[str, float]:
+def kernel_ms(fn, groups: dict[str, tuple[str, ...]], iters: int = 5) -> dict[str, float]:
     """Mean GPU time per call of fn's kernels, summed per group of kernel names, from torch.profiler (for
     stages that share one call with others)."""
     from torch.profiler import ProfilerActivity, profile

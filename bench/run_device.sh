@@ -1,9 +1,94 @@
 #!/usr/bin/env bash
-# One device call: the MoE-layer benchmark, then the GPU tests. Results and logs go to $OUT (or bench/results).
+# THE device command (bench/README.md): everything the README's performance section reports, in one call.
+#
+#   bench/run_device.sh          one GPU (nvidia-h100-x1), < 9.5 min: the stage suites (every stage, shape,
+#                                token count, routing and peer), the engine end to end at 1 party, a
+#                                profiled engine step, Nsight Compute on one kernel; GPU tests if time is left
+#   bench/run_device.sh e2e      the engine end to end at 1 party and at 2 and 4 when the GPUs are there
+#                                (nvidia-h200-x2, -x4)
+#   bench/run_device.sh tests    the GPU tests only
+#
+# Writes into $OUT (the device tool's folder; default bench/results/device): bench_*.json, e2e_*.json,
+# engine_profile.json, engine_trace.json.gz, engine_memory.pickle.gz, ncu.txt, megablocks_build.log, run.log.
+# Each phase gets what is left of BUDGET_S seconds (default 560) up to its own cap, and the log says what
+# did not run. Carried wheels (.whl/, from bench/fetch_wheels.sh) are installed first; megablocks' source
+# is built in the background while the engine runs. Extra arguments go to the stage suites' pytest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results}
+MODE=${1:-all}
+[ $# -gt 0 ] && shift
+OUT=${OUT:-bench/results/device}
+mkdir -p "$OUT"
+BUDGET_S=${BUDGET_S:-560}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
-python3 bench/moe_layer.py --out "$OUT/moe_layer.json" "$@" 2>&1 | tee "$OUT/moe_layer.log"
-python3 -m pytest -q -m gpu tests/ -x --durations=5 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+LOG="$OUT/run.log"
+
+left() { echo $(( BUDGET_S - SECONDS )); }
+phase() {  # phase NAME CAP_SECONDS MIN_SECONDS COMMAND...: run COMMAND for at most min(CAP, time left)
+    local name=$1 cap=$2 need=$3 limit
+    shift 3
+    limit=$(( $(left) < cap ? $(left) : cap ))
+    if (( limit < need )); then
+        echo "== $name: NOT RUN, ${limit} s left of the ${BUDGET_S} s budget (needs ${need} s)" | tee -a "$LOG"
+        return
+    fi
+    echo "== $name (at ${SECONDS} s, up to ${limit} s)" | tee -a "$LOG"
+    timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    echo "== $name: exit ${PIPESTATUS[0]} at ${SECONDS} s" | tee -a "$LOG"
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
+    python3 -c 'import sys, torch, triton, transformers; print(sys.version.split()[0], torch.__version__, triton.__version__, transformers.__version__, torch.cuda.device_count(), "GPUs")'
+    echo "commit ${PCMOE_COMMIT:-unknown}"
+} 2>&1 | tee "$LOG"
+GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        2>&1 | tee -a "$LOG"
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+
+e2e() {
+    phase "engine end to end, 1 party" 150 40 python3 bench/engine_e2e.py --out "$OUT"
+    for n in 2 4; do
+        if (( GPUS >= n )); then
+            phase "engine end to end, $n parties" 180 60 torchrun --standalone --nproc-per-node "$n" bench/engine_e2e.py --out "$OUT"
+        fi
+    done
+}
+
+case $MODE in
+e2e) e2e ;;
+tests) phase "GPU tests" 9999 60 python3 -m pytest -q -m gpu tests/ --durations=5 -p no:cacheprovider ;;
+all)
+    MB_PID=
+    if [ -d .whl/megablocks-0.10.0 ] && command -v nvcc >/dev/null; then
+        # megablocks' CUDA extension (sort, histogram, cumsum), sm_90 only, on the CPUs while the GPU works.
+        (cd .whl/megablocks-0.10.0 && TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=8 timeout 200 python3 -m pip install \
+            --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site-megablocks . ) \
+            > "$OUT/megablocks_build.log" 2>&1 &
+        MB_PID=$!
+    else
+        echo "megablocks: no source carried (.whl/megablocks-0.10.0: bench/fetch_wheels.sh) or no nvcc" | tee -a "$LOG"
+    fi
+    e2e
+    phase "profiled engine steps" 80 40 python3 profiling/engine_step.py --out-dir "$OUT" --warmup 3 --steps 2 \
+        --set model.preset=olmoe-1b-7b --set model.num_layers=2 --set train.batch_size=4 --set data.seq_len=1024
+    if [ -n "$MB_PID" ]; then
+        echo "== waiting for the megablocks build (at ${SECONDS} s)" | tee -a "$LOG"
+        wait "$MB_PID" && echo "megablocks built at ${SECONDS} s" | tee -a "$LOG" \
+            || echo "megablocks build FAILED (megablocks_build.log): its rows record why" | tee -a "$LOG"
+        [ -d /tmp/site-megablocks/megablocks ] && export PYTHONPATH=/tmp/site-megablocks:$PYTHONPATH
+    fi
+    phase "stage suites" 330 120 python3 -m pytest bench/test_router.py bench/test_grouped_gemm.py \
+        bench/test_permute.py bench/test_layer.py --benchmark-only -q -p no:cacheprovider --bench-out "$OUT" \
+        --bench-warmup-ms 10 --bench-rep-ms 40 --bench-max-call-s 0.5 "$@"
+    phase "Nsight Compute, _gate_up_fwd_kernel" 60 30 bash -c "profiling/ncu_kernel.sh _gate_up_fwd_kernel > '$OUT/ncu.txt' 2>&1; tail -40 '$OUT/ncu.txt'"
+    phase "GPU tests" 9999 100 python3 -m pytest -q -m gpu tests/ --durations=5 -p no:cacheprovider
+    ;;
+*) echo "usage: bench/run_device.sh [all|e2e|tests] [pytest args for the stage suites]"; exit 2 ;;
+esac
+echo "== done at ${SECONDS} s" | tee -a "$LOG"

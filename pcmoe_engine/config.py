@@ -91,6 +91,7 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    checkpoints: bool = True  # false: write none (benchmarks, profiling)
     resume: bool = False  # continue from the latest checkpoint in the run directory
     device: str = "auto"  # auto: one GPU per party when there are enough, else CPU
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or bf16 / fp32

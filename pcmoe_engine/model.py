@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 import csrc_triton as ct
 
 from .config import ModelConfig
-from .nvtx import nvtx_range
+from .nvtx import stage
 
 __all__ = ["Backbone", "Loss", "compute_loss", "count_parameters", "seeded"]
 
@@ -106,13 +106,18 @@ class MoEFeedForward(nn.Module):
         x = x.reshape(-1, shape[-1])
         if torch.is_autocast_enabled(x.device.type):  # the expert kernels take one dtype for x and weights
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        with nvtx_range("router"):
-            routing = ct.route(self.router(x), self.top_k, norm_topk_prob=self.norm_topk_prob)
-        shared = (lambda: self.shared(x)) if self.shared is not None else None
-        out, shared_out = experts(self.layer, x, routing.weights, routing.expert_ids, concurrent=shared)
+        with stage("router") as s:
+            routing = ct.route(self.router(s.input(x)), self.top_k, norm_topk_prob=self.norm_topk_prob)
+            routing = routing._replace(weights=s.output(routing.weights))
+        out, shared_out = experts(self.layer, x, routing.weights, routing.expert_ids,
+                                  concurrent=(lambda: self._shared(x)) if self.shared is not None else None)
         if shared_out is not None:
             out = out + shared_out
         return out.view(shape), routing
+
+    def _shared(self, x):
+        with stage("shared_expert") as s:
+            return s.output(self.shared(s.input(x)))
 
 
 class Block(nn.Module):
@@ -124,8 +129,8 @@ class Block(nn.Module):
         self.moe = MoEFeedForward(cfg, layer)
 
     def forward(self, x, cos, sin, experts):
-        with nvtx_range("attention"):
-            x = x + self.attn(self.attn_norm(x), cos, sin)
+        with stage("attention") as s:
+            x = x + s.output(self.attn(self.attn_norm(s.input(x)), cos, sin))
         moe_out, routing = self.moe(self.ffn_norm(x), experts)
         return x + moe_out, routing
 
@@ -165,7 +170,8 @@ class Backbone(nn.Module):
             else:
                 x, routing = block(x, cos, sin, experts)
             routings.append(routing)
-        return self.lm_head(self.norm(x)), routings
+        with stage("lm_head") as s:
+            return s.output(self.lm_head(self.norm(s.input(x)))), routings
 
 
 class Loss(NamedTuple):

@@ -37,7 +37,7 @@ import csrc_triton as ct
 
 from .config import ModelConfig
 from .model import seeded
-from .nvtx import nvtx_range
+from .nvtx import nvtx_range, stage
 
 __all__ = ["WIRE_KINDS", "owner_of", "owned_experts", "ExpertShard", "WireEntry", "WireLog", "Wire",
            "DistributedExperts"]
@@ -236,26 +236,29 @@ class DistributedExperts:
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
                  concurrent: Callable[[], torch.Tensor] | None = None):
         wire, shard = self.wire, self.shard
-        with nvtx_range("permute"):
+        with stage("permute") as s:
             plan = ct.plan_routing(self.wire_position[expert_ids.long()], shard.num_experts, validate=False)
-            x_sorted = ct.permute(x, plan)
+            x_sorted = s.output(ct.permute(s.input(x), plan))
         with nvtx_range("dispatch"):
             route = self._route(layer, plan.tokens_per_expert)
             transfer = wire.exchange("hidden", layer, x_sorted.detach(), route.send_splits, route.recv_splits,
                                      async_op=True)
         side = concurrent() if concurrent is not None else None
-        with nvtx_range("dispatch"):
-            received = _AllToAll.apply(x_sorted, transfer, wire, "hidden_grad", layer, route.recv_splits,
-                                       route.send_splits)
-        with nvtx_range("experts"):
-            if received.shape[0]:
-                y = ct.grouped_mlp(received, route.local_expert, shard.w_gate_up[layer].to(received.dtype),
-                                   shard.w_down[layer].to(received.dtype))
+        with stage("dispatch") as s:
+            received = s.output(_AllToAll.apply(s.input(x_sorted), transfer, wire, "hidden_grad", layer,
+                                                route.recv_splits, route.send_splits))
+        with stage("experts") as s:
+            rows = s.input(received)
+            if rows.shape[0]:
+                y = ct.grouped_mlp(rows, route.local_expert, shard.w_gate_up[layer].to(rows.dtype),
+                                   shard.w_down[layer].to(rows.dtype))
             else:  # nothing to run, but the empty output must stay on the graph: its backward exchanges too
-                y = received * 0
-        with nvtx_range("combine"):
+                y = rows * 0
+            y = s.output(y)
+        with stage("combine") as s:
+            y = s.input(y)
             transfer = wire.exchange("output", layer, y.detach(), route.recv_splits, route.send_splits)
             y_sorted = _AllToAll.apply(y, transfer, wire, "output_grad", layer, route.send_splits,
                                        route.recv_splits)
-            out = ct.unpermute(y_sorted, plan, weights)
+            out = s.output(ct.unpermute(y_sorted, plan, weights))
         return out, side

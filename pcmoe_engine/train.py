@@ -97,8 +97,11 @@ class _Log:
               f"MiB ({kind}) | sent {r['bytes_sent'] / MiB:,.1f} MiB", flush=True)
 
 
-def train(cfg: Config, party: int) -> dict:
-    """Train as ``party`` of ``cfg.parties`` (the process group, if any, is already up). Returns its summary."""
+def train(cfg: Config, party: int, on_step=None) -> dict:
+    """Train as ``party`` of ``cfg.parties`` (the process group, if any, is already up). Returns its summary.
+
+    ``on_step(record)``, if given, is called after every step with that step's metrics (benchmarks and
+    profilers hook in here)."""
     t, parties = cfg.train, cfg.parties
     device = _device(cfg)
     if device.type == "cuda":
@@ -196,11 +199,13 @@ def train(cfg: Config, party: int) -> dict:
                   "peak_memory_bytes": _peak_memory(device)[0], "bytes_sent": wire.total_sent,
                   "bytes_received": wire.total_received, "expert_load": load.tolist()}
         log.write(record)
+        if on_step is not None:
+            on_step(record)
         if step == 1 or step % t.log_every == 0 or step == t.steps:
             log.progress(record, t.steps, memory_kind)
         if t.eval_every and step % t.eval_every == 0 and step < t.steps:
             log.write({"step": step, "eval_loss": evaluate()})
-        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
+        if t.checkpoints and ((t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps):
             save()
 
     eval_loss = evaluate()

@@ -1,7 +1,9 @@
-"""Per-kernel GPU time of one MoE layer forward+backward (FusedMoE, or transformers' grouped_mm block),
-from torch.profiler: which kernel a speed-up must come from.
+"""Per-kernel GPU time of one MoE layer forward+backward (FusedMoE, or transformers' block with its
+"grouped_mm" or "eager" experts), from torch.profiler: which kernel a speed-up must come from.
 
     PYTHONPATH=. python profiling/moe_layer_kernels.py --shape olmoe-1b-7b [--impl grouped_mm] [--trace out.json]
+
+With --steps 0 it only runs (warm-up included): the driver profiling/ncu_kernel.sh runs under Nsight Compute.
 """
 
 import argparse
@@ -9,27 +11,29 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.moe_layer import SHAPES, make_hf_block
+from bench.peers import layer_module
+from bench.shapes import SHAPES, make_hf_block
 from csrc_triton import FusedMoE
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="olmoe-1b-7b", choices=list(SHAPES))
-    parser.add_argument("--impl", default="pcmoe", choices=["pcmoe", "grouped_mm", "eager"])
+    parser.add_argument("--impl", default="pcmoe", choices=["pcmoe", "hf_grouped_mm", "hf_eager"])
     parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="forward+backward steps profiled (0: run only)")
     parser.add_argument("--trace", default=None, help="write a Chrome trace here")
     args = parser.parse_args()
-    family, hidden, experts, top_k, inter, shared = SHAPES[args.shape]
-    block = make_hf_block(family, hidden, experts, top_k, inter, shared).cuda().bfloat16()
-    block.experts.config._experts_implementation = "eager" if args.impl == "pcmoe" else args.impl
-    module = FusedMoE.from_hf(block) if args.impl == "pcmoe" else block
-    x = torch.randn(1, args.tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    block = make_hf_block(SHAPES[args.shape], "cuda", torch.bfloat16)
+    module = layer_module(args.impl, block, FusedMoE.from_hf(block))
+    x = torch.randn(1, args.tokens, block.gate.weight.shape[1], device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
     grad = torch.randn_like(x)
     for _ in range(2):  # compile and warm up
         module(x).backward(grad)
     torch.cuda.synchronize()
+    if not args.steps:
+        return
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             module(x).backward(grad)

@@ -1,0 +1,135 @@
+"""End to end: the PC-MoE engine training a ~1.9B-parameter MoE (olmoe-1b-7b's layers, 4 of them) for a few
+steps, per party: tokens/s, model FLOPs utilisation, peak GPU memory and what it holds, and the share of
+step time spent in communication.
+
+    PYTHONPATH=. python bench/engine_e2e.py --out e2e.json                       # 1 party (centralized)
+    PYTHONPATH=. torchrun --nproc-per-node 2 bench/engine_e2e.py --out e2e.json  # 2 parties, one GPU each
+
+MFU: model FLOPs per token, 6 x active parameters (every backbone matrix but the embedding, plus top_k of
+num_experts of the routed experts) + 6 x layers x seq_len x hidden for causal attention scores (QK^T and AV,
+forward 2 x S x H per token per layer after halving for causality, backward twice that), times each party's
+tokens/s, over the dense bf16 matmul rate measured in the same run. Communication share: GPU time of NCCL
+kernels over step time in the last profiled steps (0 with one party: the exchanges are local). Memory:
+parameters, gradients (fp32, as large as the parameters) and AdamW state from their sizes; activations and
+workspace (autocast's bf16 weight copies included) are the measured peak minus those.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import ceilings, environment  # noqa: E402
+from bench.report import RESULTS, gpu_tag  # noqa: E402
+from pcmoe_engine.config import load_config  # noqa: E402
+from pcmoe_engine.train import train  # noqa: E402
+
+MODEL = ["model.preset=olmoe-1b-7b", "model.num_layers=4", "train.batch_size=8", "data.seq_len=1024"]
+
+
+def flops_per_token(m) -> float:
+    attention = m.hidden_size * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+    shared = 3 * m.hidden_size * m.shared_intermediate_size
+    routed = 3 * m.hidden_size * m.expert_intermediate_size * m.top_k
+    active = m.num_layers * (attention + m.hidden_size * m.num_experts + shared + routed) + m.hidden_size * m.vocab_size
+    return 6 * active
+
+
+def party_result(summary: dict, steps: list[dict], timed: slice, nccl_share: float | None, cfg, ceiling) -> dict:
+    timed_steps = steps[timed]
+    seconds = sum(r["step_time_s"] for r in timed_steps)
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+    tokens_per_s = tokens_per_step * len(timed_steps) / seconds
+    m = cfg.model
+    model_flops = flops_per_token(m) + 6 * m.num_layers * cfg.data.seq_len * m.hidden_size
+    mem = summary["memory"]
+    params = mem["backbone_params_bytes"] + mem["expert_params_bytes"]
+    split = dict(backbone_params=mem["backbone_params_bytes"], local_expert_params=mem["expert_params_bytes"],
+                 gradients=params, optimizer_state=mem["optimizer_state_bytes"])
+    split["activations_and_workspace"] = summary["peak_memory_bytes"] - sum(split.values())
+    return dict(party=summary["party"], tokens_per_s=tokens_per_s, step_ms=seconds / len(timed_steps) * 1e3,
+                mfu=tokens_per_s * model_flops / (ceiling["bf16_matmul_tflops"] * 1e12),
+                model_flops_per_token=model_flops, peak_memory_bytes=summary["peak_memory_bytes"],
+                memory=split, memory_share={k: v / summary["peak_memory_bytes"] for k, v in split.items()},
+                comm_share=nccl_share, parameters=summary["parameters"], bytes_sent=summary["bytes_sent"],
+                final_loss=summary["final_loss"])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the throughput")
+    parser.add_argument("--profiled", type=int, default=2, help="last steps, under torch.profiler for NCCL time")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--out", default=None, help="JSON file, or a folder for e2e_<gpu>_<n>p_<commit>.json "
+                                                    "(default bench/results)")
+    args = parser.parse_args(argv)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    cfg = load_config(None, [*MODEL, f"train.steps={args.steps}", "train.checkpoints=false", "train.eval_batches=1",
+                             f"train.out_dir={tempfile.mkdtemp(prefix='pcmoe-e2e-')}", f"train.log_every={args.steps}",
+                             *args.overrides], parties=world)
+    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    ceiling = ceilings() if cuda else None
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
+    first_profiled = args.steps - args.profiled + 1
+    prof = profile(activities=[ProfilerActivity.CUDA]) if cuda and world > 1 and args.profiled else None
+    steps = []
+
+    def on_step(record):
+        steps.append(record)
+        if prof is not None and record["step"] == first_profiled - 1:
+            prof.start()
+        if prof is not None and record["step"] == args.steps:
+            prof.stop()
+
+    try:
+        summary = train(cfg, rank, on_step=on_step)
+        nccl_share = 0.0 if world == 1 else None
+        if prof is not None:
+            nccl_us = sum(e.device_time for e in prof.events()
+                          if e.device_type == torch.autograd.DeviceType.CUDA and "nccl" in e.name.lower())
+            nccl_share = nccl_us / 1e6 / sum(r["step_time_s"] for r in steps[first_profiled - 1:])
+        result = party_result(summary, steps, slice(args.warmup, first_profiled - 1 if prof else None), nccl_share,
+                              cfg, ceiling or {"bf16_matmul_tflops": float("nan")})
+        results = [None] * world
+        if world > 1:
+            dist.all_gather_object(results, result)  # benchmark numbers, after training: no protocol traffic
+        else:
+            results = [result]
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    if rank:
+        return
+    env = environment()
+    report = dict(env, benchmark="engine-e2e", ceilings=ceiling, parties=world, config=cfg.to_dict(),
+                  total_parameters=sum(results[0]["parameters"].values()) if world == 1 else
+                  results[0]["parameters"]["backbone"] + sum(r["parameters"]["local_experts"] for r in results),
+                  tokens_per_s_total=sum(r["tokens_per_s"] for r in results), per_party=results)
+    out = Path(args.out or RESULTS)
+    if out.is_dir():
+        out = out / f"e2e_{gpu_tag(env['device'])}_{world}p_{env['commit']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    for r in results:
+        print(f"party {r['party']}/{world}: {r['tokens_per_s']:,.0f} tokens/s, step {r['step_ms']:.1f} ms, "
+              f"MFU {r['mfu']:.1%}, peak {r['peak_memory_bytes'] / 2**30:.1f} GiB "
+              f"({', '.join(f'{k} {v:.0%}' for k, v in r['memory_share'].items())}), comm share "
+              f"{r['comm_share'] if r['comm_share'] is None else format(r['comm_share'], '.1%')}")
+    print(f"total parameters {report['total_parameters'] / 1e9:.2f} B; results: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""PNG plots from results JSON, written next to it: per-stage times of every implementation, our speed-up
+over each peer against tokens, the shares of the device's ceilings, and (end to end) per-party memory.
+
+    python bench/plots.py [bench/results/bench_*.json] [bench/results/e2e_*.json]   # default: the latest of each
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from bench.report import OURS, STAGES, latest  # noqa: E402
+
+
+def _rows(report, **match):
+    return [r for r in report["rows"] if all(r[k] == v for k, v in match.items())]
+
+
+def stage_times(report: dict, out: Path, tokens: int, routing: str = "balanced") -> Path:
+    """One panel per stage: ms of every implementation on every shape (log scale; missing bars did not run)."""
+    stages = [s for s in STAGES if _rows(report, stage=s, tokens=tokens, routing=routing)]
+    fig, axes = plt.subplots(2, (len(stages) + 1) // 2, figsize=(4.2 * ((len(stages) + 1) // 2), 7.5), squeeze=False)
+    for ax, stage in zip(axes.flat, stages):
+        rows = _rows(report, stage=stage, tokens=tokens, routing=routing)
+        shapes = list(dict.fromkeys(r["shape"] for r in rows))
+        impls = list(dict.fromkeys(r["impl"] for r in rows))
+        width = 0.8 / len(impls)
+        for i, impl in enumerate(impls):
+            ms = [next((r.get("ms", 0) for r in rows if r["shape"] == s and r["impl"] == impl), 0) for s in shapes]
+            ran = any(r.get("ms") for r in rows if r["impl"] == impl)
+            ax.bar([j + i * width for j in range(len(shapes))], ms, width, label=impl if ran else f"{impl} (did not run)")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], [s.split("-")[0] for s in shapes],
+                      fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(STAGES[stage], fontsize=9)
+        ax.set_ylabel("ms")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(stages):]:
+        ax.axis("off")
+    fig.suptitle(f"{report['device']} ({report['commit']}): {tokens} tokens, {routing} routing, bf16")
+    return _save(fig, out, f"stages_{tokens}_{routing}")
+
+
+def speedups(report: dict, out: Path, stage: str = "layer_fwd_bwd") -> Path:
+    """Our speed-up over each peer against tokens, per shape and routing (> 1: ours is faster)."""
+    rows = [r for r in _rows(report, stage=stage) if r["impl"] != OURS and "pcmoe_speedup" in r]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(1, max(len(shapes), 1), figsize=(4.2 * max(len(shapes), 1), 3.8), squeeze=False)
+    for ax, shape in zip(axes.flat, shapes):
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            for routing, style in (("balanced", "-o"), ("skewed", "--s")):
+                pts = sorted((r["tokens"], r["pcmoe_speedup"]) for r in rows
+                             if r["shape"] == shape and r["impl"] == impl and r["routing"] == routing)
+                if pts:
+                    ax.plot(*zip(*pts), style, label=f"vs {impl}, {routing}")
+        ax.axhline(1, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens")
+        ax.set_title(shape, fontsize=9)
+        ax.legend(fontsize=7)
+    axes.flat[0].set_ylabel(f"pcmoe speed-up, {stage}")
+    fig.suptitle(f"{report['device']} ({report['commit']})")
+    return _save(fig, out, f"speedup_{stage}")
+
+
+def ceiling_shares(report: dict, out: Path, routing: str = "balanced") -> Path:
+    """Our share of the measured matmul rate (compute stages) or copy bandwidth (memory-bound stages)."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for stage in STAGES:
+        rows = sorted((r for r in _rows(report, stage=stage, impl=OURS, routing=routing)
+                       if "frac_matmul" in r or "frac_copy" in r), key=lambda r: (r["shape"], r["tokens"]))
+        for shape in dict.fromkeys(r["shape"] for r in rows):
+            pts = [(r["tokens"], r.get("frac_matmul", r.get("frac_copy"))) for r in rows if r["shape"] == shape]
+            ax.plot(*zip(*pts), "-o", ms=3, label=f"{stage} {shape.split('-')[0]}")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("share of matmul rate (GEMM, layer) or copy bandwidth")
+    ax.legend(fontsize=6, ncol=3)
+    ax.set_title(f"pcmoe vs the device's ceilings ({report['device']}, {routing})", fontsize=9)
+    return _save(fig, out, f"ceilings_{routing}")
+
+
+def e2e_memory(report: dict, out: Path) -> Path:
+    """Per-party peak memory, split into what holds it."""
+    fig, ax = plt.subplots(figsize=(5, 4))
+    parties = report["per_party"]
+    bottom = [0.0] * len(parties)
+    for key in parties[0]["memory"]:
+        gib = [p["memory"][key] / 2**30 for p in parties]
+        ax.bar([f"party {p['party']}" for p in parties], gib, bottom=bottom, label=key)
+        bottom = [b + g for b, g in zip(bottom, gib)]
+    ax.set_ylabel("GiB at peak")
+    ax.set_title(f"{report['parties']} part{'ies' if report['parties'] > 1 else 'y'}, "
+                 f"{report['total_parameters'] / 1e9:.2f} B parameters ({report['device']})", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, out, "memory")
+
+
+def _save(fig, out: Path, name: str) -> Path:
+    path = out.with_name(f"{out.stem}_{name}.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot(path: Path) -> list[Path]:
+    report = json.loads(path.read_text())
+    if report["benchmark"] == "engine-e2e":
+        return [e2e_memory(report, path)]
+    tokens = sorted({r["tokens"] for r in report["rows"]})
+    middle = tokens[len(tokens) // 2]
+    routings = sorted({r["routing"] for r in report["rows"]})
+    return ([stage_times(report, path, middle, routing) for routing in routings]
+            + [speedups(report, path, stage) for stage in ("layer_fwd_bwd", "gemm_fwd")]
+            + [ceiling_shares(report, path, routings[0])])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="*", type=Path)
+    args = parser.parse_args()
+    paths = args.results or [p for p in (latest("bench_*.json"), latest("e2e_*.json")) if p]
+    for path in paths:
+        for png in plot(path):
+            print(png)
+
+
+if __name__ == "__main__":
+    main()

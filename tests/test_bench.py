@@ -1,0 +1,237 @@
+"""The benchmark harness's CPU logic: shapes, work counters, routings, the peers' arithmetic, ratios, tables,
+plots, the README section, the engine's NVTX/profiler ranges, and one stage suite run end to end on the CPU."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import rel_err
+
+import csrc_triton as ct
+from bench import peers, plots, readme_table, report, shapes
+from bench.engine_e2e import flops_per_token, party_result
+from csrc_triton.permute import permute_reference, plan_routing_reference, unpermute_reference
+from pcmoe_engine.config import ModelConfig, load_config
+from pcmoe_engine.model import Backbone, compute_loss
+from pcmoe_engine.protocol import DistributedExperts, ExpertShard, Wire
+from profiling.engine_step import range_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shape_table_is_the_issues():
+    s = shapes.SHAPES
+    assert (s["olmoe-1b-7b"].hidden, s["olmoe-1b-7b"].experts, s["olmoe-1b-7b"].top_k, s["olmoe-1b-7b"].inter) == (
+        2048, 64, 8, 1024)
+    assert s["qwen1.5-moe-a2.7b"][1:6] == (2048, 60, 4, 1408, 5632)
+    assert s["qwen3-30b-a3b"][1:5] == (2048, 128, 8, 768)
+    assert s["deepseek-v2-lite"][1:6] == (2048, 64, 6, 1408, 2 * 1408)
+    assert shapes.TOKENS == (4096, 16384, 65536) and shapes.ROUTINGS == ("balanced", "skewed")
+
+
+def test_work_counters():
+    olmoe = shapes.SHAPES["olmoe-1b-7b"]
+    t = 16384
+    assert shapes.layer_flops(t, olmoe) == 2 * t * 2048 * (64 + 3 * 8 * 1024)
+    qwen = shapes.SHAPES["qwen1.5-moe-a2.7b"]
+    assert shapes.layer_flops(t, qwen) == 2 * t * 2048 * (60 + 3 * 4 * 1408 + 3 * 5632 + 1)
+    assert shapes.router_bytes(t, olmoe) == t * 64 * 2 + t * 8 * 8
+    assert shapes.permute_bytes(t, olmoe) == t * 8 * 4 * 4 + t * 2048 * 2 * 9
+    assert shapes.unpermute_bytes(t, olmoe) == t * 8 * 2048 * 2 + t * 8 * 6 + t * 2048 * 2
+
+
+def test_skewed_routing_is_skewed_and_balanced_is_not():
+    gen = torch.Generator().manual_seed(0)
+    s = shapes.SHAPES["olmoe-1b-7b"]
+    got = {}
+    for routing in shapes.ROUTINGS:
+        _, ids = shapes.topk_routing(shapes.router_logits(16384, s.experts, routing, gen), s.top_k, False)
+        assert ids.unique(dim=-1).shape == ids.shape  # k distinct experts per token
+        got[routing] = shapes.imbalance(ids, s.experts)
+    assert got["balanced"] < 1.3 and got["skewed"] > 3
+
+
+def test_skewing_input_moves_the_blocks_logits():
+    w = torch.randn(64, 256) * 0.02
+    u = shapes.skewing_input(w, "skewed")
+    torch.testing.assert_close(u @ w.t(), shapes.routing_bias(64, "skewed"), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted({s.family for s in shapes.SHAPES.values()}))
+def test_hf_blocks_build_and_switch_back_ends(family):
+    name = next(n for n, s in shapes.SMOKE_SHAPES.items() if s.family == family)
+    block = shapes.make_hf_block(shapes.SMOKE_SHAPES[name], dtype=torch.bfloat16)
+    assert type(block).__name__ in ct.SUPPORTED_BLOCKS  # FusedMoE.from_hf takes it (tests/test_fused_moe.py)
+    x = torch.randn(1, 8, block.gate.weight.shape[1], dtype=torch.bfloat16)
+    eager = peers.layer_module("hf_eager", block, None)(x)
+    assert rel_err(peers.layer_module("hf_grouped_mm", block, None)(x), eager) < 2e-2
+
+
+def _sorted_problem(rows=48, hidden=32, inter=16, experts=3):
+    gen = torch.Generator().manual_seed(1)
+    counts = [16, 0, 32]
+    bounds = [0, 16, 16, 48]
+    x = torch.randn(rows, hidden, generator=gen)
+    w_gate_up = torch.randn(experts, 2 * inter, hidden, generator=gen) * 0.2
+    w_down = torch.randn(experts, hidden, inter, generator=gen) * 0.2
+    dy = torch.randn(rows, hidden, generator=gen)
+    return x, dy, w_gate_up, w_down, counts, bounds
+
+
+def test_peer_gemms_match_autograd():
+    x, dy, w_gate_up, w_down, _, bounds = _sorted_problem()
+    leaves = [t.clone().requires_grad_() for t in (x, w_gate_up, w_down)]
+    y = peers.eager_forward(leaves[0], bounds, leaves[1], leaves[2])
+    y.backward(dy)
+    h = torch.cat([x[lo:hi] @ w_gate_up[e].t() for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))])
+    gate, up = h.chunk(2, -1)
+    act = torch.nn.functional.silu(gate) * up
+    dh = torch.cat([peers.swiglu_backward_act(h[lo:hi], dy[lo:hi] @ w_down[e])
+                    for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))])
+    assert rel_err(peers.eager_dgrad(dy, h, bounds, w_gate_up, w_down), leaves[0].grad) < 1e-5
+    dw_down, dw_gate_up = peers.eager_wgrad(dy, act, dh, x, bounds, w_gate_up, w_down)
+    assert rel_err(dw_down, leaves[2].grad) < 1e-5 and rel_err(dw_gate_up, leaves[1].grad) < 1e-5
+    # torch._grouped_mm (bf16 operands, 16-byte aligned rows) against the same references
+    bf = [t.bfloat16() for t in (x, dy, w_gate_up, w_down, h, act, dh)]
+    ends = torch.tensor(bounds[1:], dtype=torch.int32)
+    y_mm, h_mm = peers.grouped_mm_forward(bf[0], ends, bf[2], bf[3])
+    assert rel_err(y_mm, y.detach()) < 2e-2 and rel_err(h_mm, h) < 2e-2
+    assert rel_err(peers.grouped_mm_dgrad(bf[1], bf[4], ends, bf[2], bf[3]), leaves[0].grad) < 2e-2
+    mm_down, mm_gate_up = peers.grouped_mm_wgrad(bf[1], bf[5], bf[6], bf[0], ends)
+    assert rel_err(mm_down, leaves[2].grad) < 2e-2 and rel_err(mm_gate_up, leaves[1].grad) < 2e-2
+
+
+def test_peer_router_and_permutation_match_the_references():
+    s = shapes.SMOKE_SHAPES["tiny-qwen3-30b-a3b"]
+    logits = torch.randn(40, s.experts)
+    weights, ids = peers.eager_route(logits, s)
+    ref = ct.router.route_reference(logits, s.top_k, norm_topk_prob=s.norm_topk_prob)
+    torch.testing.assert_close(weights, ref.weights)
+    assert torch.equal(ids, ref.expert_ids.long())
+    x = torch.randn(40, 8)
+    plan = plan_routing_reference(ids, s.experts)
+    x_sorted, counts = peers.eager_permute(x, ids, s.experts)
+    torch.testing.assert_close(x_sorted, permute_reference(x, plan))
+    assert torch.equal(counts.int(), plan.tokens_per_expert)
+    y = torch.randn(ids.numel(), 8)
+    torch.testing.assert_close(peers.eager_unpermute(y, plan, weights), unpermute_reference(y, plan, weights))
+
+
+def test_megablocks_missing_is_a_reason():
+    if importlib.util.find_spec("megablocks"):
+        pytest.skip("megablocks is installed here")
+    with pytest.raises(peers.Unavailable, match="megablocks does not import"):
+        peers.megablocks_ops()
+
+
+def _sample_report():
+    rows = []
+    for stage in report.STAGES:
+        for shape in list(shapes.SHAPES)[:2]:
+            for tokens in (4096, 16384):
+                for routing in shapes.ROUTINGS:
+                    for i, impl in enumerate(("pcmoe", "hf_grouped_mm", "megablocks")):
+                        row = dict(stage=stage, shape=shape, tokens=tokens, routing=routing, impl=impl,
+                                   flops=10**12, bytes=10**9)
+                        if impl == "megablocks":
+                            row["error"] = "megablocks does not import: ModuleNotFoundError"
+                        else:
+                            row["ms"] = (1 + i) * tokens / 4096
+                            if stage == "layer_fwd_bwd":
+                                row["peak_bytes"] = 2**30
+                        rows.append(report.finish_row(row, dict(bf16_matmul_tflops=700.0, copy_gbps=3000.0)))
+    rows[-6]["check"] = dict(out_rel_err=5e-3, max_grad_rel_err=6e-3)
+    return dict(device="NVIDIA H100 80GB HBM3", commit="abc1234", date="2026-11-25T10:00:00+00:00",
+                torch="2.11.0+cu130", triton="3.6.0", transformers="5.17.0", benchmark="pcmoe-bench",
+                ceilings=dict(bf16_matmul_tflops=700.0, copy_gbps=3000.0), rows=report.add_ratios(rows))
+
+
+def test_ratios_rates_and_tables():
+    rep = _sample_report()
+    ours = next(r for r in rep["rows"] if r["impl"] == "pcmoe" and r["stage"] == "gemm_fwd")
+    peer = next(r for r in rep["rows"] if r["impl"] == "hf_grouped_mm" and report.case_key(r) == report.case_key(ours))
+    assert peer["pcmoe_speedup"] == pytest.approx(2.0) and ours["vs"]["hf_grouped_mm"] == pytest.approx(2.0)
+    assert ours["vs"]["megablocks"].startswith("megablocks does not import")
+    assert ours["tflops"] == pytest.approx(10**12 / ours["ms"] / 1e9)
+    assert ours["frac_copy"] == pytest.approx(ours["gbps"] / 3000)
+    assert report.gpu_tag(rep["device"]) == "h100"
+    assert "could not run: megablocks" in report.text_table(rep)
+    table = report.markdown_table(rep, 4096)
+    assert "| gemm_fwd | olmoe-1b-7b |" in table and "2.00x" in table and "n/a" in table
+    assert report.unavailable(rep) == {"megablocks": "could not run: megablocks does not import: ModuleNotFoundError"}
+
+
+def test_plots_and_readme_section(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    bench_json = results / "bench_h100_abc1234.json"
+    bench_json.write_text(json.dumps(_sample_report()))
+    pngs = plots.plot(bench_json)
+    assert pngs and all(p.is_file() and p.stat().st_size > 10_000 for p in pngs)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{readme_table.START}\nold\n{readme_table.END}\nrest\n")
+    readme_table.main(["--bench", str(bench_json), "--e2e", "--readme", str(readme)])
+    text = readme.read_text()
+    assert "old" not in text and text.endswith(f"{readme_table.END}\nrest\n")
+    assert "| olmoe-1b-7b | **pcmoe** |" in text and "Peers that did not run: **megablocks**" in text
+    readme_table.main(["--bench", str(bench_json), "--e2e", "--readme", str(readme), "--check"])
+
+
+def test_e2e_accounting():
+    cfg = load_config(None, ["model.preset=olmoe-1b-7b", "model.num_layers=4"], parties=1)
+    m = cfg.model
+    active = 4 * (4 * 2048 * 2048 + 2048 * 64 + 8 * 3 * 2048 * 1024) + 2048 * 50304
+    assert flops_per_token(m) == 6 * active
+    summary = dict(party=0, peak_memory_bytes=100, parameters={"backbone": 3, "local_experts": 4}, bytes_sent=0,
+                   final_loss=1.0, memory=dict(backbone_params_bytes=10, expert_params_bytes=20,
+                                               optimizer_state_bytes=40))
+    steps = [dict(step_time_s=1.0)] * 4
+    r = party_result(summary, steps, slice(1, None), 0.0, cfg, {"bf16_matmul_tflops": 1.0})
+    assert r["memory"]["gradients"] == 30 and r["memory"]["activations_and_workspace"] == 0
+    assert sum(r["memory_share"].values()) == pytest.approx(1.0)
+    assert r["tokens_per_s"] == pytest.approx(cfg.train.batch_size * cfg.data.seq_len)
+
+
+def test_engine_step_has_named_ranges_forward_and_backward():
+    cfg = ModelConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, num_experts=4,
+                      top_k=2, expert_intermediate_size=16, shared_intermediate_size=16)
+    backbone, shard = Backbone(cfg), ExpertShard(cfg)
+    backbone.init_weights(torch.Generator().manual_seed(0))
+    shard.init_weights(0)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 9))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        logits, routings = backbone(tokens[:, :-1], DistributedExperts(shard, Wire()))
+        compute_loss(logits, tokens[:, 1:], routings, 0.01, 0.001).total.backward()
+    names = {e.name for e in prof.events()}
+    stages = ("router", "permute", "dispatch", "experts", "combine", "attention", "shared_expert", "lm_head")
+    missing = {n for s in stages for n in (s, f"{s}.backward")} - names
+    assert not missing
+
+
+def test_range_table_attributes_time_and_memory():
+    mem = lambda ts, total: dict(name="[memory]", ph="i", ts=ts, args={"Device Type": 1, "Total Allocated": total})
+    events = [dict(name="experts", ph="X", cat="user_annotation", ts=10, dur=10),
+              dict(name="experts", ph="X", cat="gpu_user_annotation", ts=12, dur=20),
+              mem(5, 100), mem(12, 300), mem(18, 150), mem(25, 900)]
+    (row,) = range_table(events, steps=2, device_type=1)
+    assert row == dict(range="experts", calls=1, host_ms=10 / 1e3 / 2, gpu_ms=20 / 1e3 / 2, peak_added_bytes=200)
+
+
+def test_stage_suite_runs_on_the_cpu(tmp_path):
+    """The router suite, ours and eager, through pytest-benchmark and the session's JSON (Triton interpreter)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/test_router.py", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+         "--bench-cpu", "--bench-shapes", "tiny-olmoe-1b-7b", "--bench-tokens", "16", "--bench-out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert {(r["routing"], r["impl"]) for r in rep["rows"] if "ms" in r} == {
+        (routing, impl) for routing in shapes.ROUTINGS for impl in ("pcmoe", "eager")}
+    assert all(isinstance(v, float) for r in rep["rows"] if r["impl"] == "pcmoe" for v in r["vs"].values())
