@@ -85,7 +85,7 @@ all)
     fi
     phase "stage suites" 330 120 python3 -m pytest bench/test_router.py bench/test_grouped_gemm.py \
         bench/test_permute.py bench/test_layer.py --benchmark-only -q -p no:cacheprovider --bench-out "$OUT" \
-        --bench-warmup-ms 10 --bench-rep-ms 40 --bench-max-call-s 0.5 "$@"
+        --bench-warmup-ms 10 --bench-rep-ms 40 --bench-max-call-s 0.3 "$@"
     phase "Nsight Compute, _gate_up_fwd_kernel" 60 30 bash -c "profiling/ncu_kernel.sh _gate_up_fwd_kernel > '$OUT/ncu.txt' 2>&1; tail -40 '$OUT/ncu.txt'"
     phase "GPU tests" 9999 100 python3 -m pytest -q -m gpu tests/ --durations=5 -p no:cacheprovider
     ;;

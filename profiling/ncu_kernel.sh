@@ -10,7 +10,9 @@ KERNEL=${1:-_gate_up_fwd_kernel}
 SHAPE=${2:-olmoe-1b-7b}
 shift $(( $# < 2 ? $# : 2 ))
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
-ncu --clock-control none -k "regex:${KERNEL}" --launch-skip 1 --launch-count 1 \
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+[ -n "$NCU" ] || { echo "ncu: not found (PATH, /opt/nvidia/nsight-compute, /usr/local/cuda/bin)"; exit 1; }
+"$NCU" --clock-control none -k "regex:${KERNEL}" --launch-skip 1 --launch-count 1 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
     --section Occupancy --section LaunchStats "$@" \
     python3 profiling/moe_layer_kernels.py --shape "$SHAPE" --tokens 16384 --steps 0
