@@ -9,10 +9,9 @@ MFU: model FLOPs per token, 6 x active parameters (every backbone matrix but the
 num_experts of the routed experts) + 6 x layers x seq_len x hidden for causal attention scores (QK^T and AV,
 forward 2 x S x H per token per layer after halving for causality, backward twice that), times each party's
 tokens/s, over the dense bf16 matmul rate measured in the same run. Communication share: GPU time of NCCL
-kernels over step time in the last profiled steps (0 with one party: the exchanges are local; not
-measured on a CPU). Memory:
-parameters, gradients (fp32, as large as the parameters) and AdamW state from their sizes; activations and
-workspace (autocast's bf16 weight copies included) are the measured peak minus those.
+kernels over step time in the last profiled steps (0 with one party: the exchanges are local; not measured
+on a CPU). Memory: parameters, gradients (fp32, as large as the parameters) and AdamW state from their sizes;
+activations and workspace (autocast's bf16 weight copies included) are the measured peak minus those.
 """
 
 import argparse
