@@ -74,7 +74,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn, warmup_ms: float = 25, rep_ms: float = 100, grad_to_none=None) -> float:
+def time_ms(fn, warmup_ms: float = 100, rep_ms: float = 500, grad_to_none=None) -> float:
     """Median milliseconds of fn over CUDA events (triton.testing.do_bench), after warm-up."""
     if DEVICE == "cpu":
         times = []

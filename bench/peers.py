@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 import csrc_triton as ct
-from csrc_triton.experts import _Groups, _swiglu_backward, _swiglu_forward
 
 from .common import sync
 from .shapes import Shape
@@ -89,21 +88,23 @@ def megablocks_plan(ops, ids, num_experts):
 # Grouped SwiGLU GEMMs on rows already in expert order: forward, dgrad (input gradient), wgrad (weights)
 
 
-def ours_gemm_forward(x, counts, offsets, w_gate_up, w_down):
-    inter = w_down.shape[2]
-    return _swiglu_forward(x, _Groups(None, offsets, counts, x.shape[0]), w_gate_up[:, :inter],
-                           w_gate_up[:, inter:], w_down, None, save_h=True)
+@torch.no_grad()
+def ours_gemm_forward(x, expert_of_row, w_gate_up, w_down):
+    """csrc_triton.grouped_mlp on rows already in expert order (its routing plan over them included)."""
+    return ct.grouped_mlp(x, expert_of_row, w_gate_up, w_down)
 
 
-def ours_gemm_backward(dy, x, h, counts, offsets, w_gate_up, w_down):
-    """dgrad and wgrad: one call runs both (the kernels' backward has no dgrad-only entry point)."""
-    inter = w_down.shape[2]
-    return _swiglu_backward(dy, x, _Groups(None, offsets, counts, x.shape[0]), w_gate_up[:, :inter],
-                            w_gate_up[:, inter:], w_down, h, None, need_dw=False)
+def ours_gemm_backward(x, expert_of_row, w_gate_up, w_down, dy):
+    """(callable, leaves): grouped_mlp's backward, replayed on one retained graph. One call computes dgrad and
+    wgrad (the public API has no dgrad-only entry point), hence OURS_BACKWARD_KERNELS."""
+    leaves = [t.detach().requires_grad_() for t in (x, w_gate_up, w_down)]
+    y = ct.grouped_mlp(leaves[0], expert_of_row, leaves[1], leaves[2])
+    return (lambda: y.backward(dy, retain_graph=True)), leaves
 
 
-# Which of our kernels belong to which sub-stage, for the per-kernel split of ours_gemm_backward.
-OURS_BACKWARD_KERNELS = {"gemm_dgrad": ("_down_dgrad_kernel", "_up_dgrad_kernel"), "gemm_wgrad": ("_wgrad_kernel",)}
+# Which of our backward's kernels (by name) make the dgrad and the wgrad, for the per-kernel split.
+OURS_BACKWARD_KERNELS = {"gemm_dgrad": ("_grouped_gemm_kernel", "_swiglu_bwd_kernel", "_combine_kernel"),
+                         "gemm_wgrad": ("_wgrad_kernel",)}
 
 
 def swiglu_backward_act(h, dact):
@@ -175,6 +176,8 @@ def kernel_ms(fn, groups: dict[str, tuple[str, ...]], iters: int = 5) -> dict[st
             for group, names in groups.items():
                 if any(n in event.name for n in names):
                     totals[group] += event.device_time
+    if not all(totals.values()):
+        raise RuntimeError(f"no kernel matched {groups} (renamed?): kernel times {totals}")
     return {group: us / iters / 1e3 for group, us in totals.items()}
 
 

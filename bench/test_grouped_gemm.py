@@ -1,10 +1,10 @@
 """Grouped SwiGLU expert GEMMs on rows already in expert order (the permutation is timed on its own):
 forward (gate-up, SwiGLU, down), dgrad (gradient of the rows) and wgrad (of the expert weights).
 
-Ours: csrc_triton's grouped kernels. Peers: torch._grouped_mm with group offsets, and the eager loop of one
-GEMM pair per expert (transformers' "eager" experts). Our backward computes dgrad and wgrad in one call, so
-our dgrad and wgrad rows are the GPU time of those kernels from torch.profiler (``method``: "kernels"),
-and the do_bench time of the whole call is kept beside them as ``bwd_ms``.
+Ours: csrc_triton.grouped_mlp (its routing plan over the sorted rows included). Peers: torch._grouped_mm
+with group offsets, and the eager loop of one GEMM pair per expert (transformers' "eager" experts). Our
+backward computes dgrad and wgrad in one call, so our dgrad and wgrad rows are the GPU time of their kernels
+from torch.profiler (``method``: "kernels"), with the whole call's do_bench time beside them as ``bwd_ms``.
 """
 
 import pytest
@@ -35,9 +35,9 @@ def gemm_inputs(case):
     _, h = grouped_mm_forward(x, offsets[1:], w_gate_up, w_down)
     gate, up = h.chunk(2, -1)
     dh = swiglu_backward_act(h, torch._grouped_mm(dy, w_down, offs=offsets[1:]))
-    return dict(x=x, dy=dy, w_gate_up=w_gate_up, w_down=w_down, counts=counts.int().to(DEVICE), offsets=offsets,
-                ends=offsets[1:], bounds=offsets.tolist(), h=h, act=F.silu(gate) * up, dh=dh,
-                imbalance=imbalance(ids, s.experts))
+    expert_of_row = torch.repeat_interleave(torch.arange(s.experts), counts).int().to(DEVICE)
+    return dict(x=x, dy=dy, w_gate_up=w_gate_up, w_down=w_down, expert_of_row=expert_of_row, ends=offsets[1:],
+                bounds=offsets.tolist(), h=h, act=F.silu(gate) * up, dh=dh, imbalance=imbalance(ids, s.experts))
 
 
 def _inputs(case):
@@ -51,23 +51,19 @@ def _flops(case):
 @pytest.mark.impls(*IMPLS)
 def test_gemm_fwd(case, impl, measure):
     d = _inputs(case)
-    fn = {"pcmoe": lambda: ours_gemm_forward(d["x"], d["counts"], d["offsets"], d["w_gate_up"], d["w_down"]),
+    fn = {"pcmoe": lambda: ours_gemm_forward(d["x"], d["expert_of_row"], d["w_gate_up"], d["w_down"]),
           "grouped_mm": lambda: grouped_mm_forward(d["x"], d["ends"], d["w_gate_up"], d["w_down"]),
           "eager": lambda: eager_forward(d["x"], d["bounds"], d["w_gate_up"], d["w_down"])}[impl]
     measure("gemm_fwd", case, impl, lambda row: fn, flops=_flops(case), imbalance=d["imbalance"])
-
-
-def ours_backward(d):
-    return lambda: ours_gemm_backward(d["dy"], d["x"], d["h"], d["counts"], d["offsets"], d["w_gate_up"],
-                                      d["w_down"])
 
 
 def _ours_split(measure, stage, case, d):
     """Our dgrad or wgrad: kernel time from the profiler, with the whole backward call's do_bench time (both
     measured once per case, for the dgrad and the wgrad row)."""
     if "ours_backward" not in d:
-        fn, opt = ours_backward(d), measure.config.getoption
-        bwd_ms = time_ms(fn, opt("--bench-warmup-ms"), opt("--bench-rep-ms"))
+        fn, leaves = ours_gemm_backward(d["x"], d["expert_of_row"], d["w_gate_up"], d["w_down"], d["dy"])
+        opt = measure.config.getoption
+        bwd_ms = time_ms(fn, opt("--bench-warmup-ms"), opt("--bench-rep-ms"), grad_to_none=leaves)
         split = kernel_ms(fn, OURS_BACKWARD_KERNELS) if DEVICE == "cuda" else dict.fromkeys(OURS_BACKWARD_KERNELS,
                                                                                               bwd_ms)
         d["ours_backward"] = bwd_ms, split
