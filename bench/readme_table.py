@@ -81,7 +81,8 @@ def section(bench_path: Path, e2e_paths: list[Path], readme: Path) -> str:
         "",
         layer_table(report, middle, "skewed"),
         "",
-        f"**Every stage, {middle} tokens, balanced routing:** our time and rate, and our speed-up over each peer "
+        f"**Every stage, {middle} tokens, balanced routing:** our time, rate and share of the matmul rate (GEMM "
+        f"and layer stages) or the copy bandwidth (the others), and our speed-up over each peer "
         f"({', '.join(f'`{s}`: {d}' for s, d in STAGES.items())}):",
         "",
         markdown_table(report, middle, "balanced"),
