@@ -81,6 +81,9 @@ def main(argv=None):
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     ceiling = ceilings() if cuda else None
+    if cuda:  # the ceilings' buffers are not the engine's peak memory
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
     first_profiled = args.steps - args.profiled + 1
