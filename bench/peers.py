@@ -9,6 +9,8 @@ cannot run raises Unavailable with the reason, which the results keep.
 import contextlib
 import importlib.metadata
 import importlib.util
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +75,47 @@ def megablocks_ops():
         from megablocks import ops
     except Exception as e:  # ImportError, or the extension failing to load
         raise Unavailable(f"megablocks does not import: {type(e).__name__}: {e}"[:300]) from None
+    megablocks_probe("ops")
     return ops
+
+
+# Small runs of megablocks' pieces, each in a child process first: a CUDA fault there (its extension, or
+# stk's Triton kernels on a triton it was not written for) is sticky and would fail every later case here.
+_MEGABLOCKS_PROBES = {
+    "ops": """
+import torch
+from bench.peers import megablocks_plan
+from megablocks import ops
+ids = torch.randint(0, 64, (4096, 8), device="cuda")
+x = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16)
+ops.gather(x, *megablocks_plan(ops, ids, 64), 8)
+torch.cuda.synchronize()
+""",
+    "dmoe": """
+import torch
+from bench.peers import megablocks_dmoe
+from bench.shapes import SHAPES
+s = SHAPES["olmoe-1b-7b"]
+module, _ = megablocks_dmoe(s, torch.bfloat16)
+x = torch.randn(2048, 1, s.hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+module(x).backward(torch.randn_like(x))
+torch.cuda.synchronize()
+""",
+}
+_megablocks_probed: dict[str, str | None] = {}
+
+
+def megablocks_probe(part: str) -> None:
+    """Raise Unavailable (with the child's last error line) if megablocks' ``part`` fails in a child process."""
+    if part not in _megablocks_probed:
+        run = subprocess.run([sys.executable, "-c", _MEGABLOCKS_PROBES[part]], capture_output=True, text=True,
+                             timeout=300)
+        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        _megablocks_probed[part] = None if run.returncode == 0 else (
+            f"megablocks {part} fails on this machine (probe exit {run.returncode}): "
+            f"{lines[-1] if lines else 'no message'}"[:300])
+    if _megablocks_probed[part]:
+        raise Unavailable(_megablocks_probed[part])
 
 
 def megablocks_plan(ops, ids, num_experts):

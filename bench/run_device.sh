@@ -6,6 +6,7 @@
 #                                profiled engine step, Nsight Compute on one kernel; GPU tests if time is left
 #   bench/run_device.sh e2e      the engine end to end at 1 party and at 2 and 4 when the GPUs are there
 #                                (nvidia-h200-x2, -x4)
+#   bench/run_device.sh suites   the stage suites only, for as long as BUDGET_S allows
 #   bench/run_device.sh tests    the GPU tests only
 #
 # Writes into $OUT (the device tool's folder; default bench/results/device): bench_*.json, e2e_*.json,
@@ -61,13 +62,9 @@ e2e() {
     done
 }
 
-case $MODE in
-e2e) e2e ;;
-tests) phase "GPU tests" 9999 60 python3 -m pytest -q -m gpu tests/ --durations=5 -p no:cacheprovider ;;
-all)
+megablocks_build() {  # megablocks' CUDA extension (sort, histogram, cumsum), sm_90 only, on the CPUs
     MB_PID=
     if [ -d .whl/megablocks-0.10.0 ] && command -v nvcc >/dev/null; then
-        # megablocks' CUDA extension (sort, histogram, cumsum), sm_90 only, on the CPUs while the GPU works.
         (cd .whl/megablocks-0.10.0 && TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=8 timeout 200 python3 -m pip install \
             --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site-megablocks . ) \
             > "$OUT/megablocks_build.log" 2>&1 &
@@ -75,9 +72,9 @@ all)
     else
         echo "megablocks: no source carried (.whl/megablocks-0.10.0: bench/fetch_wheels.sh) or no nvcc" | tee -a "$LOG"
     fi
-    e2e
-    phase "profiled engine steps" 80 40 python3 profiling/engine_step.py --out-dir "$OUT" --warmup 3 --steps 2 \
-        --set model.preset=olmoe-1b-7b --set model.num_layers=2 --set train.batch_size=4 --set data.seq_len=1024
+}
+
+suites() {
     if [ -n "$MB_PID" ]; then
         echo "== waiting for the megablocks build (at ${SECONDS} s)" | tee -a "$LOG"
         wait "$MB_PID" && echo "megablocks built at ${SECONDS} s" | tee -a "$LOG" \
@@ -85,12 +82,24 @@ all)
         [ -d /tmp/site-megablocks/megablocks ] && export PYTHONPATH=/tmp/site-megablocks:$PYTHONPATH
     fi
     # Most telling first: if the cap cuts the suites short, the JSON still holds what ran (pytest stops on SIGINT).
-    phase "stage suites" 330 120 python3 -m pytest bench/test_layer.py bench/test_grouped_gemm.py \
+    phase "stage suites" "$1" 120 python3 -m pytest bench/test_layer.py bench/test_grouped_gemm.py \
         bench/test_permute.py bench/test_router.py --benchmark-only -q -p no:cacheprovider --bench-out "$OUT" \
-        --bench-warmup-ms 10 --bench-rep-ms 40 --bench-max-call-s 0.3 "$@"
+        --bench-warmup-ms 10 --bench-rep-ms 40 --bench-max-call-s 0.3 "${@:2}"
+}
+
+case $MODE in
+e2e) e2e ;;
+tests) phase "GPU tests" 9999 60 python3 -m pytest -q -m gpu tests/ --durations=5 -p no:cacheprovider ;;
+suites) megablocks_build; suites 9999 "$@" ;;
+all)
+    megablocks_build  # while the GPU runs the engine
+    e2e
+    phase "profiled engine steps" 80 40 python3 profiling/engine_step.py --out-dir "$OUT" --warmup 3 --steps 2 \
+        --set model.preset=olmoe-1b-7b --set model.num_layers=2 --set train.batch_size=4 --set data.seq_len=1024
+    suites 330 "$@"
     phase "Nsight Compute, _gate_up_fwd_kernel" 60 30 bash -c "profiling/ncu_kernel.sh _gate_up_fwd_kernel > '$OUT/ncu.txt' 2>&1; tail -40 '$OUT/ncu.txt'"
     phase "GPU tests" 9999 100 python3 -m pytest -q -m gpu tests/ --durations=5 -p no:cacheprovider
     ;;
-*) echo "usage: bench/run_device.sh [all|e2e|tests] [pytest args for the stage suites]"; exit 2 ;;
+*) echo "usage: bench/run_device.sh [all|suites|e2e|tests] [pytest args for the stage suites]"; exit 2 ;;
 esac
 echo "== done at ${SECONDS} s" | tee -a "$LOG"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from .common import DEVICE, cached, sync
-from .peers import LAYER_IMPLS, Unavailable, layer_module, megablocks_dmoe
+from .peers import LAYER_IMPLS, Unavailable, layer_module, megablocks_dmoe, megablocks_probe
 from .shapes import imbalance, layer_flops, make_hf_block, skewing_input
 from csrc_triton import FusedMoE
 
@@ -32,6 +32,7 @@ def module_for(impl, case, d):
         return layer_module(impl, d["block"], d["fused"]), list(d["block"].parameters()), {}
     if "megablocks" not in d:
         try:
+            megablocks_probe("dmoe")
             d["megablocks"] = megablocks_dmoe(case.spec, DTYPE)
         except Unavailable as e:
             d["megablocks"] = e
