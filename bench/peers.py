@@ -110,10 +110,10 @@ def megablocks_probe(part: str) -> None:
     if part not in _megablocks_probed:
         run = subprocess.run([sys.executable, "-c", _MEGABLOCKS_PROBES[part]], capture_output=True, text=True,
                              timeout=300)
-        lines = [line for line in run.stderr.splitlines() if line.strip()]
+        lines = [line.strip() for line in run.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if "Error" in line] or lines or ["no message"]
         _megablocks_probed[part] = None if run.returncode == 0 else (
-            f"megablocks {part} fails on this machine (probe exit {run.returncode}): "
-            f"{lines[-1] if lines else 'no message'}"[:300])
+            f"megablocks {part} fails on this machine (probe exit {run.returncode}): {errors[0]}"[:300])
     if _megablocks_probed[part]:
         raise Unavailable(_megablocks_probed[part])
 
