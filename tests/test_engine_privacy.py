@@ -1,17 +1,22 @@
 """Privacy: the wire audit of a real 2-party training run, the defences on the wire, and the attack harness."""
 
 import json
+import math
 import os
 import re
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import csrc_triton as ct
+from pcmoe_engine import privacy
 from pcmoe_engine.cli import free_port
 from pcmoe_engine.config import PrivacyConfig, load_config
-from pcmoe_engine.protocol import WIRE_KINDS, Wire, clip_and_noise
+from pcmoe_engine.data import encode, load_tokenizer, party_texts
+from pcmoe_engine.protocol import WIRE_KINDS, ExpertShard, Wire, clip_and_noise
 from pcmoe_engine.train import train
 
 # Every torch.distributed call that could move data (or synchronise) between parties.
@@ -113,6 +118,15 @@ def test_disallowed_kinds_never_cross():
 
 
 @pytest.fixture
+def one_thread():
+    """The harness's matrices are small: more threads only contend (and the CI machine has two cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def loopback(monkeypatch):
     """all_to_all_single between two parties that send each other the same rows: recv = send."""
     def all_to_all_single(recv, send, recv_splits, send_splits, group=None, async_op=False):
@@ -173,3 +187,82 @@ def test_privacy_config_errors(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         load_config(None, overrides)
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The attack harness (pcmoe_engine/privacy.py)
+
+
+SMOKE = replace(privacy.PRESETS["tiny"], model=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4,
+                                                    expert_intermediate_size=32), seq_len=16, batch_size=4, steps=10)
+
+
+def test_scores_on_known_inputs():
+    true = [[1, 2, 3, 4, 5]]
+    assert privacy.token_accuracy([[1, 2, 3, 4, 5]], true) == 1.0
+    assert privacy.token_accuracy([[1, -1, 3, 9, 9]], true) == 0.4
+    assert privacy.bleu([[1, 2, 3, 4, 5]], true) == (1.0, [1.0, 1.0, 1.0, 1.0])
+    score, precisions = privacy.bleu([[1, 2, 3, 9, 5]], true)
+    assert precisions == [0.8, 0.5, 1 / 3, 0.0] and score == 0.0
+    score, precisions = privacy.bleu([[5, 1, 2, 3, 4]], true)  # shifted by one: all but the first n-grams match
+    assert precisions == [1.0, 0.75, 2 / 3, 0.5] and math.isclose(score, (0.75 * 2 / 3 * 0.5) ** 0.25)
+    assert privacy.bleu([[-1] * 5], true)[1] == [0.0] * 4  # unseen positions match nothing
+
+
+def test_privacy_harness_dispatch_equals_the_engine(monkeypatch):
+    """PartyExperts (pairs routed one by one, shards of 2 parties) equals the all-local expert_mlp."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = privacy._config(SMOKE).model
+    shards = [ExpertShard(cfg, p, 2) for p in range(2)]
+    whole = ExpertShard(cfg)
+    for s in (*shards, whole):
+        s.init_weights(5)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(10, cfg.hidden_size, generator=gen).requires_grad_()
+    ids = torch.randint(0, cfg.num_experts, (10, cfg.top_k), generator=gen)
+    weights = torch.rand(10, cfg.top_k, generator=gen)
+    experts = privacy.PartyExperts(shards, 0, PrivacyConfig(), seed=0)
+    experts.watch = []
+    out, _ = experts(1, x, weights, ids)
+    ref = ct.expert_mlp(x, weights, ids, whole.w_gate_up[1], whole.w_down[1])
+    torch.testing.assert_close(out, ref)
+    (out.sin().sum()).backward()
+    # The host (party 1) saw exactly the pairs routed to odd experts, with their gradients.
+    seen = experts.watch[0]
+    assert seen["layer"] == 1 and seen["token"].tolist() == (ids % 2 == 1).nonzero()[:, 0].tolist()
+    torch.testing.assert_close(seen["hidden"], x.detach()[seen["token"]])
+    assert seen["grad"].shape == seen["hidden"].shape
+
+    clipped = privacy.PartyExperts(shards, 0, PrivacyConfig(hidden_clip=0.5, grad_clip=1e-3), seed=0)
+    clipped.watch = []
+    clipped(1, x, weights, ids)[0].sin().sum().backward()
+    assert (clipped.watch[0]["hidden"].norm(dim=1) <= 0.5 * (1 + 1e-5)).all()
+    assert (clipped.watch[0]["grad"].norm(dim=1) <= 1e-3 * (1 + 1e-5)).all()
+
+
+def test_known_layer_attack_beats_chance_and_noise_stops_it(monkeypatch, one_thread):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = privacy._config(SMOKE)
+    tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size)
+    texts = [encode(tokenizer, party_texts(cfg, p)[0]) for p in range(2)]
+    held_out = privacy._windows(encode(tokenizer, party_texts(cfg, 0)[1]), cfg.data.seq_len, 4)
+    aux = privacy._windows(texts[1], cfg.data.seq_len, 64)
+    inputs, targets = held_out[:, :-1], held_out[:, 1:]
+    chance = (inputs == torch.bincount(aux.reshape(-1)).argmax()).float().mean().item()
+    accuracy = {}
+    for noise in (0.0, 3.0):
+        defence = PrivacyConfig(hidden_clip=4.0, hidden_noise=noise) if noise else PrivacyConfig()
+        run = privacy.collaborate(cfg, texts, held_out.reshape(-1), True, defence, torch.device("cpu"))
+        assert run.losses[-1] < run.losses[0]
+        watch = privacy.observe(run, cfg, inputs, targets, defence)
+        recovered = privacy.nearest_neighbour_attack(watch, [run.start, run.backbones[1]], run.shards, aux,
+                                                     tuple(inputs.shape))
+        accuracy[noise] = (recovered == inputs).float().mean().item()
+    assert accuracy[0.0] > max(0.3, 3 * chance)
+    assert accuracy[3.0] < chance + 0.05
+
+
+def test_privacy_command_rejects_bad_input(capsys):
+    with pytest.raises(SystemExit):
+        privacy.main(["--preset", "huge"])
+    assert "unknown preset 'huge': choose one of tiny, base" in capsys.readouterr().err
