@@ -414,8 +414,6 @@ def run(preset: Preset, log=lambda message: print(message, flush=True)) -> dict:
     """Every attack and the defence sweep; returns the results (the report's numbers)."""
     cfg = _config(preset)
     device = _device(preset.device)
-    if device.type == "cuda":
-        os.environ.pop("TRITON_INTERPRET", None)
     tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size)
     (victim_text, victim_eval), (attacker_text, _) = (party_texts(cfg, p) for p in (VICTIM, ATTACKER))
     texts = [encode(tokenizer, victim_text), encode(tokenizer, attacker_text)]
