@@ -407,6 +407,9 @@ def _device(name: str) -> torch.device:
 
 def _windows(tokens: torch.Tensor, seq_len: int, count: int) -> torch.Tensor:
     """The first ``count`` consecutive windows of seq_len + 1 tokens."""
+    if count * (seq_len + 1) > tokens.numel():
+        raise ValueError(f"{count} sequences of {seq_len + 1} tokens need more than the {tokens.numel()} tokens "
+                         "there are: lower the preset's sequence counts or seq_len")
     return torch.cat([x for x, _ in eval_batches(tokens, seq_len + 1, count, 1)])
 
 
@@ -595,7 +598,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     os.environ.pop("TRITON_INTERPRET", None)  # CPU tensors run csrc_triton's PyTorch references
     preset = PRESETS[args.preset]
-    results = run(preset)
+    try:
+        results = run(preset)
+    except ValueError as e:
+        parser.exit(2, f"pcmoe.privacy: error: {e}\n")
     device = _device(preset.device)
     results.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
                    commit=_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
