@@ -535,7 +535,9 @@ def write_report(results: dict, out: Path, command: str) -> None:
               f"fraction of a sequence's distinct tokens found anywhere in the recovery (order ignored). FedSGD: "
               f"the embedding gradient gave the exact token set of {fedsgd['token_set_exact']:.0%} of the "
               f"{p['dlg_sequences']} attacked sequences (its token set recall); DLG ({p['dlg_steps']} steps) "
-              "orders them (its accuracy and n-grams)."]
+              "orders them (its accuracy and n-grams). Known layers: under shared initialisation the victim's "
+              "starting backbone and the attacker's own, else the attacker's own; attack c reports whichever "
+              "known head scores best (the worst case for the victim)."]
     c = results["clip"]
     lines += ["", f"Defence sweep (shared initialisation): dispatched hidden states clipped to L2 norm "
               f"{c['hidden']:.3g} and returned output gradients to {c['grad']:.3g} (the medians of the undefended "
@@ -564,7 +566,7 @@ def _plot(results: dict, path: Path) -> None:
     chance = results["rows"][0]["token_accuracy"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(x, [s["a"] for s in sweep], "o-", label="a. known layers (shared init)")
-    left.plot(x, [s["c"] for s in sweep], "s-", label="c. gradient inversion")
+    left.plot(x, [s["c"] for s in sweep], "s-", label="c. gradient inversion (shared init)")
     left.axhline(fedsgd["token_accuracy"], color="red", ls="--", label="FedSGD + DLG, no defence")
     left.axhline(chance, color="gray", ls=":", label="chance (most frequent token)")
     left.set(xticks=x, xticklabels=[str(n) for n in noise], xlabel="noise multiplier", ylabel="token accuracy",
