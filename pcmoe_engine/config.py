@@ -1,6 +1,6 @@
 """Every option of a run, in one place: a TOML file and ``--set section.key=value`` overrides into dataclasses.
 
-A run is ``Config(parties, model, data, train)``. ``model.preset`` picks the model's sizes; any size set
+A run is ``Config(parties, model, data, train, privacy)``. ``model.preset`` picks the model's sizes; any size set
 explicitly (in the TOML's [model] table or with --set) wins over the preset. ``validate`` rejects nonsense
 with a one-line ValueError that says what was wrong and what to do.
 """
@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "Config", "PRESETS", "load_config", "validate",
+__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "PrivacyConfig", "Config", "PRESETS", "load_config", "validate",
            "BUILTIN_CORPORA", "DEFAULT_CONFIG", "corpus_path"]
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.toml"
@@ -101,11 +101,23 @@ class TrainConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Defences on what a party sends to the hosts of its routed experts (docs/privacy.md). Each row is scaled
+    to L2 norm <= clip, then N(0, (noise * clip)^2) is added to every coordinate; clip = 0 sends rows as
+    they are. Rows a party keeps for its own experts never cross and are left alone."""
+    hidden_clip: float = 0.0  # dispatched hidden states ("hidden")
+    hidden_noise: float = 0.0
+    grad_clip: float = 0.0  # gradients of the expert outputs sent back to the hosts ("output_grad")
+    grad_noise: float = 0.0
+
+
+@dataclass
 class Config:
     parties: int = 2
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -115,7 +127,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "privacy": PrivacyConfig}
 
 
 def _parse_value(text: str):
@@ -255,6 +267,11 @@ def validate(cfg: Config) -> Config:
     _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must lie in [0, 1)")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}: choose auto, cpu or cuda")
     _require(t.precision in ("auto", "bf16", "fp32"), f"train.precision={t.precision!r}: choose auto, bf16 or fp32")
+    for what in ("hidden", "grad"):
+        clip, noise = getattr(cfg.privacy, f"{what}_clip"), getattr(cfg.privacy, f"{what}_noise")
+        _require(clip >= 0 and noise >= 0, f"privacy.{what}_clip and privacy.{what}_noise must not be negative")
+        _require(noise == 0 or clip > 0, f"privacy.{what}_noise={noise} needs privacy.{what}_clip > 0: the noise "
+                 f"std is noise * clip")
     if t.device == "cuda":
         import torch
 

@@ -19,6 +19,10 @@ Backward retraces the route: output gradients go to the owners ("output_grad"), 
 crosses: no token ids, labels, positions, masks, routing weights, backbone parameters or their gradients.
 Every transfer goes through ``Wire.exchange``, which counts its bytes and can log it to a ``WireLog``.
 
+Defences (``PrivacyConfig``, off by default): before "hidden" and "output_grad" rows leave for another party,
+each row is clipped to an L2 norm and Gaussian noise is added (``clip_and_noise``). The receiver computes on
+the noisy rows; the sender's backward passes their gradients straight through to the clean rows.
+
 With one party the exchanges are local no-ops: centralized training through the same code.
 """
 
@@ -35,12 +39,12 @@ from torch import nn
 
 import csrc_triton as ct
 
-from .config import ModelConfig
+from .config import ModelConfig, PrivacyConfig
 from .model import seeded
 from .nvtx import nvtx_range, stage
 
 __all__ = ["WIRE_KINDS", "owner_of", "owned_experts", "ExpertShard", "WireEntry", "WireLog", "Wire",
-           "DistributedExperts"]
+           "DistributedExperts", "clip_and_noise"]
 
 # What may cross between parties, and nothing else.
 WIRE_KINDS = (
@@ -123,6 +127,17 @@ class WireLog:
             self._file.close()
 
 
+def clip_and_noise(rows: torch.Tensor, clip: float, noise: float, generator: torch.Generator) -> torch.Tensor:
+    """Each row scaled to L2 norm <= clip, plus N(0, (noise * clip)^2) per coordinate (the Gaussian mechanism
+    on rows of bounded norm), in the rows' dtype."""
+    rows32 = rows.float()
+    scale = (clip / rows32.norm(dim=-1, keepdim=True)).clamp(max=1.0)  # a zero row's inf clamps to 1
+    noisy = rows32 * scale
+    if noise > 0:
+        noisy = noisy + torch.randn(rows.shape, generator=generator, device=rows.device) * (noise * clip)
+    return noisy.to(rows.dtype)
+
+
 class Transfer(NamedTuple):
     """A tensor on its way in: ``wait()`` returns it once it has arrived."""
     tensor: torch.Tensor
@@ -135,12 +150,32 @@ class Transfer(NamedTuple):
 
 
 class Wire:
-    """A party's link to the others: the process group, its traffic counters and an optional WireLog."""
+    """A party's link to the others: the process group, its traffic counters, an optional WireLog and the
+    defences on what it sends (``privacy``; ``seed`` draws this party's noise)."""
 
-    def __init__(self, party: int = 0, parties: int = 1, group=None, log: WireLog | None = None):
+    def __init__(self, party: int = 0, parties: int = 1, group=None, log: WireLog | None = None,
+                 privacy: PrivacyConfig | None = None, seed: int = 0):
         self.party, self.parties, self.group, self.log = party, parties, group, log
         self.bytes_sent = dict.fromkeys(WIRE_KINDS, 0)
         self.bytes_received = dict.fromkeys(WIRE_KINDS, 0)
+        privacy = privacy or PrivacyConfig()
+        self.defences = {kind: (clip, noise) for kind, clip, noise in (
+            ("hidden", privacy.hidden_clip, privacy.hidden_noise),
+            ("output_grad", privacy.grad_clip, privacy.grad_noise)) if clip > 0}
+        self._noise_seed = seeded(seed, "privacy", party).initial_seed()
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _defend(self, kind: str, send: torch.Tensor, send_splits: list[int]) -> torch.Tensor:
+        """The rows bound for other parties, clipped and noised; the party's own rows as they are."""
+        clip, noise = self.defences[kind]
+        if send.device not in self._generators:
+            self._generators[send.device] = torch.Generator(send.device).manual_seed(self._noise_seed)
+        start = sum(send_splits[:self.party])
+        away = torch.ones(send.shape[0], dtype=torch.bool, device=send.device)
+        away[start:start + send_splits[self.party]] = False
+        defended = send.clone()
+        defended[away] = clip_and_noise(send[away], clip, noise, self._generators[send.device])
+        return defended
 
     def exchange(self, kind: str, layer: int, send: torch.Tensor, send_splits: list[int],
                  recv_splits: list[int], async_op: bool = False) -> Transfer:
@@ -163,6 +198,8 @@ class Wire:
                                           recv_splits[other] * row_bytes, other, self.party))
         if self.parties == 1:
             return Transfer(send, None)
+        if kind in self.defences:
+            send = self._defend(kind, send, send_splits)
         send = send.contiguous()
         recv = send.new_empty((sum(recv_splits), *row_shape))
         work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group, async_op=async_op)

@@ -123,7 +123,7 @@ def train(cfg: Config, party: int, on_step=None) -> dict:
     backbone.to(device)
     shard.to(device)
     wire_log = WireLog(party_dir / "wire.jsonl") if t.wire_log else None
-    wire = Wire(party, parties, dist.group.WORLD if parties > 1 else None, wire_log)
+    wire = Wire(party, parties, dist.group.WORLD if parties > 1 else None, wire_log, cfg.privacy, t.seed)
     experts = DistributedExperts(shard, wire)
     optimizer = _optimizer(cfg, (backbone, shard))
 

@@ -1,0 +1,268 @@
+"""Privacy: the wire audit of a real 2-party training run, the defences on the wire, and the attack harness."""
+
+import json
+import math
+import os
+import re
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import csrc_triton as ct
+from pcmoe_engine import privacy
+from pcmoe_engine.cli import free_port
+from pcmoe_engine.config import PrivacyConfig, load_config
+from pcmoe_engine.data import encode, load_tokenizer, party_texts
+from pcmoe_engine.protocol import WIRE_KINDS, ExpertShard, Wire, clip_and_noise
+from pcmoe_engine.train import train
+
+# Every torch.distributed call that could move data (or synchronise) between parties.
+COLLECTIVES = ("all_to_all_single", "all_to_all", "all_reduce", "broadcast", "all_gather", "all_gather_into_tensor",
+               "reduce_scatter", "reduce_scatter_tensor", "reduce", "gather", "scatter", "send", "recv", "isend",
+               "irecv", "batch_isend_irecv", "barrier", "monitored_barrier", "all_gather_object",
+               "broadcast_object_list", "gather_object", "scatter_object_list", "send_object_list",
+               "recv_object_list")
+AUDIT = ["parties=2", "model.hidden_size=32", "model.num_layers=2", "model.expert_intermediate_size=32",
+         "model.shared_intermediate_size=16", "data.seq_len=16", "train.batch_size=2", "train.steps=2",
+         "train.warmup_steps=1", "train.eval_batches=1", "train.log_every=100", "train.wire_log=true",
+         "privacy.hidden_clip=1.0", "privacy.grad_clip=1e-4"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("PCMOE_CACHE", str(tmp_path_factory.getbasetemp() / "pcmoe-cache"))
+
+
+def _audited_party(rank, out_dir, port):
+    """Train as one party with every collective wrapped: record each call, and the exchange it came from."""
+    torch.set_num_threads(1)
+    calls, inside = [], []
+    exchange = Wire.exchange
+
+    def logged_exchange(self, kind, *args, **kwargs):
+        inside.append(kind)
+        try:
+            return exchange(self, kind, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    def wrap(name, collective):
+        def audited(*args, **kwargs):
+            call = {"name": name, "kind": inside[-1] if inside else None}
+            if name == "all_to_all_single":
+                recv, send, recv_splits, send_splits = args[:4]
+                call.update(send=send.detach().clone(), send_splits=list(send_splits))
+            calls.append(call)
+            return collective(*args, **kwargs)
+        return audited
+
+    Wire.exchange = logged_exchange
+    for name in COLLECTIVES:
+        if hasattr(dist, name):
+            setattr(dist, name, wrap(name, getattr(dist, name)))
+    cfg = load_config(None, AUDIT + [f"train.out_dir={out_dir}", "train.name=audit"])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        train(cfg, rank)
+    finally:
+        dist.destroy_process_group()
+    torch.save(calls, os.path.join(out_dir, f"calls{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_wire_audit_of_a_two_party_training_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_audited_party, args=(str(tmp_path), free_port()), nprocs=2)
+    cfg = load_config(None, AUDIT)
+    hidden, local_experts = cfg.model.hidden_size, cfg.model.num_experts // 2
+    pairs_per_pass = cfg.train.batch_size * cfg.data.seq_len * cfg.model.top_k
+    for party in range(2):
+        calls = torch.load(tmp_path / f"calls{party}.pt", weights_only=False)
+        # Nothing bypasses Wire.exchange: its all_to_all_single is the only collective a training run calls.
+        assert {c["name"] for c in calls} == {"all_to_all_single"}
+        assert {c["kind"] for c in calls} == set(WIRE_KINDS)
+        for c in calls:
+            send = c["send"]
+            if c["kind"] == "splits":  # pair counts per expert, one row each: no ids, no positions
+                assert send.dtype == torch.int64 and send.shape == (2 * local_experts,)
+                assert c["send_splits"] == [local_experts, local_experts]
+                assert send.sum() == pairs_per_pass
+            else:  # hidden-state-wide float rows: one per routed pair (the origin's, or both parties' at an owner)
+                assert send.dtype == torch.float32 and send.shape[1:] == (hidden,)
+                assert send.shape[0] == sum(c["send_splits"])
+                assert send.shape[0] == pairs_per_pass if c["kind"] in ("hidden", "output_grad") else \
+                    send.shape[0] <= 2 * pairs_per_pass
+            other = slice(c["send_splits"][0], None) if party == 0 else slice(0, c["send_splits"][0])
+            if c["kind"] == "hidden":  # the defence runs on the wire: rows bound for the other party are clipped
+                assert (send[other].norm(dim=1) <= 1.0 + 1e-5).all()
+            if c["kind"] == "output_grad":
+                assert (send[other].norm(dim=1) <= 1e-4 * (1 + 1e-5)).all()
+        # The party's wire log holds the same traffic, entry by entry, in the allowed kinds only.
+        lines = (tmp_path / "audit" / f"party{party}" / "wire.jsonl").read_text().splitlines()
+        entries = [json.loads(line) for line in lines]
+        assert len(entries) == 2 * len(calls)  # one entry per exchange and direction
+        assert {e["kind"] for e in entries} == set(WIRE_KINDS)
+        assert all(e["shape"][1:] == ([] if e["kind"] == "splits" else [hidden]) for e in entries)
+        assert all(e["dtype"] == ("int64" if e["kind"] == "splits" else "float32") for e in entries)
+
+
+def test_disallowed_kinds_never_cross():
+    wire = Wire()
+    for kind in ("tokens", "labels", "positions", "attention_mask", "embed.weight", "backbone_grad"):
+        with pytest.raises(ValueError, match=re.escape(f"{kind!r} may not cross between parties")):
+            wire.exchange(kind, 0, torch.zeros(3, 4), [3], [3])
+
+
+@pytest.fixture
+def one_thread():
+    """The harness's matrices are small: more threads only contend (and the CI machine has two cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def loopback(monkeypatch):
+    """all_to_all_single between two parties that send each other the same rows: recv = send."""
+    def all_to_all_single(recv, send, recv_splits, send_splits, group=None, async_op=False):
+        assert recv_splits == send_splits
+        recv.copy_(send)
+
+    monkeypatch.setattr(dist, "all_to_all_single", all_to_all_single)
+
+
+def _rows(n=400, width=64, seed=0):
+    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+@pytest.mark.parametrize("kind", WIRE_KINDS[1:])
+def test_default_wire_is_bitwise_unchanged(loopback, kind):
+    rows = _rows()
+    received = Wire(0, 2).exchange(kind, 0, rows, [100, 300], [100, 300]).wait()
+    assert torch.equal(received, rows)
+
+
+def test_clip_bounds_the_rows_bound_for_other_parties_only(loopback):
+    rows = _rows()
+    wire = Wire(1, 3, privacy=PrivacyConfig(hidden_clip=2.0, grad_clip=0.5))
+    splits = [100, 120, 180]  # party 1 keeps rows 100..219
+    hidden = wire.exchange("hidden", 0, rows, splits, splits).wait()
+    assert torch.equal(hidden[100:220], rows[100:220])
+    away, sent = torch.cat([hidden[:100], hidden[220:]]), torch.cat([rows[:100], rows[220:]])
+    torch.testing.assert_close(away, sent * 2.0 / sent.norm(dim=1, keepdim=True))  # rows of norm 2, same direction
+    assert (wire.exchange("output_grad", 0, rows, splits, splits).wait()[:100].norm(dim=1) <= 0.5 * (1 + 1e-6)).all()
+    for kind in ("output", "hidden_grad"):  # what the hosts send back is not the sender's to defend
+        assert torch.equal(wire.exchange(kind, 0, rows, splits, splits).wait(), rows)
+
+
+def test_noise_has_the_configured_std_and_is_seeded(loopback):
+    rows = _rows(4000, 64)
+    privacy = PrivacyConfig(hidden_clip=1.0, hidden_noise=0.5)
+    got = Wire(0, 2, privacy=privacy, seed=3).exchange("hidden", 0, rows, [0, 4000], [0, 4000]).wait()
+    noise = got - clip_and_noise(rows, 1.0, 0.0, None)
+    assert abs(noise.mean().item()) < 0.01 and abs(noise.std().item() - 0.5) < 0.01
+    again = Wire(0, 2, privacy=privacy, seed=3).exchange("hidden", 0, rows, [0, 4000], [0, 4000]).wait()
+    assert torch.equal(got, again)
+    other_party = Wire(1, 2, privacy=privacy, seed=3).exchange("hidden", 0, rows, [4000, 0], [4000, 0]).wait()
+    assert not torch.equal(got, other_party)
+
+
+def test_clip_and_noise_keeps_zero_rows_and_dtype():
+    rows = torch.zeros(3, 8, dtype=torch.bfloat16)
+    assert torch.equal(clip_and_noise(rows, 1.0, 0.0, None), rows)
+    assert clip_and_noise(rows, 1.0, 1.0, torch.Generator().manual_seed(0)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["privacy.hidden_noise=1.0"], "privacy.hidden_noise=1.0 needs privacy.hidden_clip > 0"),
+    (["privacy.grad_clip=-1"], "privacy.grad_clip and privacy.grad_noise must not be negative"),
+    (["privacy.sigma=1"], "unknown option privacy.sigma"),
+])
+def test_privacy_config_errors(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The attack harness (pcmoe_engine/privacy.py)
+
+
+SMOKE = replace(privacy.PRESETS["tiny"], model=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4,
+                                                    expert_intermediate_size=32), seq_len=16, batch_size=4, steps=10)
+
+
+def test_scores_on_known_inputs():
+    true = [[1, 2, 3, 4, 5]]
+    assert privacy.token_accuracy([[1, 2, 3, 4, 5]], true) == 1.0
+    assert privacy.token_accuracy([[1, -1, 3, 9, 9]], true) == 0.4
+    assert privacy.bleu([[1, 2, 3, 4, 5]], true) == (1.0, [1.0, 1.0, 1.0, 1.0])
+    score, precisions = privacy.bleu([[1, 2, 3, 9, 5]], true)
+    assert precisions == [0.8, 0.5, 1 / 3, 0.0] and score == 0.0
+    score, precisions = privacy.bleu([[5, 1, 2, 3, 4]], true)  # shifted by one: all but the first n-grams match
+    assert precisions == [1.0, 0.75, 2 / 3, 0.5] and math.isclose(score, (0.75 * 2 / 3 * 0.5) ** 0.25)
+    assert privacy.bleu([[-1] * 5], true)[1] == [0.0] * 4  # unseen positions match nothing
+
+
+def test_privacy_harness_dispatch_equals_the_engine(monkeypatch):
+    """PartyExperts (pairs routed one by one, shards of 2 parties) equals the all-local expert_mlp."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = privacy._config(SMOKE).model
+    shards = [ExpertShard(cfg, p, 2) for p in range(2)]
+    whole = ExpertShard(cfg)
+    for s in (*shards, whole):
+        s.init_weights(5)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(10, cfg.hidden_size, generator=gen).requires_grad_()
+    ids = torch.randint(0, cfg.num_experts, (10, cfg.top_k), generator=gen)
+    weights = torch.rand(10, cfg.top_k, generator=gen)
+    experts = privacy.PartyExperts(shards, 0, PrivacyConfig(), seed=0)
+    experts.watch = []
+    out, _ = experts(1, x, weights, ids)
+    ref = ct.expert_mlp(x, weights, ids, whole.w_gate_up[1], whole.w_down[1])
+    torch.testing.assert_close(out, ref)
+    (out.sin().sum()).backward()
+    # The host (party 1) saw exactly the pairs routed to odd experts, with their gradients.
+    seen = experts.watch[0]
+    assert seen["layer"] == 1 and seen["token"].tolist() == (ids % 2 == 1).nonzero()[:, 0].tolist()
+    torch.testing.assert_close(seen["hidden"], x.detach()[seen["token"]])
+    assert seen["grad"].shape == seen["hidden"].shape
+
+    clipped = privacy.PartyExperts(shards, 0, PrivacyConfig(hidden_clip=0.5, grad_clip=1e-3), seed=0)
+    clipped.watch = []
+    clipped(1, x, weights, ids)[0].sin().sum().backward()
+    assert (clipped.watch[0]["hidden"].norm(dim=1) <= 0.5 * (1 + 1e-5)).all()
+    assert (clipped.watch[0]["grad"].norm(dim=1) <= 1e-3 * (1 + 1e-5)).all()
+
+
+def test_known_layer_attack_beats_chance_and_noise_stops_it(monkeypatch, one_thread):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = privacy._config(SMOKE)
+    tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size)
+    texts = [encode(tokenizer, party_texts(cfg, p)[0]) for p in range(2)]
+    held_out = privacy._windows(encode(tokenizer, party_texts(cfg, 0)[1]), cfg.data.seq_len, 4)
+    aux = privacy._windows(texts[1], cfg.data.seq_len, 64)
+    inputs, targets = held_out[:, :-1], held_out[:, 1:]
+    chance = (inputs == torch.bincount(aux.reshape(-1)).argmax()).float().mean().item()
+    accuracy = {}
+    for noise in (0.0, 3.0):
+        defence = PrivacyConfig(hidden_clip=4.0, hidden_noise=noise) if noise else PrivacyConfig()
+        run = privacy.collaborate(cfg, texts, held_out.reshape(-1), True, defence, torch.device("cpu"))
+        assert run.losses[-1] < run.losses[0]
+        watch = privacy.observe(run, cfg, inputs, targets, defence)
+        recovered = privacy.nearest_neighbour_attack(watch, [run.start, run.backbones[1]], run.shards, aux,
+                                                     tuple(inputs.shape))
+        accuracy[noise] = (recovered == inputs).float().mean().item()
+    assert accuracy[0.0] > max(0.3, 3 * chance)
+    assert accuracy[3.0] < chance + 0.05
+
+
+def test_privacy_command_rejects_bad_input(capsys):
+    with pytest.raises(SystemExit):
+        privacy.main(["--preset", "huge"])
+    assert "unknown preset 'huge': choose one of tiny, base" in capsys.readouterr().err
