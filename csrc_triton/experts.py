@@ -409,8 +409,8 @@ def _routed_backward(dout, x, groups: _Groups, w_gate_up, w_down, h, slot_weight
     dh = torch.empty(slots, 2 * inter, device=dev, dtype=dtype)
     dw_down = torch.empty_like(w_down, memory_format=torch.contiguous_format)
     # g = dout[token] W_down[e] lands in dh's up half, which the SwiGLU backward then overwrites with d_up;
-    # the same pass writes w * a for W_down's gradient (a plain operand streams to the MMA; recomputing it
-    # inside the wgrad's loads ran that kernel at half the rate of the plain ones).
+    # the same pass writes w * a for W_down's gradient (a plain operand streams to the MMA; with a recomputed
+    # inside the wgrad's loads, the two wgrads took 1.5x as long: notes/experts.md, version 6).
     d_gate, d_up = dh[:, :inter], dh[:, inter:]
     act = torch.empty(slots, inter, device=dev, dtype=dtype)
     _grouped_gemm(dout, groups, True, w_down, (w_down.stride(2), w_down.stride(1)), d_up, inter, hidden)
