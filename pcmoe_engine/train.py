@@ -75,6 +75,12 @@ def _compatible(saved: dict, cfg: Config, path: Path) -> None:
                          "same config, or start a new run (--set train.name=...) without train.resume")
 
 
+def _say(line: str) -> None:
+    """One line to stdout in a single write, so the parties' lines never interleave mid-line."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 class _Log:
     """This party's metrics (JSON lines) and progress line."""
 
@@ -92,9 +98,9 @@ class _Log:
 
     def progress(self, r: dict, steps: int, memory_kind: str) -> None:
         kind = "rss" if memory_kind == "cpu_max_rss" else "gpu"
-        print(f"party {self.party} | step {r['step']:>{len(str(steps))}}/{steps} | loss {r['loss']:.4f} | "
-              f"lr {r['lr']:.2e} | {r['tokens_per_s']:,.0f} tok/s | peak mem {r['peak_memory_bytes'] / MiB:,.0f} "
-              f"MiB ({kind}) | sent {r['bytes_sent'] / MiB:,.1f} MiB", flush=True)
+        _say(f"party {self.party} | step {r['step']:>{len(str(steps))}}/{steps} | loss {r['loss']:.4f} | "
+            f"lr {r['lr']:.2e} | {r['tokens_per_s']:,.0f} tok/s | peak mem {r['peak_memory_bytes'] / MiB:,.0f} "
+            f"MiB ({kind}) | sent {r['bytes_sent'] / MiB:,.1f} MiB")
 
 
 def train(cfg: Config, party: int, on_step=None) -> dict:
@@ -139,7 +145,7 @@ def train(cfg: Config, party: int, on_step=None) -> dict:
         batches.load_state_dict(state["data"])
         wire.bytes_sent, wire.bytes_received = state["bytes_sent"], state["bytes_received"]
         step, progress = state["step"], state["progress"]
-        print(f"party {party} | resumed from {resume_from} at step {step}", flush=True)
+        _say(f"party {party} | resumed from {resume_from} at step {step}")
     log = _Log(party_dir / "metrics.jsonl", party, step)
 
     def evaluate() -> float:
@@ -210,7 +216,7 @@ def train(cfg: Config, party: int, on_step=None) -> dict:
 
     eval_loss = evaluate()
     log.write({"step": step, "eval_loss": eval_loss})
-    print(f"party {party} | eval loss {eval_loss:.4f}", flush=True)
+    _say(f"party {party} | eval loss {eval_loss:.4f}")
     peak, memory_kind = _peak_memory(device)
     optimizer_bytes = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                           if torch.is_tensor(v))
