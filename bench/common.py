@@ -4,28 +4,22 @@ warm-up, rotating input sets where one set would sit in L2) and the device's cei
 import datetime
 import itertools
 import math
-import os
 import platform
-import subprocess
 import time
 
 import torch
 import triton
 from triton.testing import do_bench
 
+from pcmoe_engine import source_commit
+
 
 def environment() -> dict:
     """Device, commit (PCMOE_COMMIT where the tree has no .git, e.g. a copy on a GPU machine), date, versions."""
-    commit = os.environ.get("PCMOE_COMMIT")
-    try:
-        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = commit or "unknown"
     import transformers
 
     return dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
-                commit=commit, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                commit=source_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 torch=torch.__version__, triton=triton.__version__, transformers=transformers.__version__,
                 cuda=torch.version.cuda, gpu=gpu_properties())
 

@@ -468,19 +468,16 @@ class _SharedExpert(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, w_gate, w_up, w_down):
         with torch.autocast(x.device.type, enabled=False):  # one dtype throughout, as in the grouped kernels
-            return _SharedExpert._forward(ctx, x, gate, w_gate, w_up, w_down)
-
-    @staticmethod
-    def _forward(ctx, x, gate, w_gate, w_up, w_down):
-        h_gate, h_up = x @ w_gate.t(), x @ w_up.t()
-        act = torch.empty_like(h_gate)
-        if x.shape[0]:
-            _swiglu_fwd_kernel[_rows_grid(x.shape[0])](
-                h_gate, h_up, gate if gate is not None else h_gate, act, x.shape[0], h_gate.shape[1],
-                h_gate.stride(0), h_up.stride(0), act.stride(0), ROW_SCALE=gate is not None, BR=_SWIGLU_ROWS,
-                BC=_SWIGLU_COLS, num_warps=4)
+            h_gate, h_up = x @ w_gate.t(), x @ w_up.t()
+            act = torch.empty_like(h_gate)
+            if x.shape[0]:
+                _swiglu_fwd_kernel[_rows_grid(x.shape[0])](
+                    h_gate, h_up, gate if gate is not None else h_gate, act, x.shape[0], h_gate.shape[1],
+                    h_gate.stride(0), h_up.stride(0), act.stride(0), ROW_SCALE=gate is not None, BR=_SWIGLU_ROWS,
+                    BC=_SWIGLU_COLS, num_warps=4)
+            out = act @ w_down.t()
         ctx.save_for_backward(x, gate, w_gate, w_up, w_down, h_gate, h_up)
-        return act @ w_down.t()
+        return out
 
     @staticmethod
     def backward(ctx, dout):

@@ -35,7 +35,6 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -48,6 +47,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import csrc_triton as ct
 
+from . import source_commit
 from .config import Config, DataConfig, ModelConfig, PrivacyConfig, TrainConfig, validate
 from .data import Batches, encode, eval_batches, load_tokenizer, party_texts
 from .model import Backbone, compute_loss, seeded
@@ -502,15 +502,6 @@ def run(preset: Preset, log=lambda message: print(message, flush=True)) -> dict:
 # Report
 
 
-def _commit() -> str:
-    """The commit (PCMOE_COMMIT where the tree has no .git)."""
-    try:
-        return os.environ.get("PCMOE_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def write_report(results: dict, out: Path, command: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -606,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"pcmoe.privacy: error: {e}\n")
     device = _device(preset.device)
     results.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-                   commit=_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   commit=source_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    torch=torch.__version__, threads=torch.get_num_threads())
     command = " ".join(["python -m pcmoe_engine.privacy", *(argv if argv is not None else sys.argv[1:])])
     write_report(results, Path(args.out), command)
