@@ -4,13 +4,17 @@ step time spent in communication.
 
     PYTHONPATH=. python bench/engine_e2e.py --out e2e.json                       # 1 party (centralized)
     PYTHONPATH=. torchrun --nproc-per-node 2 bench/engine_e2e.py --out e2e.json  # 2 parties, one GPU each
+    PYTHONPATH=. torchrun --nproc-per-node 2 bench/engine_e2e.py --set train.device=cuda  # 2 parties, 1 GPU
+
+Parties that share a GPU (the last line, on a 1-GPU machine) exchange over gloo through host memory and
+split the GPU's time: their per-party memory is what it would be on GPUs of their own, their speed is not.
 
 MFU: model FLOPs per token, 6 x active parameters (every backbone matrix but the embedding, plus top_k of
 num_experts of the routed experts) + 6 x layers x seq_len x hidden for causal attention scores (QK^T and AV,
 forward 2 x S x H per token per layer after halving for causality, backward twice that), times each party's
 tokens/s, over the dense bf16 matmul rate measured in the same run. Communication share: GPU time of NCCL
 kernels over step time in the last profiled steps (0 with one party: the exchanges are local; not measured
-on a CPU). Memory: parameters, gradients (fp32, as large as the parameters) and AdamW state from their sizes;
+over gloo). Memory: parameters, gradients (fp32, as large as the parameters) and AdamW state from their sizes;
 activations and workspace (autocast's bf16 weight copies included) are the measured peak minus those.
 """
 
@@ -31,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ceilings, environment  # noqa: E402
 from bench.report import RESULTS, gpu_tag  # noqa: E402
 from pcmoe_engine.config import load_config  # noqa: E402
-from pcmoe_engine.train import train  # noqa: E402
+from pcmoe_engine.train import party_device, process_group_backend, train  # noqa: E402
 
 MODEL = ["model.preset=olmoe-1b-7b", "model.num_layers=4", "train.batch_size=8", "data.seq_len=1024"]
 
@@ -77,17 +81,19 @@ def main(argv=None):
     cfg = load_config(None, [*MODEL, f"train.steps={args.steps}", "train.checkpoints=false", "train.eval_batches=1",
                              f"train.out_dir={tempfile.mkdtemp(prefix='pcmoe-e2e-')}", f"train.log_every={args.steps}",
                              *args.overrides], parties=world)
-    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    device = party_device(cfg)
+    cuda = device.type == "cuda"
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     ceiling = ceilings() if cuda else None
     if cuda:  # the ceilings' buffers are not the engine's peak memory
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
+        dist.init_process_group(process_group_backend(cfg), timeout=timedelta(minutes=10))
+    nccl = world > 1 and process_group_backend(cfg) == "nccl"
     first_profiled = args.steps - args.profiled + 1
-    prof = profile(activities=[ProfilerActivity.CUDA]) if cuda and world > 1 and args.profiled else None
+    prof = profile(activities=[ProfilerActivity.CUDA]) if nccl and args.profiled else None
     steps = []
 
     def on_step(record):
@@ -117,13 +123,16 @@ def main(argv=None):
     if rank:
         return
     env = environment()
-    report = dict(env, benchmark="engine-e2e", ceilings=ceiling, parties=world, config=cfg.to_dict(),
+    gpus = min(world, torch.cuda.device_count()) if cuda else 0  # fewer than parties: they share GPUs
+    report = dict(env, benchmark="engine-e2e", ceilings=ceiling, parties=world, gpus=gpus,
+                  backend=process_group_backend(cfg) if world > 1 else None, config=cfg.to_dict(),
                   total_parameters=sum(results[0]["parameters"].values()) if world == 1 else
                   results[0]["parameters"]["backbone"] + sum(r["parameters"]["local_experts"] for r in results),
                   tokens_per_s_total=sum(r["tokens_per_s"] for r in results), per_party=results)
     out = Path(args.out or RESULTS)
     if out.is_dir():
-        out = out / f"e2e_{gpu_tag(env['device'])}_{world}p_{env['commit']}.json"
+        shared = "_shared" if cuda and gpus < world else ""
+        out = out / f"e2e_{gpu_tag(env['device'])}_{world}p{shared}_{env['commit']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     for r in results:

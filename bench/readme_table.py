@@ -53,7 +53,9 @@ def e2e_table(reports: list[dict]) -> str:
         for p in rep["per_party"]:
             share = " / ".join(f"{100 * v:.0f}%" for v in p["memory_share"].values())
             comm = "-" if p["comm_share"] is None else f"{100 * p['comm_share']:.1f}%"
-            out.append(f"| {rep['parties']} (party {p['party']}) | {rep['device']} | {rep['tokens_per_s_total']:,.0f} | "
+            gpus = rep.get("gpus", rep["parties"])
+            device = rep["device"] if gpus >= rep["parties"] else f"{rep['device']}: {gpus} shared, {rep['backend']}"
+            out.append(f"| {rep['parties']} (party {p['party']}) | {device} | {rep['tokens_per_s_total']:,.0f} | "
                        f"{100 * p['mfu']:.1f}% | {p['step_ms']:.1f} | {p['peak_memory_bytes'] / GiB:.1f} | {share} | "
                        f"{comm} |")
     return "\n".join(out)

@@ -5,7 +5,7 @@
 #                                token count, routing and peer), the engine end to end at 1 party, a
 #                                profiled engine step, Nsight Compute on one kernel; GPU tests if time is left
 #   bench/run_device.sh e2e      the engine end to end at 1 party and at 2 and 4 when the GPUs are there
-#                                (nvidia-h200-x2, -x4)
+#                                (nvidia-h200-x2, -x4); on one GPU, 2 parties sharing it (memory, not speed)
 #   bench/run_device.sh suites   the stage suites only, for as long as BUDGET_S allows
 #   bench/run_device.sh tests    the GPU tests only
 #
@@ -60,6 +60,10 @@ e2e() {
             phase "engine end to end, $n parties" 180 60 torchrun --standalone --nproc-per-node "$n" bench/engine_e2e.py --out "$OUT"
         fi
     done
+    if (( GPUS == 1 )) && [ "$MODE" = e2e ]; then  # per-party memory of 2 parties; their speed needs a GPU each
+        phase "engine end to end, 2 parties sharing the GPU (gloo)" 240 90 torchrun --standalone --nproc-per-node 2 \
+            bench/engine_e2e.py --out "$OUT" --set train.device=cuda
+    fi
 }
 
 megablocks_build() {  # megablocks' CUDA extension (sort, histogram, cumsum), sm_90 only, on the CPUs

@@ -3,8 +3,8 @@
     pcmoe train [--parties N] [--config f.toml] [--set section.key=value ...]
 
 launches one training process per party on this machine (what torchrun would, with a free port on
-127.0.0.1): one GPU per party with NCCL when there are enough GPUs, else CPU processes over gloo. With no
-arguments: 2 parties train the `tiny` model on Tiny Shakespeare for a few minutes.
+127.0.0.1): one GPU per party with NCCL when there are enough GPUs, else CPU processes over gloo
+(`--set train.device=cuda` puts more parties than GPUs on shared GPUs, over gloo). With no arguments: 2 parties train the `tiny` model on Tiny Shakespeare for a few minutes.
 """
 
 import argparse

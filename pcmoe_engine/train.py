@@ -28,7 +28,7 @@ from .model import Backbone, compute_loss, count_parameters, seeded
 from .nvtx import nvtx_range
 from .protocol import DistributedExperts, ExpertShard, Wire, WireLog
 
-__all__ = ["main", "train", "lr_at"]
+__all__ = ["main", "train", "lr_at", "party_device", "process_group_backend"]
 
 MiB = 2**20
 
@@ -42,11 +42,21 @@ def lr_at(step: int, cfg: Config) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def _device(cfg: Config) -> torch.device:
+def party_device(cfg: Config) -> torch.device:
+    """This party's device. GPU LOCAL_RANK when there is one per party on this host; with train.device=cuda
+    and fewer GPUs than parties, the parties share them round-robin (LOCAL_RANK mod the GPU count)."""
     local_parties = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.parties))
-    use_cuda = cfg.train.device == "cuda" or (
-        cfg.train.device == "auto" and torch.cuda.is_available() and torch.cuda.device_count() >= local_parties)
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and gpus >= local_parties)
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % gpus) if use_cuda else torch.device("cpu")
+
+
+def process_group_backend(cfg: Config) -> str:
+    """NCCL when each party on this host has a GPU of its own; gloo on CPUs, and when parties share a GPU
+    (NCCL refuses two ranks on one device; gloo stages GPU tensors through host memory)."""
+    local_parties = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.parties))
+    own_gpu = party_device(cfg).type == "cuda" and torch.cuda.device_count() >= local_parties
+    return "nccl" if own_gpu else "gloo"
 
 
 def _peak_memory(device: torch.device) -> tuple[int, str]:
@@ -109,7 +119,7 @@ def train(cfg: Config, party: int, on_step=None) -> dict:
     ``on_step(record)``, if given, is called after every step with that step's metrics (benchmarks and
     profilers hook in here)."""
     t, parties = cfg.train, cfg.parties
-    device = _device(cfg)
+    device = party_device(cfg)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
@@ -284,8 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"pcmoe: error: parties={cfg.parties} needs one process per party: run `pcmoe train --parties "
                  f"{cfg.parties}` or `torchrun --nproc-per-node {cfg.parties} -m pcmoe_engine.train`")
     if world > 1:
-        backend = "nccl" if _device(cfg).type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=party, world_size=world, timeout=timedelta(minutes=10))
+        dist.init_process_group(process_group_backend(cfg), rank=party, world_size=world, timeout=timedelta(minutes=10))
     try:
         train(cfg, party)
         if world > 1:

@@ -8,6 +8,7 @@ import torch
 from pcmoe_engine.cli import main as pcmoe
 from pcmoe_engine.config import load_config
 from pcmoe_engine.data import Batches, load_tokenizer, party_texts
+from pcmoe_engine.train import party_device, process_group_backend
 
 
 def test_defaults_are_two_party_tiny():
@@ -45,11 +46,29 @@ def test_toml_file(tmp_path):
     (["train.min_lr=1"], "min_lr=1.0 between 0 and lr"),
     (["model.num_heads=3"], "must split into num_heads=3"),
     (["train.device=tpu"], "train.device='tpu'"),
+    *([(["train.device=cuda"], "train.device=cuda, but torch sees no GPU")] if not torch.cuda.is_available() else []),
 ])
 def test_validation_errors_are_one_line(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)) as info:
         load_config(None, overrides)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("device,gpus,rank,expect", [
+    ("auto", 2, 1, ("cuda:1", "nccl")),  # a GPU per party
+    ("auto", 1, 1, ("cpu", "gloo")),  # too few GPUs: CPU processes
+    ("cuda", 1, 1, ("cuda:0", "gloo")),  # asked for GPUs: the two parties share one, over gloo
+    ("cuda", 2, 1, ("cuda:1", "nccl")),
+    ("cpu", 2, 1, ("cpu", "gloo")),
+])
+def test_party_device_and_backend(monkeypatch, device, gpus, rank, expect):
+    cfg = load_config(None, ["train.device=auto"])  # validated without GPUs; the choice below is what is tested
+    cfg.train.device = device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert (str(party_device(cfg)), process_group_backend(cfg)) == expect
 
 
 def test_missing_config_file():
