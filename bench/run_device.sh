@@ -3,7 +3,8 @@
 #
 #   bench/run_device.sh          one GPU (nvidia-h100-x1), < 9.5 min: the stage suites (every stage, shape,
 #                                token count, routing and peer), the engine end to end at 1 party, a
-#                                profiled engine step, Nsight Compute on one kernel; GPU tests if time is left
+#                                profiled engine step, host vs GPU time of the small stages, Nsight Compute
+#                                on one kernel; GPU tests if time is left
 #   bench/run_device.sh e2e      the engine end to end at 1 party and at 2 and 4 when the GPUs are there
 #                                (nvidia-h200-x2, -x4); on one GPU, 2 parties sharing it (memory, not speed)
 #   bench/run_device.sh suites   the stage suites only, for as long as BUDGET_S allows
@@ -101,6 +102,7 @@ all)
     phase "profiled engine steps" 80 40 python3 profiling/engine_step.py --out-dir "$OUT" --warmup 3 --steps 2 \
         --set model.preset=olmoe-1b-7b --set model.num_layers=2 --set train.batch_size=4 --set data.seq_len=1024
     suites 330 "$@"
+    phase "host against GPU time of the small stages" 45 20 python3 profiling/host_overhead.py
     phase "Nsight Compute, _gate_up_fwd_kernel" 60 30 bash -c "profiling/ncu_kernel.sh _gate_up_fwd_kernel > '$OUT/ncu.txt' 2>&1; tail -40 '$OUT/ncu.txt'"
     phase "GPU tests" 9999 100 python3 -m pytest -q -m gpu tests/ --durations=5 -p no:cacheprovider
     ;;

@@ -61,42 +61,70 @@ def plan_routing_reference(expert_ids: torch.Tensor, num_experts: int) -> Routin
 
 
 @triton.jit
-def _block_histogram_kernel(ids_ptr, P, hist_ptr, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + offs, mask=offs < P, other=E_PAD)
-    cols = tl.arange(0, E_PAD)
-    tl.store(hist_ptr + pid * E_PAD + cols, tl.sum((ids[:, None] == cols[None, :]).to(tl.int32), 0))
+def _chunk_one_hot(ids_ptr, chunk, P, lane, cols, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
+    """Pairs chunk*CHUNK + lane: (their pair index, expert id, valid mask, [CHUNK, E_PAD] one-hot of the id)."""
+    pairs = chunk * CHUNK + lane
+    valid = pairs < P
+    ids = tl.load(ids_ptr + pairs, mask=valid, other=E_PAD)  # E_PAD: matches no column
+    return pairs, ids, valid, ids[:, None] == cols[None, :]
 
 
 @triton.jit
-def _place_pairs_kernel(ids_ptr, P, K, block_start_ptr, offsets_ptr, sorted_token_ptr, sorted_pair_ptr,
-                        slot_ptr, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+def _block_histogram_kernel(ids_ptr, P, hist_ptr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
+                            CHUNKS: tl.constexpr):
     pid = tl.program_id(0)
-    lane = tl.arange(0, BLOCK)
-    pairs = pid * BLOCK + lane
-    valid = pairs < P
-    ids = tl.load(ids_ptr + pairs, mask=valid, other=E_PAD)
-    # Rank of each pair among the earlier pairs of the same expert inside this block.
-    same = (ids[:, None] == ids[None, :]) & (lane[None, :] < lane[:, None])
-    rank = tl.sum(same.to(tl.int32), 1)
-    base = tl.load(offsets_ptr + ids, mask=valid, other=0) + tl.load(block_start_ptr + pid * E_PAD + ids,
-                                                                    mask=valid, other=0)
-    slot = base + rank
-    tl.store(slot_ptr + pairs, slot, mask=valid)
-    tl.store(sorted_token_ptr + slot, pairs // K, mask=valid)
-    tl.store(sorted_pair_ptr + slot, pairs, mask=valid)
+    lane = tl.arange(0, CHUNK)
+    cols = tl.arange(0, E_PAD)
+    hist = tl.zeros([E_PAD], tl.int32)
+    for c in range(CHUNKS):
+        _, _, _, hit = _chunk_one_hot(ids_ptr, pid * CHUNKS + c, P, lane, cols, CHUNK, E_PAD)
+        hist += tl.sum(hit.to(tl.int32), 0)
+    tl.store(hist_ptr + pid * E_PAD + cols, hist)
 
 
-_PLAN_BLOCK = 128
+@triton.jit
+def _place_pairs_kernel(ids_ptr, P, K, E, hist_ptr, num_blocks, counts_ptr, offsets_ptr, sorted_token_ptr,
+                        sorted_pair_ptr, slot_ptr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
+                        CHUNKS: tl.constexpr, HIST_ROWS: tl.constexpr):
+    pid = tl.program_id(0)
+    lane = tl.arange(0, CHUNK)
+    cols = tl.arange(0, E_PAD)
+    # Every program reads all block histograms: the experts' totals (hence offsets) and its own start within
+    # each expert (the pairs of earlier blocks). Few blocks (plan_routing keeps them <= _PLAN_PROGRAMS) keep
+    # this cheap, and it spares a scan between the two launches.
+    total = tl.zeros([E_PAD], tl.int32)
+    before = tl.zeros([E_PAD], tl.int32)
+    for r0 in range(0, num_blocks, HIST_ROWS):
+        rows = r0 + tl.arange(0, HIST_ROWS)
+        tile = tl.load(hist_ptr + rows[:, None] * E_PAD + cols[None, :], mask=rows[:, None] < num_blocks, other=0)
+        total += tl.sum(tile, 0)
+        before += tl.sum(tl.where(rows[:, None] < pid, tile, 0), 0)
+    first_slot = tl.cumsum(total, 0) - total
+    if pid == 0:
+        tl.store(counts_ptr + cols, total, mask=cols < E)
+        tl.store(offsets_ptr + cols, first_slot, mask=cols < E)
+        tl.store(offsets_ptr + E, tl.sum(total, 0))
+    next_slot = first_slot + before  # per expert: the slot of this block's next pair
+    for c in range(CHUNKS):
+        pairs, ids, valid, hit = _chunk_one_hot(ids_ptr, pid * CHUNKS + c, P, lane, cols, CHUNK, E_PAD)
+        # Rank of each pair among the earlier pairs of the same expert inside this chunk.
+        rank = tl.sum(((ids[:, None] == ids[None, :]) & (lane[None, :] < lane[:, None])).to(tl.int32), 1)
+        slot = tl.sum(tl.where(hit, next_slot[None, :], 0), 1) + rank
+        tl.store(slot_ptr + pairs, slot, mask=valid)
+        tl.store(sorted_token_ptr + slot, pairs // K, mask=valid)
+        tl.store(sorted_pair_ptr + slot, pairs, mask=valid)
+        next_slot += tl.sum(hit.to(tl.int32), 0)
+
+
+_PLAN_PROGRAMS = 256  # at most this many blocks (each program of the placement reads all their histograms)
 
 
 def plan_routing(expert_ids: torch.Tensor, num_experts: int, validate: bool = True) -> RoutingPlan:
     """Plan the dropless permutation of ``expert_ids`` ([T, k], any integer dtype, values in [0, E)).
 
-    Two Triton passes (block histograms, then placement) and a cumsum over the [blocks, E] histogram;
-    the slot order equals a stable sort of the pairs by expert id. ``validate`` checks the id range
-    (one device sync); pass False only for ids that come from ``route``.
+    Two Triton launches (block histograms, then offsets and placement); the slot order equals a stable sort
+    of the pairs by expert id. ``validate`` checks the id range (one device sync); pass False only for ids
+    that come from ``route``.
     """
     _check_ids(expert_ids, num_experts)
     if not use_triton(expert_ids):
@@ -107,24 +135,23 @@ def plan_routing(expert_ids: torch.Tensor, num_experts: int, validate: bool = Tr
     num_pairs = num_tokens * k
     dev = expert_ids.device
     e_pad = max(16, next_pow2(num_experts))
+    chunk = max(16, min(128, 8192 // e_pad))  # [chunk, chunk] ranks and [chunk, e_pad] one-hots in registers
+    chunks = next_pow2(triton.cdiv(num_pairs, chunk * _PLAN_PROGRAMS))
+    num_blocks = triton.cdiv(num_pairs, chunk * chunks)
     ids = expert_ids.to(torch.int32).contiguous().view(-1)
-    num_blocks = triton.cdiv(num_pairs, _PLAN_BLOCK)
-    hist = torch.zeros(max(num_blocks, 1), e_pad, device=dev, dtype=torch.int32)
-    if num_blocks:
-        _block_histogram_kernel[(num_blocks,)](ids, num_pairs, hist, E_PAD=e_pad, BLOCK=_PLAN_BLOCK)
-    counts = hist.sum(0, dtype=torch.int32)[:num_experts]
-    # Exclusive prefix over blocks, scanned along the contiguous dim: a scan over the outer dim runs serially
-    # over the blocks (150 us at 131k pairs on an H100).
-    per_expert = hist.t().contiguous()
-    block_start = (per_expert.cumsum(1, dtype=torch.int32) - per_expert).t().contiguous()
-    offsets = torch.zeros(num_experts + 1, device=dev, dtype=torch.int32)
-    offsets[1:] = counts.cumsum(0)
     sorted_token = torch.empty(num_pairs, device=dev, dtype=torch.int32)
     sorted_pair = torch.empty(num_pairs, device=dev, dtype=torch.int32)
     slot_of_pair = torch.empty(num_tokens, k, device=dev, dtype=torch.int32)
-    if num_blocks:
-        _place_pairs_kernel[(num_blocks,)](ids, num_pairs, k, block_start, offsets, sorted_token, sorted_pair,
-                                           slot_of_pair, E_PAD=e_pad, BLOCK=_PLAN_BLOCK)
+    if not num_blocks:
+        zeros = torch.zeros(num_experts + 1, device=dev, dtype=torch.int32)
+        return RoutingPlan(sorted_token, sorted_pair, slot_of_pair, zeros[:num_experts], zeros)
+    hist = torch.empty(num_blocks, e_pad, device=dev, dtype=torch.int32)
+    counts = torch.empty(num_experts, device=dev, dtype=torch.int32)
+    offsets = torch.empty(num_experts + 1, device=dev, dtype=torch.int32)
+    _block_histogram_kernel[(num_blocks,)](ids, num_pairs, hist, E_PAD=e_pad, CHUNK=chunk, CHUNKS=chunks)
+    _place_pairs_kernel[(num_blocks,)](ids, num_pairs, k, num_experts, hist, num_blocks, counts, offsets,
+                                       sorted_token, sorted_pair, slot_of_pair, E_PAD=e_pad, CHUNK=chunk,
+                                       CHUNKS=chunks, HIST_ROWS=max(1, 4096 // e_pad))
     return RoutingPlan(sorted_token, sorted_pair, slot_of_pair, counts, offsets)
 
 

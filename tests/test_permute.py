@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -25,6 +27,17 @@ def test_plan_is_a_stable_sort(case, device, poison):
         assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("case", [(300, 64, 8, (), True), (50, 256, 8), (130, 16, 4, (3, 7))], ids=str)
+def test_plan_with_several_chunks_per_block(case, device, poison, monkeypatch):
+    """Large inputs give each block several chunks in sequence (the few-programs path at 65536 tokens)."""
+    # the module, not the `permute` function that csrc_triton's namespace exports under the same name
+    monkeypatch.setattr(importlib.import_module("csrc_triton.permute"), "_PLAN_PROGRAMS", 2)
+    ids = random_ids(*case).to(device)
+    plan, ref = plan_routing(ids, case[1]), plan_routing_reference(ids.cpu(), case[1])
+    for got, want in zip(plan, ref):
+        assert torch.equal(got.cpu(), want)
+
+
 @pytest.mark.parametrize("case", CASES[:5], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_permute_unpermute_forward_backward(case, dtype, device, poison):
@@ -42,7 +55,8 @@ def test_permute_unpermute_forward_backward(case, dtype, device, poison):
     y = xs * 1.5  # something differentiable between the two
     out = unpermute(y, plan, ours[1], ours[2])
     ref = unpermute_reference(permute_reference(refs[0], ref_plan) * 1.5, ref_plan, refs[1], refs[2])
-    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    # fp32: a weight's gradient is a 72-term dot product, whose cancellation can cost a few ulp of the result
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(out, ref) < tol
     g = torch.randn(tokens, hidden)
     out.backward(g.to(device, dtype))
