@@ -45,20 +45,22 @@ def test_permute_unpermute_forward_backward(case, dtype, device, poison):
     ids = random_ids(*case).to(device)
     plan = plan_routing(ids, experts)
     hidden = 72  # not a power of two
-    x, w, res = torch.randn(tokens, hidden), torch.rand(tokens, k), torch.randn(tokens, hidden)
+    # Inputs exactly representable in dtype, so ours and the fp64 reference start from the same numbers.
+    x, res = (torch.randn(tokens, hidden).to(dtype).float() for _ in range(2))
+    w = torch.rand(tokens, k)
     ours = [leaf(x, device, dtype), leaf(w, device), leaf(res, device, dtype)]
     refs = [leaf(t, "cpu", torch.float64) for t in (x, w, res)]
     ref_plan = plan_routing_reference(ids.cpu(), experts)
 
     xs = permute(ours[0], plan)
     assert torch.equal(xs.cpu().double(), permute_reference(ours[0].detach().cpu().double(), ref_plan))
-    y = xs * 1.5  # something differentiable between the two
+    y = xs * 2  # something differentiable between the two (and exact: no rounding the reference lacks)
     out = unpermute(y, plan, ours[1], ours[2])
-    ref = unpermute_reference(permute_reference(refs[0], ref_plan) * 1.5, ref_plan, refs[1], refs[2])
+    ref = unpermute_reference(permute_reference(refs[0], ref_plan) * 2, ref_plan, refs[1], refs[2])
     # fp32: a weight's gradient is a 72-term dot product, whose cancellation can cost a few ulp of the result
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(out, ref) < tol
-    g = torch.randn(tokens, hidden)
+    g = torch.randn(tokens, hidden).to(dtype).float()
     out.backward(g.to(device, dtype))
     ref.backward(g.double())
     for a, b in zip(ours, refs):
