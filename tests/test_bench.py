@@ -13,7 +13,7 @@ import torch
 from helpers import rel_err
 
 import csrc_triton as ct
-from bench import peers, plots, readme_table, report, shapes
+from bench import compare, peers, plots, readme_table, report, shapes
 from bench.engine_e2e import flops_per_token, party_result
 from csrc_triton.permute import permute_reference, plan_routing_reference, unpermute_reference
 from pcmoe_engine.config import ModelConfig, load_config
@@ -180,6 +180,27 @@ def test_plots_and_readme_section(tmp_path):
     assert "old" not in text and text.endswith(f"{readme_table.END}\nrest\n")
     assert "| olmoe-1b-7b | **pcmoe** |" in text and "Peers that did not run: **megablocks**" in text
     readme_table.main(["--bench", str(bench_json), "--e2e", "--readme", str(readme), "--check"])
+
+
+def test_compare_flags_the_readme_cells_a_rerun_moved(tmp_path):
+    first = _sample_report()
+    (tmp_path / "first.json").write_text(json.dumps(first))
+    assert compare.compare(first, first, 0.1)[1] == []
+    rerun = json.loads(json.dumps(first))
+    for r in rerun["rows"]:
+        if r["impl"] == "pcmoe" and r["stage"] == "layer_fwd_bwd" and r["shape"] == "olmoe-1b-7b" and "ms" in r:
+            r["ms"] *= 1.3 if r["tokens"] == 16384 and r["routing"] == "balanced" else 1.05
+        if r["stage"] == "router" and r["tokens"] == 4096 and "ms" in r:  # not in the README (its tables show 16384 tokens)
+            r["ms"] *= 1.5
+    report.add_ratios(rerun["rows"])
+    (tmp_path / "rerun.json").write_text(json.dumps(rerun))
+    lines, moved = compare.compare(first, rerun, 0.1)
+    assert moved == ["layer_fwd_bwd / olmoe-1b-7b / balanced / hf_grouped_mm / speed-up: 2.000 -> 1.538 (-23%)",
+                     "layer_fwd_bwd / olmoe-1b-7b / balanced / pcmoe / ms: 4.000 -> 5.200 (+30%)"]
+    assert "| router | 16 | 0.0% | 50.0% | 50.0% | 8 |" in lines
+    with pytest.raises(SystemExit) as info:
+        compare.main([str(tmp_path / "first.json"), str(tmp_path / "rerun.json"), "--out", str(tmp_path / "r.md")])
+    assert info.value.code == 1 and "moved by more than 10%" in (tmp_path / "r.md").read_text()
 
 
 def test_e2e_accounting():
