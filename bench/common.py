@@ -68,8 +68,12 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn, warmup_ms: float = 100, rep_ms: float = 500, grad_to_none=None) -> float:
-    """Median milliseconds of fn over CUDA events (triton.testing.do_bench), after warm-up."""
+MIN_REPS = 5  # do_bench times rep_ms / (its estimate of one call) calls: slow peers would get one or two
+
+
+def time_ms(fn, warmup_ms: float = 100, rep_ms: float = 500, grad_to_none=None, call_ms: float = 0.0) -> float:
+    """Median milliseconds of fn over CUDA events (triton.testing.do_bench), after warm-up; ``call_ms``, one
+    call's time if known, stretches rep_ms to at least MIN_REPS calls."""
     if DEVICE == "cpu":
         times = []
         for _ in range(3):
@@ -77,7 +81,30 @@ def time_ms(fn, warmup_ms: float = 100, rep_ms: float = 500, grad_to_none=None) 
             fn()
             times.append((time.perf_counter() - start) * 1e3)
         return sorted(times)[1]
-    return do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median")
+    return do_bench(fn, warmup=warmup_ms, rep=max(rep_ms, MIN_REPS * call_ms), grad_to_none=grad_to_none,
+                    return_mode="median")
+
+
+def kernel_ms(fn, groups: dict[str, tuple[str, ...]], iters: int = 5) -> dict[str, float]:
+    """Mean GPU time per call of fn's kernels, summed per group of kernel names, from torch.profiler (for
+    stages that share one call with others; the name "" matches every kernel)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        sync()
+    totals = dict.fromkeys(groups, 0.0)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            for group, names in groups.items():
+                if any(n in event.name for n in names):
+                    totals[group] += event.device_time
+    if not all(totals.values()):
+        raise RuntimeError(f"no kernel matched {groups} (renamed?): kernel times {totals}")
+    return {group: us / iters / 1e3 for group, us in totals.items()}
 
 
 def ceilings() -> dict:

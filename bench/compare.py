@@ -1,6 +1,7 @@
 """Does a rerun reproduce a results file? For every case both runs timed (stage, shape, tokens, routing,
-implementation): the ratio of the two medians, summarised per stage; then the README's cells (every time and
-speed-up at the middle token count, bench/readme_table.py) checked against a tolerance.
+implementation): the ratio of the two medians (and of the GPU times, where rows have them), summarised per
+stage; then the README's cells (every time and speed-up at the middle token count, bench/readme_table.py)
+checked against a tolerance.
 
     python bench/compare.py FIRST.json RERUN.json [--tolerance 0.1] [--out report.md]
 
@@ -31,6 +32,8 @@ def readme_cells(report: dict) -> dict[tuple, float]:
         layer = r["stage"].startswith("layer")
         if layer or (r["impl"] == OURS and r["routing"] == "balanced"):
             cells[(r["stage"], r["shape"], r["routing"], r["impl"], "ms")] = r["ms"]
+            if "gpu_ms" in r:
+                cells[(r["stage"], r["shape"], r["routing"], r["impl"], "GPU ms")] = r["gpu_ms"]
         if r["impl"] == OURS and (layer or r["routing"] == "balanced"):
             for peer, v in r.get("vs", {}).items():
                 if isinstance(v, float):
@@ -47,15 +50,15 @@ def compare(first: dict, rerun: dict, tolerance: float) -> tuple[list[str], list
              f"cases timed in both: {len(common)} (first only: {len(set(a) - set(b))}, rerun only: "
              f"{len(set(b) - set(a))})", "",
              "| stage | cases | median change | 90th percentile | largest | beyond tolerance |", "|---|---|---|---|---|---|"]
-    for stage in STAGES:
-        changes = [abs(math.log(b[k]["ms"] / a[k]["ms"])) for k in common if k[0] == stage]
+    for stage, field in [(stage, field) for stage in STAGES for field in ("ms", "gpu_ms")]:
+        changes = sorted(abs(math.log(b[k][field] / a[k][field])) for k in common
+                         if k[0] == stage and field in a[k] and field in b[k])
         if not changes:
             continue
-        changes.sort()
         pct = lambda x: f"{100 * math.expm1(x):.1f}%"  # noqa: E731
-        lines.append(f"| {stage} | {len(changes)} | {pct(statistics.median_low(changes))} | "
-                     f"{pct(changes[int(0.9 * (len(changes) - 1))])} | {pct(changes[-1])} | "
-                     f"{sum(c > math.log1p(tolerance) for c in changes)} |")
+        lines.append(f"| {stage}{' (GPU time)' if field == 'gpu_ms' else ''} | {len(changes)} | "
+                     f"{pct(statistics.median_low(changes))} | {pct(changes[int(0.9 * (len(changes) - 1))])} | "
+                     f"{pct(changes[-1])} | {sum(c > math.log1p(tolerance) for c in changes)} |")
     cells_a, cells_b = readme_cells(first), readme_cells(rerun)
     moved = []
     for name in sorted(set(cells_a) & set(cells_b)):

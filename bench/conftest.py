@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from .common import ceilings as measure_ceilings
-from .common import environment, sync, time_ms
+from .common import DEVICE, environment, kernel_ms, sync, time_ms
 from .peers import Unavailable
-from .report import OURS, RESULTS, add_ratios, finish_row, gpu_tag, text_table
+from .report import HOST_BOUND_STAGES, OURS, RESULTS, add_ratios, finish_row, gpu_tag, text_table
 from .shapes import ROUTINGS, SHAPES, TOKENS, Case
 
 
@@ -110,8 +110,10 @@ class Measure:
                 row["skipped"] = f"one call takes {once:.1f} s (> --bench-max-call-s {opt('--bench-max-call-s')})"
             else:
                 row["ms"] = self.benchmark.pedantic(
-                    time_ms, args=(fn, opt("--bench-warmup-ms"), opt("--bench-rep-ms"), grad_to_none),
+                    time_ms, args=(fn, opt("--bench-warmup-ms"), opt("--bench-rep-ms"), grad_to_none, once * 1e3),
                     rounds=1, iterations=1)
+                if stage in HOST_BOUND_STAGES and DEVICE == "cuda":
+                    row["gpu_ms"] = kernel_ms(fn, {"gpu": ("",)}, iters=10)["gpu"]
                 if after is not None:
                     after(row)
         except Unavailable as e:

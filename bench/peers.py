@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 import csrc_triton as ct
 
-from .common import sync
 from .shapes import Shape
 
 
@@ -199,28 +198,6 @@ def eager_wgrad(dy, act, dh, x, bounds, w_gate_up, w_down):
             torch.mm(dy[lo:hi].t(), act[lo:hi], out=dw_down[e])
             torch.mm(dh[lo:hi].t(), x[lo:hi], out=dw_gate_up[e])
     return dw_down, dw_gate_up
-
-
-def kernel_ms(fn, groups: dict[str, tuple[str, ...]], iters: int = 5) -> dict[str, float]:
-    """Mean GPU time per call of fn's kernels, summed per group of kernel names, from torch.profiler (for
-    stages that share one call with others)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        sync()
-    totals = dict.fromkeys(groups, 0.0)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            for group, names in groups.items():
-                if any(n in event.name for n in names):
-                    totals[group] += event.device_time
-    if not all(totals.values()):
-        raise RuntimeError(f"no kernel matched {groups} (renamed?): kernel times {totals}")
-    return {group: us / iters / 1e3 for group, us in totals.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------

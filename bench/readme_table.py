@@ -79,12 +79,14 @@ def section(bench_path: Path, e2e_paths: list[Path], readme: Path) -> str:
         "",
         layer_table(report, middle, "balanced"),
         "",
-        f"**Same, skewed (Zipf) routing:**",
+        "**Same, skewed (Zipf) routing:**",
         "",
         layer_table(report, middle, "skewed"),
         "",
-        f"**Every stage, {middle} tokens, balanced routing:** our time, rate and share of the matmul rate (GEMM "
-        f"and layer stages) or the copy bandwidth (the others), and our speed-up over each peer "
+        f"**Every stage, {middle} tokens, balanced routing:** our time (wall, do_bench; for the router, permute "
+        f"and combine also the GPU time of their kernels, since tens of microseconds of GPU work leave the wall "
+        f"time to the host: profiling/host_overhead.py), rate and share of the matmul rate (GEMM "
+        f"and layer stages) or the copy bandwidth (the others), and our speed-up over each peer (wall time) "
         f"({', '.join(f'`{s}`: {d}' for s, d in STAGES.items())}):",
         "",
         markdown_table(report, middle, "balanced"),

@@ -20,6 +20,11 @@ STAGES = {
 }
 
 
+# Tens of microseconds of GPU work per call: their wall time is mostly the host's (Python, launches), so their
+# rows also carry ``gpu_ms``, the GPU time of their kernels.
+HOST_BOUND_STAGES = ("router", "permute", "unpermute")
+
+
 def case_key(row: dict) -> tuple:
     return row["stage"], row["shape"], row["tokens"], row["routing"]
 
@@ -100,11 +105,12 @@ def text_table(report: dict) -> str:
 
 
 def markdown_table(report: dict, tokens: int, routing: str = "balanced") -> str:
-    """One row per (stage, shape): our ms and rate, and our speed-up over each peer (or why it did not run)."""
+    """One row per (stage, shape): our ms (and GPU ms where the host bounds the wall time) and rate, and our
+    speed-up over each peer (or why it did not run)."""
     rows = [r for r in report["rows"] if r["tokens"] == tokens and r["routing"] == routing]
     peers = [i for i in dict.fromkeys(r["impl"] for r in rows) if i != OURS]
-    out = [f"| stage | shape | pcmoe ms | TFLOP/s | GB/s | % of ceiling | " + " | ".join(f"vs {p}" for p in peers) + " |",
-           "|---|---|---|---|---|---|" + "---|" * len(peers)]
+    out = ["| stage | shape | pcmoe ms | GPU ms | TFLOP/s | GB/s | % of ceiling | " + " | ".join(f"vs {p}" for p in peers)
+           + " |", "|---|---|---|---|---|---|---|" + "---|" * len(peers)]
     for stage in STAGES:
         for r in rows:
             if r["stage"] != stage or r["impl"] != OURS:
@@ -115,7 +121,8 @@ def markdown_table(report: dict, tokens: int, routing: str = "balanced") -> str:
                 v = vs.get(p)
                 cells.append(f"{v:.2f}x" if isinstance(v, float) else ("n/a" if v else "-"))
             share = r.get("frac_matmul", r.get("frac_copy"))  # compute stages: matmul rate; the rest: copy bandwidth
-            out.append(f"| {stage} | {r['shape']} | {_num(r.get('ms'), '.3f')} | {_num(r.get('tflops'), '.0f')} | "
+            out.append(f"| {stage} | {r['shape']} | {_num(r.get('ms'), '.3f')} | {_num(r.get('gpu_ms'), '.3f')} | "
+                       f"{_num(r.get('tflops'), '.0f')} | "
                        f"{_num(r.get('gbps'), '.0f')} | {'-' if share is None else format(100 * share, '.0f') + '%'} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .common import DEVICE, cached, time_ms
+from .common import DEVICE, cached, kernel_ms, time_ms
 from .peers import (OURS_BACKWARD_KERNELS, eager_dgrad, eager_forward, eager_wgrad, grouped_mm_dgrad,
-                    grouped_mm_forward, grouped_mm_wgrad, kernel_ms, ours_gemm_backward, ours_gemm_forward,
+                    grouped_mm_forward, grouped_mm_wgrad, ours_gemm_backward, ours_gemm_forward,
                     swiglu_backward_act)
 from .shapes import expert_flops, imbalance, router_logits, topk_routing
 

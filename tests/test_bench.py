@@ -142,6 +142,8 @@ def _sample_report():
                             row["error"] = "megablocks does not import: ModuleNotFoundError"
                         else:
                             row["ms"] = (1 + i) * tokens / 4096
+                            if stage in report.HOST_BOUND_STAGES:
+                                row["gpu_ms"] = row["ms"] / 4
                             if stage == "layer_fwd_bwd":
                                 row["peak_bytes"] = 2**30
                         rows.append(report.finish_row(row, dict(bf16_matmul_tflops=700.0, copy_gbps=3000.0)))
@@ -162,7 +164,8 @@ def test_ratios_rates_and_tables():
     assert report.gpu_tag(rep["device"]) == "h100"
     assert "could not run: megablocks" in report.text_table(rep)
     table = report.markdown_table(rep, 4096)
-    assert "| gemm_fwd | olmoe-1b-7b |" in table and "2.00x" in table and "n/a" in table
+    assert "| gemm_fwd | olmoe-1b-7b | 1.000 | - |" in table and "2.00x" in table and "n/a" in table
+    assert "| router | olmoe-1b-7b | 1.000 | 0.250 |" in table
     assert report.unavailable(rep) == {"megablocks": "could not run: megablocks does not import: ModuleNotFoundError"}
 
 
@@ -198,6 +201,7 @@ def test_compare_flags_the_readme_cells_a_rerun_moved(tmp_path):
     assert moved == ["layer_fwd_bwd / olmoe-1b-7b / balanced / hf_grouped_mm / speed-up: 2.000 -> 1.538 (-23%)",
                      "layer_fwd_bwd / olmoe-1b-7b / balanced / pcmoe / ms: 4.000 -> 5.200 (+30%)"]
     assert "| router | 16 | 0.0% | 50.0% | 50.0% | 8 |" in lines
+    assert "| router (GPU time) | 16 | 0.0% | 0.0% | 0.0% | 0 |" in lines
     with pytest.raises(SystemExit) as info:
         compare.main([str(tmp_path / "first.json"), str(tmp_path / "rerun.json"), "--out", str(tmp_path / "r.md")])
     assert info.value.code == 1 and "moved by more than 10%" in (tmp_path / "r.md").read_text()
