@@ -4,6 +4,7 @@
 #   .whl/megablocks-0.10.0/  megablocks' source, patched for CUDA 13, built there in the background
 # grouped_gemm (megablocks' "grouped" back end) is not fetched: it is a source distribution whose setup.py
 # needs a GPU and CUDA even to report its metadata, so pip cannot download it on a CPU machine.
+# PIP must be a pip whose Python has torch (megablocks' setup.py imports it): e.g. PIP=".venv/bin/python -m pip".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP=${PIP:-python3 -m pip}
@@ -11,7 +12,7 @@ mkdir -p .whl
 $PIP download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl nvtx==0.2.17
-$PIP wheel --no-deps --no-build-isolation -w .whl stanford-stk==0.7.1
+$PIP wheel --no-deps -w .whl stanford-stk==0.7.1
 tmp=$(mktemp -d)
 $PIP download --no-deps --no-binary=:all: --no-build-isolation -d "$tmp" megablocks==0.10.0
 rm -rf .whl/megablocks-0.10.0 && tar -xzf "$tmp"/megablocks-0.10.0.tar.gz -C .whl && rm -rf "$tmp"

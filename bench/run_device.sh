@@ -4,14 +4,19 @@
 #   bench/run_device.sh          one GPU (nvidia-h100-x1), < 9.5 min: the stage suites (every stage, shape,
 #                                token count, routing and peer), the engine end to end at 1 party, a
 #                                profiled engine step, host vs GPU time of the small stages, Nsight Compute
-#                                on one kernel; GPU tests if time is left
+#                                on one kernel; GPU tests if time is left.
+#                                Two GPUs (nvidia-h100-x2): the `small` preset and the engine end to end at
+#                                2 parties over NCCL, then each GPU its own chain: GPU 0 the 1-party runs and
+#                                the suites, GPU 1 the GPU tests and the suites again, which compare.py holds
+#                                against GPU 0's (reproduce.md); no profile or Nsight Compute.
 #   bench/run_device.sh e2e      the engine end to end at 1 party and at 2 and 4 when the GPUs are there
-#                                (nvidia-h200-x2, -x4); on one GPU, 2 parties sharing it (memory, not speed)
+#                                (nvidia-h100-x2, -x4); on one GPU, 2 parties sharing it (memory, not speed)
 #   bench/run_device.sh suites   the stage suites only, for as long as BUDGET_S allows
 #   bench/run_device.sh tests    the GPU tests only
 #
 # Writes into $OUT (the device tool's folder; default bench/results/device): bench_*.json, e2e_*.json,
-# engine_profile.json, engine_trace.json.gz, engine_memory.pickle.gz, ncu.txt, megablocks_build.log, run.log.
+# small/<n>p/summary.json, engine_profile.json, engine_trace.json.gz, engine_memory.pickle.gz, ncu.txt,
+# megablocks_build.log, run.log; on two GPUs also gpu1/ (its run.log and suites) and reproduce.md.
 # Each phase gets what is left of BUDGET_S seconds (default 570) up to its own cap, and the log says what
 # did not run. Carried wheels (.whl/, from bench/fetch_wheels.sh) are installed first; megablocks' source
 # is built in the background while the engine runs. Extra arguments go to the stage suites' pytest.
@@ -54,23 +59,38 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 
+e2e_run() {  # e2e_run N [ARGS]: the engine end to end at N parties (bench/engine_e2e.py)
+    local n=$1
+    shift
+    phase "engine end to end, parties=$n${*:+ ($*)}" $(( n == 1 ? 150 : 240 )) $(( n == 1 ? 40 : 60 )) \
+        torchrun --standalone --nproc-per-node "$n" bench/engine_e2e.py --out "$OUT" "$@"
+}
+
 e2e() {
-    phase "engine end to end, 1 party" 150 40 python3 bench/engine_e2e.py --out "$OUT"
+    e2e_run 1
     for n in 2 4; do
-        if (( GPUS >= n )); then
-            phase "engine end to end, $n parties" 180 60 torchrun --standalone --nproc-per-node "$n" bench/engine_e2e.py --out "$OUT"
-        fi
+        (( GPUS >= n )) && e2e_run "$n"
     done
     if (( GPUS == 1 )) && [ "$MODE" = e2e ]; then  # per-party memory of 2 parties; their speed needs a GPU each
-        phase "engine end to end, 2 parties sharing the GPU (gloo)" 240 90 torchrun --standalone --nproc-per-node 2 \
-            bench/engine_e2e.py --out "$OUT" --set train.device=cuda
+        e2e_run 2 --set train.device=cuda  # they share the GPU, over gloo
     fi
+}
+
+small_run() {  # small_run N: the `small` preset (~245M parameters) for 60 steps at N parties, its summary.json
+    phase "small preset, parties=$1" 120 40 torchrun --standalone --nproc-per-node "$1" -m pcmoe_engine.train \
+        --config pcmoe_engine/configs/small.toml --set train.steps=60 --set train.log_every=10 \
+        --set train.eval_every=0 --set train.checkpoint_every=0 --set train.out_dir="$OUT/small" \
+        --set train.name="$1p"
+}
+
+gpu_tests() {  # gpu_tests CAP
+    phase "GPU tests" "$1" 100 python3 -m pytest -q -m gpu tests/ --durations=5 -p no:cacheprovider
 }
 
 megablocks_build() {  # megablocks' CUDA extension (sort, histogram, cumsum), sm_90 only, on the CPUs
     MB_PID=
     if [ -d .whl/megablocks-0.10.0 ] && command -v nvcc >/dev/null; then
-        (cd .whl/megablocks-0.10.0 && TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=8 timeout 200 python3 -m pip install \
+        (cd .whl/megablocks-0.10.0 && TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(( $(nproc) / 2 )) timeout 200 python3 -m pip install \
             --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site-megablocks . ) \
             > "$OUT/megablocks_build.log" 2>&1 &
         MB_PID=$!
@@ -99,18 +119,40 @@ suites() {
 
 case $MODE in
 e2e) e2e ;;
-tests) phase "GPU tests" 9999 60 python3 -m pytest -q -m gpu tests/ --durations=5 -p no:cacheprovider ;;
+tests) gpu_tests 9999 ;;
 suites) megablocks_build; suites 9999 "$@" ;;
 all)
     megablocks_build  # while the GPU runs the engine
-    e2e
-    phase "profiled engine steps" 80 40 python3 profiling/engine_step.py --out-dir "$OUT" --warmup 3 --steps 2 \
-        --set model.preset=olmoe-1b-7b --set model.num_layers=2 --set train.batch_size=4 --set data.seq_len=1024
-    phase "Nsight Compute, _gate_up_fwd_kernel" 60 30 bash -c "profiling/ncu_kernel.sh _gate_up_fwd_kernel > '$OUT/ncu.txt' 2>&1; tail -40 '$OUT/ncu.txt'"
-    megablocks_ready
-    phase "host against GPU time of the small stages" 45 20 python3 profiling/host_overhead.py
-    suites 9999 "$@"  # the rest of the budget
-    phase "GPU tests" 9999 100 python3 -m pytest -q -m gpu tests/ --durations=5 -p no:cacheprovider
+    if (( GPUS >= 2 )); then
+        small_run 2
+        e2e_run 2
+        megablocks_ready
+        phase "host against GPU time of the small stages" 45 20 python3 profiling/host_overhead.py
+        (   # each chain's phases log to its own run.log
+            export CUDA_VISIBLE_DEVICES=0
+            e2e_run 1
+            suites 9999 "$@"
+        ) > /dev/null &
+        (
+            export CUDA_VISIBLE_DEVICES=1 OUT="$OUT/gpu1" && mkdir -p "$OUT" && LOG="$OUT/run.log"
+            small_run 1
+            gpu_tests 150
+            suites 9999 "$@"
+        ) > /dev/null &
+        wait
+        cat "$OUT/gpu1/run.log" >> "$LOG"
+        python3 -m bench.compare "$OUT"/bench_*.json "$OUT"/gpu1/bench_*.json --out "$OUT/reproduce.md" \
+            2>&1 | tee -a "$LOG"
+    else
+        e2e
+        phase "profiled engine steps" 80 40 python3 profiling/engine_step.py --out-dir "$OUT" --warmup 3 --steps 2 \
+            --set model.preset=olmoe-1b-7b --set model.num_layers=2 --set train.batch_size=4 --set data.seq_len=1024
+        phase "Nsight Compute, _gate_up_fwd_kernel" 60 30 bash -c "profiling/ncu_kernel.sh _gate_up_fwd_kernel > '$OUT/ncu.txt' 2>&1; tail -40 '$OUT/ncu.txt'"
+        megablocks_ready
+        phase "host against GPU time of the small stages" 45 20 python3 profiling/host_overhead.py
+        suites 9999 "$@"  # the rest of the budget
+        gpu_tests 9999
+    fi
     ;;
 *) echo "usage: bench/run_device.sh [all|suites|e2e|tests] [pytest args for the stage suites]"; exit 2 ;;
 esac
