@@ -12,10 +12,11 @@
 #   bench/run_device.sh e2e      the engine end to end at 1 party and at 2 and 4 when the GPUs are there
 #                                (nvidia-h100-x2, -x4); on one GPU, 2 parties sharing it (memory, not speed)
 #   bench/run_device.sh suites   the stage suites only, for as long as BUDGET_S allows
+#   bench/run_device.sh small    the `small` preset at 2 parties (over NCCL, when 2 GPUs are there) and at 1
 #   bench/run_device.sh tests    the GPU tests only
 #
 # Writes into $OUT (the device tool's folder; default bench/results/device): bench_*.json, e2e_*.json,
-# small/<n>p/summary.json, engine_profile.json, engine_trace.json.gz, engine_memory.pickle.gz, ncu.txt,
+# small_<n>p.json, engine_profile.json, engine_trace.json.gz, engine_memory.pickle.gz, ncu.txt,
 # megablocks_build.log, run.log; on two GPUs also gpu1/ (its run.log and suites) and reproduce.md.
 # Each phase gets what is left of BUDGET_S seconds (default 570) up to its own cap, and the log says what
 # did not run. Carried wheels (.whl/, from bench/fetch_wheels.sh) are installed first; megablocks' source
@@ -76,11 +77,12 @@ e2e() {
     fi
 }
 
-small_run() {  # small_run N: the `small` preset (~245M parameters) for 60 steps at N parties, its summary.json
+small_run() {  # small_run N: the `small` preset (~245M parameters) for 60 steps at N parties: small_<N>p.json
+    local run=/tmp/pcmoe-small
     phase "small preset, parties=$1" 120 40 torchrun --standalone --nproc-per-node "$1" -m pcmoe_engine.train \
         --config pcmoe_engine/configs/small.toml --set train.steps=60 --set train.log_every=10 \
-        --set train.eval_every=0 --set train.checkpoint_every=0 --set train.out_dir="$OUT/small" \
-        --set train.name="$1p"
+        --set train.eval_every=0 --set train.checkpoint_every=0 --set train.out_dir="$run" --set train.name="$1p"
+    cp "$run/$1p/summary.json" "$OUT/small_$1p.json"  # the run's summary, without its checkpoints
 }
 
 gpu_tests() {  # gpu_tests CAP
@@ -120,6 +122,7 @@ suites() {
 case $MODE in
 e2e) e2e ;;
 tests) gpu_tests 9999 ;;
+small) (( GPUS >= 2 )) && small_run 2; small_run 1 ;;
 suites) megablocks_build; suites 9999 "$@" ;;
 all)
     megablocks_build  # while the GPU runs the engine
@@ -154,6 +157,6 @@ all)
         gpu_tests 9999
     fi
     ;;
-*) echo "usage: bench/run_device.sh [all|suites|e2e|tests] [pytest args for the stage suites]"; exit 2 ;;
+*) echo "usage: bench/run_device.sh [all|suites|e2e|small|tests] [pytest args for the stage suites]"; exit 2 ;;
 esac
 echo "== done at ${SECONDS} s" | tee -a "$LOG"
