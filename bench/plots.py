@@ -1,7 +1,8 @@
 """PNG plots from results JSON, written next to it: per-stage times of every implementation, our speed-up
 over each peer against tokens, the shares of the device's ceilings, and (end to end) per-party memory.
 
-    python bench/plots.py [bench/results/bench_*.json] [bench/results/e2e_*.json]   # default: the latest of each
+    python bench/plots.py [bench/results/bench_*.json] [bench/results/e2e_*.json]   # default: the latest bench_*.json
+                                                                                  # and e2e_*.json of each party count
 """
 
 import argparse
@@ -13,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.report import OURS, STAGES, latest  # noqa: E402
+from bench.report import OURS, STAGES, latest, latest_e2e  # noqa: E402
 
 
 def _rows(report, **match):
@@ -126,7 +127,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="*", type=Path)
     args = parser.parse_args()
-    paths = args.results or [p for p in (latest("bench_*.json"), latest("e2e_*.json")) if p]
+    paths = args.results or [p for p in (latest("bench_*.json"),) if p] + latest_e2e()
     for path in paths:
         for png in plot(path):
             print(png)

@@ -9,7 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from bench.report import OURS, RESULTS, STAGES, latest, markdown_table, unavailable
+from bench.report import (HOST_MARK, OURS, RESULTS, STAGES, host_bound, latest, latest_e2e, markdown_table,
+                          unavailable)
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -33,7 +34,7 @@ def layer_table(report: dict, tokens: int, routing: str) -> str:
             fwd = next((r for r in rows if r["shape"] == shape and r["impl"] == impl and r["stage"] == "layer_fwd"), {})
             fb = next((r for r in rows if r["shape"] == shape and r["impl"] == impl and r["stage"] == "layer_fwd_bwd"),
                       {})
-            name = f"**{impl}**" if impl == OURS else impl
+            name = f"**{impl}**" if impl == OURS else impl + (HOST_MARK if host_bound("layer_fwd_bwd", impl) else "")
             if "ms" not in fb:
                 why = fb.get("error") or fb.get("skipped") or "not run"
                 out.append(f"| {shape} | {name} | {'%.2f' % fwd['ms'] if 'ms' in fwd else '-'} | - | - | - | - | "
@@ -54,7 +55,8 @@ def e2e_table(reports: list[dict]) -> str:
             share = " / ".join(f"{100 * v:.0f}%" for v in p["memory_share"].values())
             comm = "-" if p["comm_share"] is None else f"{100 * p['comm_share']:.1f}%"
             gpus = rep.get("gpus", rep["parties"])
-            device = rep["device"] if gpus >= rep["parties"] else f"{rep['device']}: {gpus} shared, {rep['backend']}"
+            device = rep["device"] if rep["parties"] == 1 else \
+                f"{gpus} x {rep['device']}{' (shared)' if gpus < rep['parties'] else ''}, {rep['backend']}"
             out.append(f"| {rep['parties']} (party {p['party']}) | {device} | {rep['tokens_per_s_total']:,.0f} | "
                        f"{100 * p['mfu']:.1f}% | {p['step_ms']:.1f} | {p['peak_memory_bytes'] / GiB:.1f} | {share} | "
                        f"{comm} |")
@@ -84,12 +86,18 @@ def section(bench_path: Path, e2e_paths: list[Path], readme: Path) -> str:
         layer_table(report, middle, "skewed"),
         "",
         f"**Every stage, {middle} tokens, balanced routing:** our time (wall, do_bench; for the router, permute "
-        f"and combine also the GPU time of their kernels, since tens of microseconds of GPU work leave the wall "
-        f"time to the host: profiling/host_overhead.py), rate and share of the matmul rate (GEMM "
-        f"and layer stages) or the copy bandwidth (the others), and our speed-up over each peer (wall time) "
+        f"and combine also the GPU time of their kernels), rate and share of the matmul rate (GEMM and layer "
+        f"stages) or the copy bandwidth (the others, from the GPU time), and our speed-up over each peer: by wall "
+        f"time, or for the router, permute and combine by GPU time with the wall-time ratio in brackets "
         f"({', '.join(f'`{s}`: {d}' for s, d in STAGES.items())}):",
         "",
         markdown_table(report, middle, "balanced"),
+        "",
+        f"{HOST_MARK} The host's time more than the GPU's: the small stages (tens of microseconds of GPU work per "
+        "call, so the wall time is Python and kernel launches: profiling/host_overhead.py) and the per-expert "
+        "Python loops (transformers' eager block, the eager grouped GEMMs: a launch per expert). These move with "
+        "the host's load from run to run, by up to several times (bench/compare.py reports them apart); the GPU "
+        "times do not.",
     ]
     if checks:
         lines += ["", f"Outputs and all gradients agree with transformers' eager block to at most "
@@ -109,10 +117,11 @@ def section(bench_path: Path, e2e_paths: list[Path], readme: Path) -> str:
                       f"{m['preset']} sizes, {m['num_layers']} layers; "
                       f"{first['config']['train']['batch_size']} x {first['config']['data']['seq_len']} tokens per party "
                       "and step; MFU and memory split as bench/engine_e2e.py says):", "", e2e_table(e2e)]
-    plots = sorted(bench_path.parent.glob(f"{bench_path.stem}_*.png"))
+    plots = [(p.stem.removeprefix(bench_path.stem + "_"), p) for p in sorted(bench_path.parent.glob(f"{bench_path.stem}_*.png"))]
+    plots += [(f"memory, {p.stem.split('_')[2]}", p.with_name(f"{p.stem}_memory.png")) for p in e2e_paths
+              if p.with_name(f"{p.stem}_memory.png").is_file()]
     if plots:
-        lines += ["", "Plots: " + ", ".join(f"[{p.stem.removeprefix(bench_path.stem + '_')}]({_rel(p, readme)})"
-                                             for p in plots) + "."]
+        lines += ["", "Plots: " + ", ".join(f"[{name}]({_rel(p, readme)})" for name, p in plots) + "."]
     return "\n".join(lines)
 
 
@@ -134,11 +143,8 @@ def main(argv=None):
     bench_path = args.bench or latest("bench_*.json")
     if bench_path is None:
         raise SystemExit(f"no bench_*.json under {RESULTS}: run bench/run_device.sh on a GPU machine first")
-    if args.e2e is None:  # the latest end-to-end result of each number of parties
-        by_parties = {}
-        for p in sorted(RESULTS.glob("e2e_*.json"), key=lambda p: json.loads(p.read_text())["date"]):
-            by_parties[json.loads(p.read_text())["parties"]] = p
-        args.e2e = list(by_parties.values())
+    if args.e2e is None:
+        args.e2e = latest_e2e()
     text = args.readme.read_text()
     new = replace_section(text, section(bench_path, args.e2e, args.readme))
     if args.check:
