@@ -117,7 +117,8 @@ def section(bench_path: Path, e2e_paths: list[Path], readme: Path) -> str:
                       f"{m['preset']} sizes, {m['num_layers']} layers; "
                       f"{first['config']['train']['batch_size']} x {first['config']['data']['seq_len']} tokens per party "
                       "and step; MFU and memory split as bench/engine_e2e.py says):", "", e2e_table(e2e)]
-    plots = [(p.stem.removeprefix(bench_path.stem + "_"), p) for p in sorted(bench_path.parent.glob(f"{bench_path.stem}_*.png"))]
+    plots = [(p.stem.removeprefix(bench_path.stem + "_"), p)
+             for p in sorted(bench_path.parent.glob(f"{bench_path.stem}_*.png"))]
     plots += [(f"memory, {p.stem.split('_')[2]}", p.with_name(f"{p.stem}_memory.png")) for p in e2e_paths
               if p.with_name(f"{p.stem}_memory.png").is_file()]
     if plots:

@@ -188,7 +188,8 @@ def test_plots_and_readme_section(tmp_path):
 
 
 def _e2e_report(parties: int, gpus: int) -> dict:
-    memory = dict(backbone_params=1, local_expert_params=2, gradients=3, optimizer_state=4, activations_and_workspace=5)
+    memory = dict(backbone_params=1, local_expert_params=2, gradients=3, optimizer_state=4,
+                  activations_and_workspace=5)
     party = dict(tokens_per_s=1000.0, step_ms=100.0, mfu=0.2, peak_memory_bytes=15 * 2**30,
                  memory={k: v * 2**30 for k, v in memory.items()}, memory_share={k: v / 15 for k, v in memory.items()},
                  comm_share=0.1 if parties > 1 else 0.0)
@@ -210,7 +211,8 @@ def test_readme_end_to_end_rows_and_memory_plots(tmp_path):
         assert plots.plot(e2e[-1])[0].name == f"e2e_h100_{parties}p_abc1234_memory.png"
     assert report.latest_e2e(tmp_path) == e2e
     text = readme_table.section(bench_json, e2e, tmp_path / "README.md")
-    assert "| 1 (party 0) | NVIDIA H100 80GB HBM3 | 1,000 | 20.0% | 100.0 | 15.0 | 7% / 13% / 20% / 27% / 33% | 0.0% |" in text
+    assert ("| 1 (party 0) | NVIDIA H100 80GB HBM3 | 1,000 | 20.0% | 100.0 | 15.0 | 7% / 13% / 20% / 27% / 33% "
+            "| 0.0% |") in text
     assert "| 2 (party 1) | 2 x NVIDIA H100 80GB HBM3, nccl | 2,000 |" in text
     assert "[memory, 2p](e2e_h100_2p_abc1234_memory.png)" in text
 
