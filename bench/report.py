@@ -89,9 +89,8 @@ def latest(pattern: str = "bench_*.json", results: Path = RESULTS) -> Path | Non
 
 def latest_e2e(results: Path = RESULTS) -> list[Path]:
     """The newest end-to-end result of each number of parties, fewest parties first."""
-    by_parties = {}
-    for path in sorted(results.glob("e2e_*.json"), key=lambda p: json.loads(p.read_text())["date"]):
-        by_parties[json.loads(path.read_text())["parties"]] = path
+    reports = sorted(((json.loads(p.read_text()), p) for p in results.glob("e2e_*.json")), key=lambda r: r[0]["date"])
+    by_parties = {rep["parties"]: path for rep, path in reports}
     return [by_parties[n] for n in sorted(by_parties)]
 
 

@@ -111,6 +111,11 @@ megablocks_ready() {  # wait for the build: before the suites, and before host t
     fi
 }
 
+host_timings() {  # after the megablocks build: it loads the CPUs these timings measure
+    megablocks_ready
+    phase "host against GPU time of the small stages" 45 20 python3 profiling/host_overhead.py
+}
+
 suites() {
     megablocks_ready
     # Most telling first: if the cap cuts the suites short, the JSON still holds what ran (pytest stops on SIGINT).
@@ -129,8 +134,7 @@ all)
     if (( GPUS >= 2 )); then
         small_run 2
         e2e_run 2
-        megablocks_ready
-        phase "host against GPU time of the small stages" 45 20 python3 profiling/host_overhead.py
+        host_timings
         (   # each chain's phases log to its own run.log
             export CUDA_VISIBLE_DEVICES=0
             e2e_run 1
@@ -151,8 +155,7 @@ all)
         phase "profiled engine steps" 80 40 python3 profiling/engine_step.py --out-dir "$OUT" --warmup 3 --steps 2 \
             --set model.preset=olmoe-1b-7b --set model.num_layers=2 --set train.batch_size=4 --set data.seq_len=1024
         phase "Nsight Compute, _gate_up_fwd_kernel" 60 30 bash -c "profiling/ncu_kernel.sh _gate_up_fwd_kernel > '$OUT/ncu.txt' 2>&1; tail -40 '$OUT/ncu.txt'"
-        megablocks_ready
-        phase "host against GPU time of the small stages" 45 20 python3 profiling/host_overhead.py
+        host_timings
         suites 9999 "$@"  # the rest of the budget
         gpu_tests 9999
     fi

@@ -187,14 +187,14 @@ def test_plots_and_readme_section(tmp_path):
     readme_table.main(["--bench", str(bench_json), "--e2e", "--readme", str(readme), "--check"])
 
 
-def _e2e_report(parties: int, gpus: int) -> dict:
+def _e2e_report(parties: int) -> dict:
     memory = dict(backbone_params=1, local_expert_params=2, gradients=3, optimizer_state=4,
                   activations_and_workspace=5)
     party = dict(tokens_per_s=1000.0, step_ms=100.0, mfu=0.2, peak_memory_bytes=15 * 2**30,
                  memory={k: v * 2**30 for k, v in memory.items()}, memory_share={k: v / 15 for k, v in memory.items()},
                  comm_share=0.1 if parties > 1 else 0.0)
     return dict(device="NVIDIA H100 80GB HBM3", commit="abc1234", date=f"2026-11-25T10:0{parties}:00+00:00",
-                benchmark="engine-e2e", parties=parties, gpus=gpus, backend="nccl" if parties > 1 else None,
+                benchmark="engine-e2e", parties=parties, gpus=parties, backend="nccl" if parties > 1 else None,
                 total_parameters=1.9e9, tokens_per_s_total=1000.0 * parties,
                 config=dict(model=dict(preset="olmoe-1b-7b", num_layers=4), train=dict(batch_size=8),
                             data=dict(seq_len=1024)),
@@ -207,7 +207,7 @@ def test_readme_end_to_end_rows_and_memory_plots(tmp_path):
     e2e = []
     for parties in (1, 2):
         e2e.append(tmp_path / f"e2e_h100_{parties}p_abc1234.json")
-        e2e[-1].write_text(json.dumps(_e2e_report(parties, parties)))
+        e2e[-1].write_text(json.dumps(_e2e_report(parties)))
         assert plots.plot(e2e[-1])[0].name == f"e2e_h100_{parties}p_abc1234_memory.png"
     assert report.latest_e2e(tmp_path) == e2e
     text = readme_table.section(bench_json, e2e, tmp_path / "README.md")
