@@ -12,6 +12,9 @@ All four: SwiGLU experts, softmax routing in fp32, RMSNorm, default RoPE (rotate
 The config.json is parsed by transformers' own config class (legacy keys such as a top-level ``rope_theta``
 are normalised there); whatever the engine cannot reproduce exactly is refused with one line: other RoPE
 types, sliding-window attention, clip_qkv, router jitter, attention dropout, activations other than SiLU.
+"Exactly" is the forward in fp32. Under bf16 the engine keeps its own precision policy (autocast over fp32
+master weights, routing weights in fp32 where OLMoE and Qwen cast them to bf16), and in training the
+embedding row of pad_token_id gets gradients (transformers' padding_idx freezes it).
 
 DeepSeek-V3 is refused: its multi-head latent attention (queries and keys/values through low-rank projections
 with their own RMSNorms, heads split into a RoPE part and a no-RoPE part whose sizes differ from the value
