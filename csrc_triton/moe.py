@@ -12,6 +12,7 @@ Families (transformers 5.x), and what differs between them:
 | DeepseekV3MoE          | sigmoid | + bias, by groups  | renorm, x scaling  | n_shared merged into one MLP   |
 """
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +75,8 @@ class FusedMoE(nn.Module):
 
     Submodules carry transformers' names (``gate``, ``experts``, ``shared_expert``/``shared_experts``,
     ``shared_expert_gate``), so state dicts load either way. After each forward, ``router_output`` holds the
-    RouterOutput of that call (for ``load_balancing_loss`` / ``router_z_loss``).
+    RouterOutput of that call (for ``load_balancing_loss`` / ``router_z_loss``). Inside a transformers model it
+    also hands its router logits to transformers (``output_router_logits``, the model's ``aux_loss``).
     """
 
     def __init__(self, spec: MoESpec, shared_name: str = "shared_expert", _build: bool = True):
@@ -161,6 +163,7 @@ class FusedMoE(nn.Module):
                         topk_group=spec.topk_group, scaling=spec.routed_scaling_factor,
                         out_dtype=logits.dtype if spec.weights_in_logits_dtype else torch.float32)
         self.router_output = routing
+        _report_router_logits(logits)
 
         shared = None
         if self.shared_name:
@@ -179,6 +182,18 @@ class FusedMoE(nn.Module):
         s = self.spec
         return (f"experts={s.num_experts}, top_k={s.top_k}, hidden={s.hidden_size}, "
                 f"intermediate={s.intermediate_size}, scoring={s.scoring}, shared={s.shared_intermediate_size}")
+
+
+def _report_router_logits(logits: torch.Tensor) -> None:
+    """transformers collects router logits (``output_router_logits=True``, from which its models compute
+    ``aux_loss``) with a forward hook on the router module, which FusedMoE uses for its weight but does not call
+    (that would route twice); so the logits go to the same collector, in layer order, as the hook would."""
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    if capturing is None:  # no transformers model is running
+        return
+    collected = capturing._active_collector.get()
+    if collected is not None and "router_logits" in collected:
+        collected["router_logits"].append(logits)
 
 
 SUPPORTED_BLOCKS = ("Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock",

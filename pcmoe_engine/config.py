@@ -8,13 +8,16 @@ with a one-line ValueError that says what was wrong and what to do.
 import dataclasses
 import os
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "PrivacyConfig", "Config", "PRESETS", "load_config", "validate",
-           "BUILTIN_CORPORA", "DEFAULT_CONFIG", "corpus_path"]
+__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "PrivacyConfig", "Config", "PRESETS", "FAMILIES", "load_config",
+           "validate", "BUILTIN_CORPORA", "DEFAULT_CONFIG", "corpus_path"]
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.toml"
+# transformers model_types the engine reproduces exactly (pcmoe_engine/hf.py maps their checkpoints).
+FAMILIES = ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral")
 BUILTIN_CORPORA = {"tinyshakespeare": Path(__file__).parent / "data" / "tinyshakespeare.txt.gz"}
 
 
@@ -22,6 +25,7 @@ BUILTIN_CORPORA = {"tinyshakespeare": Path(__file__).parent / "data" / "tinyshak
 class ModelConfig:
     """A decoder-only MoE transformer. The defaults are the `tiny` preset."""
     preset: str = "tiny"
+    family: str = ""  # the transformers model_type (one of FAMILIES) its weights map to; "": the engine's own
     vocab_size: int = 2048
     hidden_size: int = 128
     num_layers: int = 4
@@ -34,13 +38,27 @@ class ModelConfig:
     shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert's output times sigmoid(gate(x))
     norm_topk_prob: bool = True  # renormalise the k routing weights to sum to 1
     qk_norm: bool = False  # OLMoE: RMSNorm on the query and key projections
+    qk_norm_per_head: bool = False  # Qwen3-MoE: that RMSNorm over each head rather than the whole projection
     attention_bias: bool = False  # Qwen: biases on the q, k, v projections
-    rope_theta: float = 10000.0
+    attention_out_bias: bool = False  # a bias on the output projection too (OLMoE, Qwen3-MoE: attention_bias)
+    attention_head_dim: int = 0  # 0: hidden_size // num_heads (Qwen3-MoE and Mixtral checkpoints may set it)
+    rope_theta: float = 10000.0  # the default (unscaled) RoPE
     norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False  # the LM head is the embedding matrix
+    # Layers with a dense SwiGLU MLP of dense_intermediate_size instead of an MoE (Qwen's mlp_only_layers and
+    # decoder_sparse_step); they have no router and no experts.
+    dense_layers: list[int] = field(default_factory=list)
+    dense_intermediate_size: int = 0
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.attention_head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """The layers with routed experts, in order; an expert shard and the wire index MoE layers by position
+        in this list."""
+        return [layer for layer in range(self.num_layers) if layer not in self.dense_layers]
 
 
 # Sizes per preset, over ModelConfig's defaults. The two big ones are random-init shapes of the named models.
@@ -140,15 +158,17 @@ def _parse_value(text: str):
         return text
 
 
-def _coerce(where: str, value, default):
-    """Check a value against the type of the field's default; ints are accepted for floats."""
+def _coerce(where: str, value, default, item: type = str):
+    """Check a value against the type of the field's default (and a list's items against ``item``); ints are
+    accepted for floats."""
     kind = type(default)
     if kind is float and type(value) is int:
         return float(value)
     if type(value) is not kind:
         raise ValueError(f"{where} must be a {kind.__name__}, got {value!r}")
-    if kind is list and not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{where} must be a list of strings, got {value!r}")
+    if kind is list and not all(type(v) is item for v in value):
+        raise ValueError(f"{where} must be a list of {'strings' if item is str else item.__name__ + 's'}, "
+                         f"got {value!r}")
     return value
 
 
@@ -198,6 +218,7 @@ def _build(raw: dict) -> Config:
             raise ValueError(f"{section} must be a table ([{section}] in TOML)")
         defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                     for f in dataclasses.fields(cls)}
+        items = {f.name: (typing.get_args(f.type) or (str,))[0] for f in dataclasses.fields(cls)}
         for name in given:
             if name not in defaults:
                 raise ValueError(f"unknown option {section}.{name}; {section} has: {_known(section)}")
@@ -206,7 +227,7 @@ def _build(raw: dict) -> Config:
             if preset not in PRESETS:
                 raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
             given = {**PRESETS[preset], **given}
-        sections[section] = cls(**{name: _coerce(f"{section}.{name}", value, defaults[name])
+        sections[section] = cls(**{name: _coerce(f"{section}.{name}", value, defaults[name], items[name])
                                    for name, value in given.items()})
     parties = raw.get("parties", Config.parties)
     if type(parties) is not int:
@@ -238,8 +259,19 @@ def validate(cfg: Config) -> Config:
     _require(m.shared_intermediate_size >= 0, "model.shared_intermediate_size must be >= 0 (0: none)")
     _require(not m.shared_expert_gate or m.shared_intermediate_size > 0,
              "model.shared_expert_gate needs a shared expert: set model.shared_intermediate_size > 0")
-    _require(m.hidden_size % m.num_heads == 0 and m.head_dim % 2 == 0,
-             f"model.hidden_size={m.hidden_size} must split into num_heads={m.num_heads} heads of even size")
+    if m.attention_head_dim:
+        _require(m.attention_head_dim > 0 and m.head_dim % 2 == 0,
+                 f"model.attention_head_dim={m.attention_head_dim} must be a positive even number (0: derived)")
+    else:
+        _require(m.hidden_size % m.num_heads == 0 and m.head_dim % 2 == 0,
+                 f"model.hidden_size={m.hidden_size} must split into num_heads={m.num_heads} heads of even size")
+    _require(m.family in ("", *FAMILIES), f"model.family={m.family!r}: choose one of {', '.join(FAMILIES)}, or \"\"")
+    _require(not m.qk_norm_per_head or m.qk_norm, "model.qk_norm_per_head needs model.qk_norm = true")
+    _require(all(0 <= layer < m.num_layers for layer in m.dense_layers) and len(m.moe_layers) >= 1,
+             f"model.dense_layers={m.dense_layers} must name layers in 0..{m.num_layers - 1} and leave at least one "
+             "MoE layer")
+    _require(not m.dense_layers or m.dense_intermediate_size >= 1,
+             "model.dense_layers needs model.dense_intermediate_size >= 1")
     _require(m.num_heads % m.num_kv_heads == 0,
              f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}")
     _require(m.vocab_size >= 260, f"model.vocab_size={m.vocab_size}: a byte-level BPE needs at least 260")

@@ -59,15 +59,20 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
-        # OLMoE normalises the whole query and key projections.
-        self.q_norm = RMSNorm(q_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(kv_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.attention_out_bias)
+        # OLMoE normalises the whole query and key projections, Qwen3-MoE each head.
+        self.per_head_norm = cfg.qk_norm_per_head
+        q_norm_dim, k_norm_dim = (cfg.head_dim, cfg.head_dim) if cfg.qk_norm_per_head else (q_dim, kv_dim)
+        self.q_norm = RMSNorm(q_norm_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(k_norm_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin):
         batch, seq, _ = x.shape
-        q = self.q_norm(self.q_proj(x)).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x)).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.per_head_norm:
+            q, k = q.view(batch, seq, -1, self.head_dim), k.view(batch, seq, -1, self.head_dim)
+        q = self.q_norm(q).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_norm(k).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
@@ -75,21 +80,31 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
-class SharedExpert(nn.Module):
-    """The always-on SwiGLU expert of an MoE layer (part of the private backbone), optionally gated."""
+def _kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype, if any: the expert kernels take one dtype for x and weights."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
 
-    def __init__(self, cfg: ModelConfig):
+
+class SwiGLU(nn.Module):
+    """A SwiGLU MLP of the private backbone: an MoE layer's always-on shared expert (optionally gated, Qwen2-MoE:
+    times sigmoid(gate(x))), or a dense layer's feed-forward."""
+
+    def __init__(self, hidden: int, inter: int, gated: bool = False):
         super().__init__()
-        hidden, inter = cfg.hidden_size, cfg.shared_intermediate_size
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
-        self.gate = nn.Linear(hidden, 1, bias=False) if cfg.shared_expert_gate else None
+        self.gate = nn.Linear(hidden, 1, bias=False) if gated else None
 
     def forward(self, x):
+        shape = x.shape
+        x = _kernel_input(x.reshape(-1, shape[-1]))
         gate = torch.sigmoid(self.gate(x)) if self.gate is not None else None
-        return ct.shared_expert_mlp(x, self.gate_proj.weight.to(x.dtype), self.up_proj.weight.to(x.dtype),
-                                    self.down_proj.weight.to(x.dtype), gate)
+        out = ct.shared_expert_mlp(x, self.gate_proj.weight.to(x.dtype), self.up_proj.weight.to(x.dtype),
+                                   self.down_proj.weight.to(x.dtype), gate)
+        return out.view(*shape[:-1], out.shape[-1])
 
 
 class MoEFeedForward(nn.Module):
@@ -99,13 +114,12 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         self.layer, self.top_k, self.norm_topk_prob = layer, cfg.top_k, cfg.norm_topk_prob
         self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        self.shared = SharedExpert(cfg) if cfg.shared_intermediate_size else None
+        self.shared = (SwiGLU(cfg.hidden_size, cfg.shared_intermediate_size, cfg.shared_expert_gate)
+                       if cfg.shared_intermediate_size else None)
 
     def forward(self, x, experts) -> tuple[torch.Tensor, ct.RouterOutput]:
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        if torch.is_autocast_enabled(x.device.type):  # the expert kernels take one dtype for x and weights
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = _kernel_input(x.reshape(-1, shape[-1]))
         with stage("router") as s:
             routing = ct.route(self.router(s.input(x)), self.top_k, norm_topk_prob=self.norm_topk_prob)
             routing = routing._replace(weights=s.output(routing.weights))
@@ -121,22 +135,30 @@ class MoEFeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    """Attention, then an MoE layer, or a dense MLP in the layers ``cfg.dense_layers`` names."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.moe = MoEFeedForward(cfg, layer)
+        moe_layers = cfg.moe_layers
+        self.moe = MoEFeedForward(cfg, moe_layers.index(layer)) if layer in moe_layers else None
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.dense_intermediate_size) if self.moe is None else None
 
     def forward(self, x, cos, sin, experts):
         with stage("attention") as s:
             x = x + s.output(self.attn(self.attn_norm(s.input(x)), cos, sin))
+        if self.moe is None:
+            with stage("dense_mlp") as s:
+                return x + s.output(self.mlp(self.ffn_norm(s.input(x)))), None
         moe_out, routing = self.moe(self.ffn_norm(x), experts)
         return x + moe_out, routing
 
 
 class Backbone(nn.Module):
-    """Everything a party keeps to itself. ``forward(tokens, experts)`` -> (logits, one RouterOutput per layer)."""
+    """Everything a party keeps to itself. ``forward(tokens, experts)`` -> (logits, one RouterOutput per MoE
+    layer)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -145,6 +167,8 @@ class Backbone(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, layer) for layer in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator, std: float = 0.02) -> None:
@@ -169,7 +193,8 @@ class Backbone(nn.Module):
                     x, routing = checkpoint(block, x, cos, sin, experts, use_reentrant=False)
             else:
                 x, routing = block(x, cos, sin, experts)
-            routings.append(routing)
+            if routing is not None:  # a dense layer routes nothing
+                routings.append(routing)
         with stage("lm_head") as s:
             return s.output(self.lm_head(self.norm(s.input(x)))), routings
 

@@ -69,7 +69,8 @@ def owned_experts(party: int, parties: int, num_experts: int) -> list[int]:
 class ExpertShard(nn.Module):
     """A party's routed experts: in every MoE layer, the SwiGLU experts it owns, stacked for the grouped GEMM.
 
-    ``w_gate_up[layer]`` is [local experts, 2I, H] (gate rows first) and ``w_down[layer]`` [local, H, I]: the
+    ``w_gate_up[layer]`` is [local experts, 2I, H] (gate rows first) and ``w_down[layer]`` [local, H, I], for
+    ``layer`` the position in ``cfg.moe_layers`` (every layer unless some are dense): the
     layout csrc_triton's grouped_mlp takes. Parameters stay fp32 (the optimizer's master copy); they are cast
     to the activations' dtype at use, so under bf16 autocast the GEMMs run in bf16.
     """
@@ -80,9 +81,9 @@ class ExpertShard(nn.Module):
         self.expert_ids = owned_experts(party, parties, cfg.num_experts)
         local, hidden, inter = len(self.expert_ids), cfg.hidden_size, cfg.expert_intermediate_size
         self.w_gate_up = nn.ParameterList(
-            [nn.Parameter(torch.empty(local, 2 * inter, hidden)) for _ in range(cfg.num_layers)])
+            [nn.Parameter(torch.empty(local, 2 * inter, hidden)) for _ in cfg.moe_layers])
         self.w_down = nn.ParameterList(
-            [nn.Parameter(torch.empty(local, hidden, inter)) for _ in range(cfg.num_layers)])
+            [nn.Parameter(torch.empty(local, hidden, inter)) for _ in cfg.moe_layers])
 
     @torch.no_grad()
     def init_weights(self, seed: int, std: float = 0.02) -> None:

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 from transformers.models.mixtral.configuration_mixtral import MixtralConfig
@@ -114,6 +115,34 @@ def test_router_output_feeds_the_aux_loss():
     loss = load_balancing_loss(block.router_output)
     loss.backward()
     assert block.gate.weight.grad is not None and block.gate.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family,experts", [("olmoe", "num_experts"), ("qwen2_moe", "num_experts"),
+                                             ("qwen3_moe", "num_experts"), ("mixtral", "num_local_experts")])
+def test_patched_model_reports_router_logits_and_aux_loss(family, experts):
+    """output_router_logits=True on a patched model: the same router logits, aux_loss and aux_loss gradient on
+    the routers as transformers' own blocks (with a padding mask, which the loss weighs)."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=300, hidden_size=32, intermediate_size=48,
+                                  moe_intermediate_size=16, shared_expert_intermediate_size=24, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, **{experts: 8})
+    reference = AutoModelForCausalLM.from_config(config)
+    patched = copy.deepcopy(reference)
+    assert patch_hf_model(patched) == 2
+    tokens = torch.randint(0, 300, (2, 9))
+    mask = torch.ones_like(tokens)
+    mask[0, :3] = 0
+    results = []
+    for model in (reference, patched):
+        out = model(tokens, attention_mask=mask, output_router_logits=True)
+        out.aux_loss.backward()
+        routers = [layer.mlp.gate.weight.grad for layer in model.model.layers]
+        results.append((out.aux_loss, out.router_logits, routers))
+    (ref_loss, ref_logits, ref_grads), (loss, logits, grads) = results
+    assert len(logits) == len(ref_logits) == 2
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(logits, ref_logits))
+    assert rel_err(loss, ref_loss) < 1e-6
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(grads, ref_grads))
 
 
 def test_unsupported_block_and_bad_input_say_what_is_wrong():
