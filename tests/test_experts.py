@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from csrc_triton.experts import (expert_mlp, expert_mlp_reference, grouped_mlp, grouped_mlp_reference,
-                                 shared_expert_mlp, shared_expert_mlp_reference)
+from csrc_triton.routed_experts import expert_mlp, expert_mlp_reference, grouped_mlp, grouped_mlp_reference
+from csrc_triton.shared_expert import shared_expert_mlp, shared_expert_mlp_reference
 from helpers import TOLERANCE, leaf, rel_err
 from test_permute import random_ids
 
