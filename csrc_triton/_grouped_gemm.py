@@ -9,7 +9,7 @@ This file owns what more than one grouped kernel uses: the row-tile schedule (``
 ``program_tile``), the K loop (``mma``), the plain grouped GEMM (``grouped_gemm``: the down GEMM, both dgrads)
 and the per-expert weight-gradient GEMM (``wgrad``), with their tile configurations. A kernel that fuses an
 op's own prologue or epilogue (the gate-up GEMM with its gather and SwiGLU) lives with that op and calls
-``program_tile`` / ``dot`` from here. A unit of its own (any grouped GEMM over a RoutingPlan), and apart from
+``program_tile`` / ``mma`` from here. A unit of its own (any grouped GEMM over a RoutingPlan), and apart from
 routed_experts.py so that each reads at once. Nothing here is public API (hence the underscore, as for
 _runtime.py).
 
@@ -25,8 +25,8 @@ import triton.language as tl
 from ._runtime import interpreting
 from .permute import RoutingPlan
 
-__all__ = ["TileConfig", "tile_config", "precision", "Groups", "program_tile", "rows_of", "dot", "mma",
-           "grouped_gemm", "wgrad"]
+__all__ = ["TileConfig", "tile_config", "precision", "Groups", "program_tile", "rows_of", "mma", "grouped_gemm",
+           "wgrad"]
 
 
 @triton.jit
@@ -51,7 +51,7 @@ def _find_group(pid_m, tile_cum_ptr, offsets_ptr, E, BM: tl.constexpr, SEARCH_ST
 
 
 @triton.jit
-def dot(a, b, acc, PRECISION: tl.constexpr):
+def _dot(a, b, acc, PRECISION: tl.constexpr):
     if PRECISION == "upcast":  # the triton 3.6 interpreter multiplies bf16 operands wrongly; fp32 is exact
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     if PRECISION == "ieee":
@@ -95,7 +95,7 @@ def mma(acc, a_ptr, a_rows, a_mask, stride_a, b_ptr, cols, cmask, stride_bn, str
             kmask = ks < K - k0
             a = tl.load(a_ptrs, mask=a_mask[:, None] & kmask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = dot(a, b, acc, PRECISION)
+        acc = _dot(a, b, acc, PRECISION)
         a_ptrs += BK
         b_ptrs += BK * stride_bk
     return acc
@@ -159,7 +159,7 @@ def _wgrad_kernel(
         b_rows = rows_of(b_token_ptr, rows, rmask, B_GATHER)
         b = tl.load(b_ptr + b_rows[:, None] * stride_b + ncols[None, :], mask=rmask[:, None] & nmask[None, :],
                     other=0.0)
-        acc = dot(tl.trans(a), b, acc, PRECISION)
+        acc = _dot(tl.trans(a), b, acc, PRECISION)
     tl.store(out_ptr + expert.to(tl.int64) * stride_oe + mcols[:, None] * stride_om + ncols[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
@@ -172,15 +172,15 @@ class TileConfig(NamedTuple):
     num_stages: int
 
 
-def tile_config(dtype: torch.dtype, fused_pair: bool = False) -> TileConfig:
-    """Tile shapes. The gate-up forward (``fused_pair``) keeps two [BM, BN] fp32 accumulators live, so it
-    gets half the columns. BM must be the same for every kernel of one grouping (the row-tile schedule
-    depends on it)."""
+def tile_config(dtype: torch.dtype) -> TileConfig:
+    """Tiles of the row-scheduled grouped GEMMs (all but the wgrad). One config for all of them: BM must be the
+    same for every kernel of one grouping (the row-tile schedule depends on it), and the gate-up GEMM's BN-wide
+    MMA covers BN/2 gate and BN/2 up columns."""
     if interpreting():
         return TileConfig(16, 16, 16, 1, 1)
     if dtype == torch.float32:
-        return TileConfig(64, 32 if fused_pair else 64, 32, 4, 2)
-    return TileConfig(128, 64 if fused_pair else 128, 64, 8, 3)
+        return TileConfig(64, 64, 32, 4, 2)
+    return TileConfig(128, 128, 64, 8, 3)
 
 
 def precision(dtype: torch.dtype) -> str:

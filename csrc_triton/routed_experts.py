@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._grouped_gemm import Groups, dot, grouped_gemm, precision, program_tile, rows_of, tile_config, wgrad
+from ._grouped_gemm import Groups, grouped_gemm, mma, precision, program_tile, rows_of, tile_config, wgrad
 from ._runtime import check, use_triton
 from ._swiglu import swiglu_backward, swiglu_mlp_reference
 from .permute import RoutingPlan, combine, plan_routing
@@ -39,44 +39,40 @@ __all__ = ["expert_mlp", "expert_mlp_reference", "grouped_mlp", "grouped_mlp_ref
 
 @triton.jit
 def _gate_up_fwd_kernel(
-    x_ptr, token_ptr, wg_ptr, wu_ptr, h_ptr, act_ptr, offsets_ptr, tile_cum_ptr,
+    x_ptr, token_ptr, w_ptr, h_ptr, act_ptr, offsets_ptr, tile_cum_ptr,
     E, H, I, stride_x, stride_we, stride_wn, stride_wk, stride_h, stride_act,
     SAVE_H: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
-    expert, rows, rmask, cols, cmask = program_tile(tile_cum_ptr, offsets_ptr, E, I, BM, BN, SEARCH_STEPS)
+    """h = x[token] @ W_gate_up[e]^T and act = silu(h_gate) * h_up, for one [BM, BN/2] tile of act.
+
+    The tile's MMA is BN wide, as in every grouped GEMM: its first BN/2 columns are rows c of W_gate, its last
+    BN/2 the same rows of W_up (I + c in w_gate_up), so the one K loop (``mma``) feeds gate and up from the same
+    A loads. The epilogue splits the accumulator into gate and up: the halves differ in a register index of the
+    MMA layout, so the split moves no data. h is stored from the halves, not from the accumulator through
+    w_rows: that kept w_rows live across the K loop, 134 registers instead of 128 (sm_90: one CTA per SM, not
+    two; notes/experts.md, version 7).
+    """
+    HALF: tl.constexpr = BN // 2
+    expert, rows, rmask, cols, cmask = program_tile(tile_cum_ptr, offsets_ptr, E, I, BM, HALF, SEARCH_STEPS)
     if expert >= E:
         return
-    x_rows = rows_of(token_ptr, rows, rmask, True)
-    ks = tl.arange(0, BK)
-    a_ptrs = x_ptr + x_rows[:, None] * stride_x + ks[None, :]
-    w_off = expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
-    bg_ptrs = wg_ptr + w_off
-    bu_ptrs = wu_ptr + w_off
-    acc_g = tl.zeros([BM, BN], tl.float32)
-    acc_u = tl.zeros([BM, BN], tl.float32)
-    for k0 in range(0, H, BK):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-            bg = tl.load(bg_ptrs, mask=cmask[None, :], other=0.0)
-            bu = tl.load(bu_ptrs, mask=cmask[None, :], other=0.0)
-        else:
-            kmask = ks < H - k0
-            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-            bg = tl.load(bg_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-            bu = tl.load(bu_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc_g = dot(a, bg, acc_g, PRECISION)
-        acc_u = dot(a, bu, acc_u, PRECISION)
-        a_ptrs += BK
-        bg_ptrs += BK * stride_wk
-        bu_ptrs += BK * stride_wk
-    mask = rmask[:, None] & cmask[None, :]
+    j = tl.arange(0, BN)
+    w_cols = tl.program_id(0) * HALF + j % HALF  # the act column each MMA column feeds
+    w_rows = w_cols + (j // HALF) * I  # its row of w_gate_up: gate rows, then up rows
+    w_mask = w_cols < I
+    acc = tl.zeros([BM, BN], tl.float32)
+    acc = mma(acc, x_ptr, rows_of(token_ptr, rows, rmask, True), rmask, stride_x,
+              w_ptr + expert.to(tl.int64) * stride_we, w_rows, w_mask, stride_wn, stride_wk, H, BK, EVEN_K,
+              PRECISION)
+    gate, up = tl.split(tl.permute(tl.reshape(acc, [BM, 2, HALF]), [0, 2, 1]))
     rows64 = rows.to(tl.int64)
+    mask = rmask[:, None] & cmask[None, :]
     if SAVE_H:
         h_ptrs = h_ptr + rows64[:, None] * stride_h + cols[None, :]
-        tl.store(h_ptrs, acc_g.to(h_ptr.dtype.element_ty), mask=mask)
-        tl.store(h_ptrs + I, acc_u.to(h_ptr.dtype.element_ty), mask=mask)
-    act = acc_g * tl.sigmoid(acc_g) * acc_u
+        tl.store(h_ptrs, gate.to(h_ptr.dtype.element_ty), mask=mask)
+        tl.store(h_ptrs + I, up.to(h_ptr.dtype.element_ty), mask=mask)
+    act = gate * tl.sigmoid(gate) * up
     tl.store(act_ptr + rows64[:, None] * stride_act + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
 
 
@@ -90,15 +86,14 @@ def _routed_forward(x, groups: Groups, w_gate_up, w_down, save_h):
     y = torch.empty(slots, hidden, device=dev, dtype=dtype)
     if slots == 0:
         return y, h
-    cfg = tile_config(dtype, fused_pair=True)
+    cfg = tile_config(dtype)
     tile_cum, m_tiles = groups.tile_grid(cfg.bm)
-    w_gate, w_up = w_gate_up[:, :inter], w_gate_up[:, inter:]
-    _gate_up_fwd_kernel[(triton.cdiv(inter, cfg.bn), m_tiles)](
-        x, groups.token, w_gate, w_up, h if save_h else act, act, groups.offsets, tile_cum, num_experts, hidden,
-        inter, x.stride(0), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), h.stride(0) if save_h else 0,
-        act.stride(0), SAVE_H=save_h, EVEN_K=hidden % cfg.bk == 0, PRECISION=precision(dtype), BM=cfg.bm,
-        BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=groups.search_steps, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+    _gate_up_fwd_kernel[(triton.cdiv(inter, cfg.bn // 2), m_tiles)](
+        x, groups.token, w_gate_up, h if save_h else act, act, groups.offsets, tile_cum, num_experts, hidden,
+        inter, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2),
+        h.stride(0) if save_h else 0, act.stride(0), SAVE_H=save_h, EVEN_K=hidden % cfg.bk == 0,
+        PRECISION=precision(dtype), BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=groups.search_steps,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     grouped_gemm(act, groups, False, w_down, (w_down.stride(1), w_down.stride(2)), y, hidden, inter)
     return y, h
 
