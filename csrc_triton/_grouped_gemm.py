@@ -173,9 +173,8 @@ class TileConfig(NamedTuple):
 
 
 def tile_config(dtype: torch.dtype) -> TileConfig:
-    """Tiles of the row-scheduled grouped GEMMs (all but the wgrad). One config for all of them: BM must be the
-    same for every kernel of one grouping (the row-tile schedule depends on it), and the gate-up GEMM's BN-wide
-    MMA covers BN/2 gate and BN/2 up columns."""
+    """Tiles of the row-scheduled grouped GEMMs (all but the wgrad). One config for all of them: BM fixes the
+    row-tile schedule of a grouping, and the gate-up GEMM's BN-wide MMA covers BN/2 gate and BN/2 up columns."""
     if interpreting():
         return TileConfig(16, 16, 16, 1, 1)
     if dtype == torch.float32:
@@ -191,18 +190,22 @@ def precision(dtype: torch.dtype) -> str:
 
 
 class Groups(NamedTuple):
-    """Slots of each expert: token [slots] (slot -> token), offsets [E+1] int32, counts [E]."""
-    token: torch.Tensor
-    offsets: torch.Tensor
-    counts: torch.Tensor
+    """The slots of each expert and their row-tile schedule, made once per routing and pass (forward or
+    backward) and shared by every grouped GEMM of that pass: all use ``tile.bm``, so one cumsum serves them."""
+    token: torch.Tensor  # [slots] int32: slot -> token
+    offsets: torch.Tensor  # [E + 1] int32: first slot of each expert
+    counts: torch.Tensor  # [E]: slots of each expert
+    tile: TileConfig
+    tile_cum: torch.Tensor  # [E] int32: row tiles of experts 0..e
+    m_tiles: int  # the grid's row tiles: an upper bound on tile_cum[-1], known without a device->host sync
 
     @classmethod
-    def of(cls, plan: RoutingPlan) -> "Groups":
-        return cls(plan.sorted_token, plan.offsets, plan.tokens_per_expert)
-
-    def tile_grid(self, bm: int) -> tuple[torch.Tensor, int]:
-        tile_cum = torch.cumsum((self.counts + (bm - 1)) // bm, 0, dtype=torch.int32)
-        return tile_cum, triton.cdiv(self.token.numel(), bm) + self.counts.numel()
+    def of(cls, plan: RoutingPlan, dtype: torch.dtype) -> "Groups":
+        tile = tile_config(dtype)
+        counts = plan.tokens_per_expert
+        tile_cum = torch.cumsum((counts + (tile.bm - 1)) // tile.bm, 0, dtype=torch.int32)
+        m_tiles = triton.cdiv(plan.sorted_token.numel(), tile.bm) + counts.numel()
+        return cls(plan.sorted_token, plan.offsets, counts, tile, tile_cum, m_tiles)
 
     @property
     def num_experts(self) -> int:
@@ -219,10 +222,9 @@ def grouped_gemm(a, groups: Groups, gather: bool, b, b_strides, out, n: int, k: 
     ``b[e].data_ptr() + n * b_strides[0] + k * b_strides[1]``."""
     if groups.token.numel() == 0:
         return
-    cfg = tile_config(a.dtype)
-    tile_cum, m_tiles = groups.tile_grid(cfg.bm)
-    _grouped_gemm_kernel[(triton.cdiv(n, cfg.bn), m_tiles)](
-        a, groups.token, b, out, groups.offsets, tile_cum, groups.num_experts, n, k, a.stride(0),
+    cfg = groups.tile
+    _grouped_gemm_kernel[(triton.cdiv(n, cfg.bn), groups.m_tiles)](
+        a, groups.token, b, out, groups.offsets, groups.tile_cum, groups.num_experts, n, k, a.stride(0),
         b.stride(0), *b_strides, out.stride(0), GATHER=gather, EVEN_K=k % cfg.bk == 0, PRECISION=precision(a.dtype),
         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=groups.search_steps, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._grouped_gemm import Groups, grouped_gemm, mma, precision, program_tile, rows_of, tile_config, wgrad
+from ._grouped_gemm import Groups, grouped_gemm, mma, precision, program_tile, rows_of, wgrad
 from ._runtime import check, use_triton
 from ._swiglu import swiglu_backward, swiglu_mlp_reference
 from .permute import RoutingPlan, combine, plan_routing
@@ -86,10 +86,9 @@ def _routed_forward(x, groups: Groups, w_gate_up, w_down, save_h):
     y = torch.empty(slots, hidden, device=dev, dtype=dtype)
     if slots == 0:
         return y, h
-    cfg = tile_config(dtype)
-    tile_cum, m_tiles = groups.tile_grid(cfg.bm)
-    _gate_up_fwd_kernel[(triton.cdiv(inter, cfg.bn // 2), m_tiles)](
-        x, groups.token, w_gate_up, h if save_h else act, act, groups.offsets, tile_cum, num_experts, hidden,
+    cfg = groups.tile
+    _gate_up_fwd_kernel[(triton.cdiv(inter, cfg.bn // 2), groups.m_tiles)](
+        x, groups.token, w_gate_up, h if save_h else act, act, groups.offsets, groups.tile_cum, num_experts, hidden,
         inter, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2),
         h.stride(0) if save_h else 0, act.stride(0), SAVE_H=save_h, EVEN_K=hidden % cfg.bk == 0,
         PRECISION=precision(dtype), BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=groups.search_steps,
@@ -133,7 +132,7 @@ class _RoutedExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weights, w_gate_up, w_down, residual, plan: RoutingPlan):
-        y, h = _routed_forward(x, Groups.of(plan), w_gate_up, w_down, save_h=any(ctx.needs_input_grad[:4]))
+        y, h = _routed_forward(x, Groups.of(plan, x.dtype), w_gate_up, w_down, save_h=any(ctx.needs_input_grad[:4]))
         out = combine(y, plan.slot_of_pair, weights, residual)
         ctx.save_for_backward(x, weights, w_gate_up, w_down, h, *plan)
         ctx.has_residual = residual is not None
@@ -148,7 +147,7 @@ class _RoutedExpertsFunction(torch.autograd.Function):
         if weights is not None:
             slot_weight = weights.reshape(-1)[plan.sorted_pair.long()].float().contiguous()
         dx_slot, dw_gate_up, dw_down, dw_slot = _routed_backward(
-            dout, x, Groups.of(plan), w_gate_up, w_down, h, slot_weight, need_dw=ctx.needs_input_grad[1])
+            dout, x, Groups.of(plan, x.dtype), w_gate_up, w_down, h, slot_weight, need_dw=ctx.needs_input_grad[1])
         dx = combine(dx_slot, plan.slot_of_pair)
         dweights = dw_slot[plan.slot_of_pair.long()].to(weights.dtype) if dw_slot is not None else None
         return dx, dweights, dw_gate_up, dw_down, dout if ctx.has_residual else None, None
