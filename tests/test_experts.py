@@ -37,6 +37,13 @@ def test_expert_mlp(case, dtype, device, poison):
     check_expert_mlp(*case, dtype, device)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_up_partial_column_tile(dtype, device, poison):
+    # intermediate 20: the gate-up GEMM's last act tile is partial (BN/2 columns: 8 under the interpreter, 64 on
+    # GPUs), so its gate rows and its up rows (I further down w_gate_up) are masked alike
+    check_expert_mlp(21, 24, 20, 4, 2, (), dtype, device)
+
+
 def test_every_token_on_one_expert(device, poison):
     tokens, hidden, inter, experts = 37, 32, 24, 5
     ids = torch.full((tokens, 1), 3, dtype=torch.int32, device=device)
