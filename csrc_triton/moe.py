@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._runtime import check, use_triton
-from .experts import expert_mlp, shared_expert_mlp
 from .permute import plan_routing
+from .routed_experts import expert_mlp
 from .router import RouterOutput, route
+from .shared_expert import shared_expert_mlp
 
 __all__ = ["MoESpec", "FusedMoE", "patch_hf_model", "SUPPORTED_BLOCKS"]
 
@@ -46,7 +47,11 @@ class MoESpec:
     jitter_noise: float = 0.0  # Mixtral's multiplicative input jitter in training
 
 
-class _Router(nn.Module):
+# Holders of transformers-named parameters (``gate.weight``, ``experts.gate_up_proj``, ``shared_expert.up_proj``,
+# ...), so that FusedMoE's state dict loads into and from transformers' blocks; the compute is in forward.
+
+
+class _RouterWeights(nn.Module):
     def __init__(self, spec: MoESpec):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(spec.num_experts, spec.hidden_size))
@@ -54,7 +59,7 @@ class _Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(spec.num_experts))
 
 
-class _Experts(nn.Module):
+class _RoutedExpertsWeights(nn.Module):
     def __init__(self, spec: MoESpec):
         super().__init__()
         e, h, i = spec.num_experts, spec.hidden_size, spec.intermediate_size
@@ -62,7 +67,7 @@ class _Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
 
-class _SharedExpert(nn.Module):
+class _SharedExpertWeights(nn.Module):
     def __init__(self, hidden: int, inter: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
@@ -89,10 +94,10 @@ class FusedMoE(nn.Module):
         self.router_output: RouterOutput | None = None
         if not _build:
             return
-        self.gate = _Router(spec)
-        self.experts = _Experts(spec)
+        self.gate = _RouterWeights(spec)
+        self.experts = _RoutedExpertsWeights(spec)
         if spec.shared_intermediate_size:
-            self.add_module(shared_name, _SharedExpert(spec.hidden_size, spec.shared_intermediate_size))
+            self.add_module(shared_name, _SharedExpertWeights(spec.hidden_size, spec.shared_intermediate_size))
             if spec.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(spec.hidden_size, 1, bias=False)
         self.reset_parameters()

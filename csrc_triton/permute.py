@@ -266,7 +266,7 @@ def pair_dot(dout: torch.Tensor, y_sorted: torch.Tensor, slot_of_pair: torch.Ten
     return out
 
 
-class _Permute(torch.autograd.Function):
+class _PermuteFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, sorted_token, slot_of_pair):
         ctx.save_for_backward(slot_of_pair)
@@ -278,7 +278,7 @@ class _Permute(torch.autograd.Function):
         return combine(dx_sorted, slot_of_pair), None, None
 
 
-class _Unpermute(torch.autograd.Function):
+class _UnpermuteFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_sorted, weights, residual, plan_tensors):
         sorted_token, sorted_pair, slot_of_pair = plan_tensors
@@ -320,7 +320,7 @@ def permute(x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
           f"permute: x has {x.shape[0]} tokens but the plan was made for {plan.slot_of_pair.shape[0]}")
     if not use_triton(x):
         return permute_reference(x, plan)
-    return _Permute.apply(x, plan.sorted_token, plan.slot_of_pair)
+    return _PermuteFunction.apply(x, plan.sorted_token, plan.slot_of_pair)
 
 
 def unpermute(y_sorted: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor | None = None,
@@ -335,4 +335,5 @@ def unpermute(y_sorted: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor |
               f"unpermute: weights must be {tuple(plan.slot_of_pair.shape)}, got {tuple(weights.shape)}")
     if not use_triton(y_sorted):
         return unpermute_reference(y_sorted, plan, weights, residual)
-    return _Unpermute.apply(y_sorted, weights, residual, (plan.sorted_token, plan.sorted_pair, plan.slot_of_pair))
+    return _UnpermuteFunction.apply(y_sorted, weights, residual,
+                                    (plan.sorted_token, plan.sorted_pair, plan.slot_of_pair))

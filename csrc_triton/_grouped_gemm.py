@@ -1,0 +1,240 @@
+"""Grouped GEMMs over ragged expert groups: the core that every routed-expert GEMM (routed_experts.py) runs on.
+
+The rows of the expert-sorted order (slots, see permute.py) come in one group per expert: rows
+``offsets[e]:offsets[e+1]`` use expert e's weights. A row tile never mixes experts, so empty experts cost nothing
+and groups need not be block multiples. The grid is sized by an upper bound on the number of row tiles (no
+device->host sync); surplus programs exit at once.
+
+This file owns what more than one grouped kernel uses: the row-tile schedule (``Groups``, ``_find_group``,
+``program_tile``), the K loop (``mma``), the plain grouped GEMM (``grouped_gemm``: the down GEMM, both dgrads)
+and the per-expert weight-gradient GEMM (``wgrad``), with their tile configurations. A kernel that fuses an
+op's own prologue or epilogue (the gate-up GEMM with its gather and SwiGLU) lives with that op and calls
+``program_tile`` / ``mma`` from here. A unit of its own (any grouped GEMM over a RoutingPlan), and apart from
+routed_experts.py so that each reads at once. Nothing here is public API (hence the underscore, as for
+_runtime.py).
+
+Operands bf16/fp16 (fp32 for tests) with fp32 accumulation.
+"""
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import interpreting
+from .permute import RoutingPlan
+
+__all__ = ["TileConfig", "tile_config", "precision", "Groups", "program_tile", "rows_of", "mma", "grouped_gemm",
+           "wgrad"]
+
+
+@triton.jit
+def _find_group(pid_m, tile_cum_ptr, offsets_ptr, E, BM: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    """Map a row-tile index to (expert, first row, end row) by binary search over the cumulative tile counts.
+
+    Returns expert == E for surplus tiles past the last group.
+    """
+    lo = pid_m * 0
+    hi = lo + E
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        active = lo < hi
+        go_right = tl.load(tile_cum_ptr + mid, mask=active, other=0) <= pid_m
+        lo = tl.where(active & go_right, mid + 1, lo)
+        hi = tl.where(active & ~go_right, mid, hi)
+    expert = lo
+    first_tile = tl.load(tile_cum_ptr + expert - 1, mask=expert > 0, other=0)
+    row_start = tl.load(offsets_ptr + expert, mask=expert < E, other=0) + (pid_m - first_tile) * BM
+    row_end = tl.load(offsets_ptr + expert + 1, mask=expert < E, other=0)
+    return expert, row_start, row_end
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    if PRECISION == "upcast":  # the triton 3.6 interpreter multiplies bf16 operands wrongly; fp32 is exact
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if PRECISION == "ieee":
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def program_tile(tile_cum_ptr, offsets_ptr, E, N, BM: tl.constexpr, BN: tl.constexpr,
+                 SEARCH_STEPS: tl.constexpr):
+    """This program's output tile: (expert, rows, row mask, columns, column mask); expert == E: no work."""
+    expert, row_start, row_end = _find_group(tl.program_id(1), tile_cum_ptr, offsets_ptr, E, BM, SEARCH_STEPS)
+    rows = row_start + tl.arange(0, BM)
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    return expert, rows, rows < row_end, cols, cols < N
+
+
+@triton.jit
+def rows_of(token_ptr, rows, rmask, GATHER: tl.constexpr):
+    """The operand rows that slots ``rows`` read: their tokens' rows when gathering, else the slots' own."""
+    if GATHER:
+        return tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    return rows.to(tl.int64)
+
+
+@triton.jit
+def mma(acc, a_ptr, a_rows, a_mask, stride_a, b_ptr, cols, cmask, stride_bn, stride_bk, K,
+        BK: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += A[a_rows, :K] @ B[:K, cols], where B[k, n] = b_ptr[n * stride_bn + k * stride_bk].
+
+    ``cols`` need not be contiguous: each is one row of a [N, K] weight, read along K (the gate-up GEMM
+    passes gate and up rows side by side)."""
+    ks = tl.arange(0, BK)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_a + ks[None, :]
+    b_ptrs = b_ptr + cols[None, :] * stride_bn + ks[:, None] * stride_bk
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=a_mask[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=cmask[None, :], other=0.0)
+        else:
+            kmask = ks < K - k0
+            a = tl.load(a_ptrs, mask=a_mask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = _dot(a, b, acc, PRECISION)
+        a_ptrs += BK
+        b_ptrs += BK * stride_bk
+    return acc
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, token_ptr, b_ptr, c_ptr, offsets_ptr, tile_cum_ptr,
+    E, N, K, stride_a, stride_be, stride_bn, stride_bk, stride_c,
+    GATHER: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+):
+    """C[rows of e] = A[rows of e] @ B[e] with B[e][k, n] = b_ptr[e*stride_be + n*stride_bn + k*stride_bk];
+    A's rows optionally gathered by token. The down GEMM, its dgrad and the up dgrad (K = 2I: gate and up
+    rows of w_gate_up are one K range) are all this kernel."""
+    expert, rows, rmask, cols, cmask = program_tile(tile_cum_ptr, offsets_ptr, E, N, BM, BN, SEARCH_STEPS)
+    if expert >= E:
+        return
+    acc = tl.zeros([BM, BN], tl.float32)
+    acc = mma(acc, a_ptr, rows_of(token_ptr, rows, rmask, GATHER), rmask, stride_a,
+              b_ptr + expert.to(tl.int64) * stride_be, cols, cmask, stride_bn, stride_bk, K, BK, EVEN_K, PRECISION)
+    tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_c + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+def _wgrad_configs() -> list:
+    """The wgrad's tiles are not tied to a row schedule, so they are tuned per (M, N) on first use."""
+    if interpreting():
+        return [triton.Config(dict(BM=16, BN=16, BK=16), num_warps=1, num_stages=1)]
+    return [triton.Config(dict(BM=bm, BN=bn, BK=bk), num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 256, 64, 8, 3),
+                                      (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]]
+
+
+@triton.autotune(configs=_wgrad_configs(), key=["M", "N", "A_GATHER", "B_GATHER"])
+@triton.jit
+def _wgrad_kernel(
+    a_ptr, a_token_ptr, b_ptr, b_token_ptr, out_ptr, offsets_ptr,
+    M, N, stride_a, stride_b, stride_oe, stride_om, stride_on,
+    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """out[e] = A[rows of e]^T @ B[rows of e]: [M, N] per expert, reduced over that expert's slots; A's or
+    B's rows may be gathered by token. Both operands are plain loads, so they stream straight to the MMA."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    expert = tl.program_id(2)
+    row_start = tl.load(offsets_ptr + expert)
+    row_end = tl.load(offsets_ptr + expert + 1)
+    mcols = pid_m * BM + tl.arange(0, BM)
+    ncols = pid_n * BN + tl.arange(0, BN)
+    mmask = mcols < M
+    nmask = ncols < N
+    acc = tl.zeros([BM, BN], tl.float32)
+    for r0 in range(row_start, row_end, BK):
+        rows = r0 + tl.arange(0, BK)
+        rmask = rows < row_end
+        a_rows = rows_of(a_token_ptr, rows, rmask, A_GATHER)
+        a = tl.load(a_ptr + a_rows[:, None] * stride_a + mcols[None, :], mask=rmask[:, None] & mmask[None, :],
+                    other=0.0)
+        b_rows = rows_of(b_token_ptr, rows, rmask, B_GATHER)
+        b = tl.load(b_ptr + b_rows[:, None] * stride_b + ncols[None, :], mask=rmask[:, None] & nmask[None, :],
+                    other=0.0)
+        acc = _dot(tl.trans(a), b, acc, PRECISION)
+    tl.store(out_ptr + expert.to(tl.int64) * stride_oe + mcols[:, None] * stride_om + ncols[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+class TileConfig(NamedTuple):
+    bm: int
+    bn: int
+    bk: int
+    num_warps: int
+    num_stages: int
+
+
+def tile_config(dtype: torch.dtype) -> TileConfig:
+    """Tiles of the row-scheduled grouped GEMMs (all but the wgrad). One config for all of them: BM fixes the
+    row-tile schedule of a grouping, and the gate-up GEMM's BN-wide MMA covers BN/2 gate and BN/2 up columns."""
+    if interpreting():
+        return TileConfig(16, 16, 16, 1, 1)
+    if dtype == torch.float32:
+        return TileConfig(64, 64, 32, 4, 2)
+    return TileConfig(128, 128, 64, 8, 3)
+
+
+def precision(dtype: torch.dtype) -> str:
+    """fp32 operands get IEEE dots (tests compare at fp32 tolerance); 16-bit ones the tensor cores."""
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if interpreting() else "native"
+
+
+class Groups(NamedTuple):
+    """The slots of each expert and their row-tile schedule, made once per routing and pass (forward or
+    backward) and shared by every grouped GEMM of that pass: all use ``tile.bm``, so one cumsum serves them."""
+    token: torch.Tensor  # [slots] int32: slot -> token
+    offsets: torch.Tensor  # [E + 1] int32: first slot of each expert
+    counts: torch.Tensor  # [E]: slots of each expert
+    tile: TileConfig
+    tile_cum: torch.Tensor  # [E] int32: row tiles of experts 0..e
+    m_tiles: int  # the grid's row tiles: an upper bound on tile_cum[-1], known without a device->host sync
+
+    @classmethod
+    def of(cls, plan: RoutingPlan, dtype: torch.dtype) -> "Groups":
+        tile = tile_config(dtype)
+        counts = plan.tokens_per_expert
+        tile_cum = torch.cumsum((counts + (tile.bm - 1)) // tile.bm, 0, dtype=torch.int32)
+        m_tiles = triton.cdiv(plan.sorted_token.numel(), tile.bm) + counts.numel()
+        return cls(plan.sorted_token, plan.offsets, counts, tile, tile_cum, m_tiles)
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.numel()
+
+    @property
+    def search_steps(self) -> int:
+        """Binary-search steps of _find_group over the experts."""
+        return max(1, self.num_experts.bit_length())
+
+
+def grouped_gemm(a, groups: Groups, gather: bool, b, b_strides, out, n: int, k: int):
+    """out[slot] = a[token of slot if gather else slot] @ B[expert of slot], B[e][k, n] at
+    ``b[e].data_ptr() + n * b_strides[0] + k * b_strides[1]``."""
+    if groups.token.numel() == 0:
+        return
+    cfg = groups.tile
+    _grouped_gemm_kernel[(triton.cdiv(n, cfg.bn), groups.m_tiles)](
+        a, groups.token, b, out, groups.offsets, groups.tile_cum, groups.num_experts, n, k, a.stride(0),
+        b.stride(0), *b_strides, out.stride(0), GATHER=gather, EVEN_K=k % cfg.bk == 0, PRECISION=precision(a.dtype),
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=groups.search_steps, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+
+
+def wgrad(a, a_token, b, b_token, out, groups: Groups):
+    """out[e] = a[rows of e]^T @ b[rows of e], rows gathered through a_token / b_token where given; an expert
+    with no slots gets zeros (the loop over its rows is empty)."""
+    num_experts, m, n = out.shape
+    _wgrad_kernel[lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(m, meta["BM"]), num_experts)](
+        a, a_token if a_token is not None else a, b, b_token if b_token is not None else b, out, groups.offsets,
+        m, n, a.stride(0), b.stride(0), out.stride(0), out.stride(1), out.stride(2), A_GATHER=a_token is not None,
+        B_GATHER=b_token is not None, PRECISION=precision(a.dtype))
