@@ -50,8 +50,9 @@ import csrc_triton as ct
 from . import source_commit
 from .config import Config, DataConfig, ModelConfig, PrivacyConfig, TrainConfig, validate
 from .data import Batches, encode, eval_batches, load_tokenizer, party_texts
-from .model import Backbone, compute_loss, seeded
+from .model import Backbone, compute_loss
 from .protocol import ExpertShard, clip_and_noise, owned_experts, owner_of
+from .rng import seeded
 from .train import _optimizer, lr_at
 
 __all__ = ["PRESETS", "Preset", "PartyExperts", "token_accuracy", "bleu", "token_set_recall", "collaborate",

@@ -40,7 +40,7 @@ from torch import nn
 import csrc_triton as ct
 
 from .config import ModelConfig, PrivacyConfig
-from .model import seeded
+from .rng import seeded
 from .nvtx import nvtx_range, stage
 
 __all__ = ["WIRE_KINDS", "owner_of", "owned_experts", "ExpertShard", "WireEntry", "WireLog", "Wire",

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, load_config
 from .data import Batches, encode, eval_batches, load_tokenizer, party_texts
-from .model import Backbone, compute_loss, count_parameters, seeded
+from .model import Backbone, compute_loss, count_parameters
+from .rng import seeded
 from .nvtx import nvtx_range
 from .protocol import DistributedExperts, ExpertShard, Wire, WireLog
 
