@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from pcmoe_engine import nvtx
 from pcmoe_engine.config import load_config
 from pcmoe_engine.train import train
 
@@ -90,6 +91,7 @@ def main(argv=None):
                         f.write(_snapshot_bytes(scratch))
                     torch.cuda.memory._record_memory_history(enabled=None)
 
+    nvtx.enable()  # the named ranges exist only while profiling
     summary = train(cfg, 0, on_step=on_step)
     trace = scratch / "trace.json"
     prof.export_chrome_trace(str(trace))
