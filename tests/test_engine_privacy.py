@@ -172,6 +172,17 @@ def test_noise_has_the_configured_std_and_is_seeded(loopback):
     assert not torch.equal(got, other_party)
 
 
+def test_observer_sees_what_arrived_and_nothing_is_observed_by_default(loopback):
+    rows, seen = _rows(), []
+    wire = Wire(0, 2, observer=lambda *args: seen.append(args))
+    transfer = wire.exchange("hidden", 3, rows, [100, 300], [100, 300], async_op=True)
+    assert seen == []  # not before it has arrived
+    received = transfer.wait()
+    ((kind, layer, observed, recv_splits),) = seen
+    assert (kind, layer, recv_splits) == ("hidden", 3, [100, 300]) and observed is received
+    assert Wire(0, 2).observer is None
+
+
 def test_clip_and_noise_keeps_zero_rows_and_dtype():
     rows = torch.zeros(3, 8, dtype=torch.bfloat16)
     assert torch.equal(clip_and_noise(rows, 1.0, 0.0, None), rows)
