@@ -53,7 +53,7 @@ from .data import Batches, encode, eval_batches, load_tokenizer, party_texts
 from .model import Backbone, compute_loss
 from .protocol import ExpertShard, clip_and_noise, owned_experts, owner_of
 from .rng import seeded
-from .train import _optimizer, lr_at
+from .party import build_optimizer, lr_at
 
 __all__ = ["PRESETS", "Preset", "PartyExperts", "token_accuracy", "bleu", "token_set_recall", "collaborate",
            "observe", "nearest_neighbour_attack", "decoder_attack", "gradient_attack", "fedsgd_attack", "run",
@@ -224,7 +224,7 @@ def collaborate(cfg: Config, texts: list[torch.Tensor], eval_tokens: torch.Tenso
     start = copy.deepcopy(backbones[VICTIM])
     for party in range(cfg.parties):
         experts.append(PartyExperts(shards, party, privacy, t.seed))
-        optimizers.append(_optimizer(cfg, (backbones[party], shards[party])))
+        optimizers.append(build_optimizer(cfg, (backbones[party], shards[party])))
     losses = []
     for step in range(1, t.steps + 1):
         for optimizer in optimizers:
