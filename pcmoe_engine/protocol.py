@@ -41,8 +41,8 @@ from torch import nn
 import csrc_triton as ct
 
 from .config import ModelConfig, PrivacyConfig
-from .rng import seeded
 from .nvtx import nvtx_range, stage
+from .rng import seeded
 
 __all__ = ["WIRE_KINDS", "owner_of", "owned_experts", "ExpertShard", "WireEntry", "WireLog", "Wire", "Observer",
            "Transfer", "DistributedExperts", "clip_and_noise"]

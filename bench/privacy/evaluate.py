@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"bench.privacy: error: {e}\n")
     device = torch.device(results["config"]["train"]["device"])
     results.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-                   commit=source_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   commit=source_commit(),
+                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    torch=torch.__version__, threads=torch.get_num_threads())
     command = " ".join(["python -m bench.privacy", *(argv if argv is not None else sys.argv[1:])])
     write_report(results, Path(args.out), command)
