@@ -4,14 +4,24 @@ warm-up, rotating input sets where one set would sit in L2) and the device's cei
 import datetime
 import itertools
 import math
+import os
 import platform
+import subprocess
 import time
 
 import torch
 import triton
 from triton.testing import do_bench
 
-from pcmoe_engine import source_commit
+
+def source_commit() -> str:
+    """The commit results are recorded against: PCMOE_COMMIT where the tree has no .git (e.g. a copy on a GPU
+    machine), else git's short HEAD, else "unknown"."""
+    try:
+        return os.environ.get("PCMOE_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def environment() -> dict:

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ceilings, environment  # noqa: E402
 from bench.report import RESULTS, gpu_tag  # noqa: E402
 from pcmoe_engine.config import load_config  # noqa: E402
-from pcmoe_engine.train import party_device, process_group_backend, train  # noqa: E402
+from pcmoe_engine.party import Party, party_device, process_group_backend  # noqa: E402
 
 MODEL = ["model.preset=olmoe-1b-7b", "model.num_layers=4", "train.batch_size=8", "data.seq_len=1024"]
 
@@ -78,9 +77,7 @@ def main(argv=None):
                                                     "(default bench/results)")
     args = parser.parse_args(argv)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    cfg = load_config(None, [*MODEL, f"train.steps={args.steps}", "train.checkpoints=false", "train.eval_batches=1",
-                             f"train.out_dir={tempfile.mkdtemp(prefix='pcmoe-e2e-')}", f"train.log_every={args.steps}",
-                             *args.overrides], parties=world)
+    cfg = load_config(None, [*MODEL, f"train.steps={args.steps}", *args.overrides], parties=world)
     device = party_device(cfg)
     cuda = device.type == "cuda"
     if cuda:
@@ -95,16 +92,15 @@ def main(argv=None):
     first_profiled = args.steps - args.profiled + 1
     prof = profile(activities=[ProfilerActivity.CUDA]) if nccl and args.profiled else None
     steps = []
-
-    def on_step(record):
-        steps.append(record)
-        if prof is not None and record["step"] == first_profiled - 1:
-            prof.start()
-        if prof is not None and record["step"] == args.steps:
-            prof.stop()
-
     try:
-        summary = train(cfg, rank, on_step=on_step)
+        party = Party(cfg, rank)
+        while party.step_count < args.steps:
+            if prof is not None and party.step_count == first_profiled - 1:
+                prof.start()
+            steps.append(party.step())
+        if prof is not None:
+            prof.stop()
+        summary = party.summary()
         nccl_share = 0.0 if world == 1 else None
         if prof is not None:
             nccl_us = sum(e.device_time for e in prof.events()

@@ -19,7 +19,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .config import Config, DataConfig, corpus_path
-from .model import seeded
+from .rng import seeded
 
 __all__ = ["read_text", "party_texts", "load_tokenizer", "encode", "Batches", "eval_batches"]
 

@@ -3,7 +3,6 @@ RMSNorms, each MoE layer's router and shared expert, LM head) and the routed exp
 ``experts`` callable (``protocol.DistributedExperts``) so the Backbone never holds another party's experts.
 """
 
-import hashlib
 import math
 from typing import NamedTuple
 
@@ -17,14 +16,7 @@ import csrc_triton as ct
 from .config import ModelConfig
 from .nvtx import stage
 
-__all__ = ["Backbone", "Loss", "compute_loss", "count_parameters", "seeded"]
-
-
-def seeded(*keys: int | str) -> torch.Generator:
-    """A generator for one purpose of one run, e.g. seeded(seed, "expert", layer, expert): the same in every
-    process (a stable digest, unlike hash() of a str) and independent of everything else drawn."""
-    digest = hashlib.sha256(repr(keys).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+__all__ = ["Backbone", "Loss", "compute_loss", "count_parameters"]
 
 
 class RMSNorm(nn.Module):

@@ -1,6 +1,6 @@
 """Named ranges around the stages of a step, forward and backward: NVTX ranges for Nsight Systems (the nvtx
 package, else torch.cuda.nvtx, else none) and torch.profiler ranges (record_function) for
-profiling/engine_step.py. Cheap when nothing records them.
+profiling/engine_step.py.
 
     with stage("experts") as s:
         y = s.output(grouped_mlp(s.input(x), ...))
@@ -8,14 +8,22 @@ profiling/engine_step.py. Cheap when nothing records them.
 runs the forward inside a range "experts", and brackets the stage's backward in a range "experts.backward":
 it opens when the gradient of the marked output arrives and closes once the gradients of all marked inputs
 are computed (other work the autograd engine interleaves falls inside too).
+
+Off unless switched on, and then free: ``stage`` and ``nvtx_range`` return one shared do-nothing context
+(no autograd nodes, no record_function) until ``enable()`` is called (profiling/engine_step.py does) or the
+process starts with ``PCMOE_PROFILE=1`` (for runs under Nsight Systems, e.g.
+``PCMOE_PROFILE=1 nsys profile -t cuda,nvtx pcmoe train ...``). Switch it before a step, not inside one.
+The marks are identity nodes, but they change the autograd graph, hence the order in which gradients that
+meet are summed: a profiled run may differ from an unprofiled one in the last bits of a float.
 """
 
 import contextlib
+import os
 
 import torch
 from torch.profiler import record_function
 
-__all__ = ["nvtx_range", "stage"]
+__all__ = ["enable", "enabled", "nvtx_range", "stage"]
 
 try:
     import nvtx as _nvtx
@@ -40,12 +48,46 @@ except ImportError:  # torch's own NVTX bindings need CUDA; without either, NVTX
         def _range_end(handle) -> None:
             pass
 
+_enabled = os.environ.get("PCMOE_PROFILE", "0") not in ("", "0")
+
+
+def enable(on: bool = True) -> None:
+    """Record the ranges from now on (``enable(False)``: stop)."""
+    global _enabled
+    _enabled = on
+
+
+def enabled() -> bool:
+    return _enabled
+
 
 @contextlib.contextmanager
-def nvtx_range(name: str):
-    """A range around a block of host code (and the kernels it launches)."""
+def _recorded_range(name: str):
     with _annotate(name), record_function(name):
         yield
+
+
+class _Off:
+    """What stage() and nvtx_range() are while nothing records: a context that marks nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    output = input
+
+
+_OFF = _Off()
+
+
+def nvtx_range(name: str):
+    """A range around a block of host code (and the kernels it launches)."""
+    return _recorded_range(name) if _enabled else _OFF
 
 
 class _BackwardSpan:
@@ -89,13 +131,12 @@ class _Mark(torch.autograd.Function):
         return grad, None, None
 
 
-class stage(contextlib.AbstractContextManager):
+class _Stage(contextlib.AbstractContextManager):
     """A named stage: a forward range, and a backward range over the tensors marked with input/output."""
 
     def __init__(self, name: str):
-        self.name = name
         self.backward = _BackwardSpan(f"{name}.backward")
-        self._range = nvtx_range(name)
+        self._range = _recorded_range(name)
 
     def __enter__(self):
         self._range.__enter__()
@@ -114,3 +155,8 @@ class stage(contextlib.AbstractContextManager):
         if not (torch.is_grad_enabled() and y.requires_grad):
             return y
         return _Mark.apply(y, self.backward, True)
+
+
+def stage(name: str):
+    """A named stage (see the module docstring); marks nothing unless profiling is on."""
+    return _Stage(name) if _enabled else _OFF

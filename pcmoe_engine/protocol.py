@@ -17,7 +17,8 @@ Owner-local expert ids never travel row by row: rows arrive sorted by local expe
 Backward retraces the route: output gradients go to the owners ("output_grad"), input gradients come back
 ("hidden_grad"). An owner's expert gradients thus sum the contributions of every party's tokens. Nothing else
 crosses: no token ids, labels, positions, masks, routing weights, backbone parameters or their gradients.
-Every transfer goes through ``Wire.exchange``, which counts its bytes and can log it to a ``WireLog``.
+Every transfer goes through ``Wire.exchange``, which counts its bytes, can log it to a ``WireLog`` and can show
+what arrived to an observer (``Wire.observer``: e.g. an evaluation recording what a host receives).
 
 Defences (``PrivacyConfig``, off by default): before "hidden" and "output_grad" rows leave for another party,
 each row is clipped to an L2 norm and Gaussian noise is added (``clip_and_noise``). The receiver computes on
@@ -40,11 +41,11 @@ from torch import nn
 import csrc_triton as ct
 
 from .config import ModelConfig, PrivacyConfig
-from .model import seeded
 from .nvtx import nvtx_range, stage
+from .rng import seeded
 
-__all__ = ["WIRE_KINDS", "owner_of", "owned_experts", "ExpertShard", "WireEntry", "WireLog", "Wire",
-           "DistributedExperts", "clip_and_noise"]
+__all__ = ["WIRE_KINDS", "owner_of", "owned_experts", "ExpertShard", "WireEntry", "WireLog", "Wire", "Observer",
+           "Transfer", "DistributedExperts", "clip_and_noise"]
 
 # What may cross between parties, and nothing else.
 WIRE_KINDS = (
@@ -139,24 +140,32 @@ def clip_and_noise(rows: torch.Tensor, clip: float, noise: float, generator: tor
     return noisy.to(rows.dtype)
 
 
+# observer(kind, layer, received, recv_splits): the rows that arrived, from each party in party order.
+Observer = Callable[[str, int, torch.Tensor, list[int]], None]
+
+
 class Transfer(NamedTuple):
-    """A tensor on its way in: ``wait()`` returns it once it has arrived."""
+    """A tensor on its way in: ``wait()`` returns it once it has arrived (and shows it to ``arrived``)."""
     tensor: torch.Tensor
     work: "dist.Work | None"
+    arrived: Callable[[torch.Tensor], None] | None = None
 
     def wait(self) -> torch.Tensor:
         if self.work is not None:
             self.work.wait()
+        if self.arrived is not None:
+            self.arrived(self.tensor)
         return self.tensor
 
 
 class Wire:
-    """A party's link to the others: the process group, its traffic counters, an optional WireLog and the
-    defences on what it sends (``privacy``; ``seed`` draws this party's noise)."""
+    """A party's link to the others: the process group, its traffic counters, an optional WireLog, the
+    defences on what it sends (``privacy``; ``seed`` draws this party's noise) and an optional ``observer``
+    shown every tensor that arrives from the other parties, as it arrived."""
 
     def __init__(self, party: int = 0, parties: int = 1, group=None, log: WireLog | None = None,
-                 privacy: PrivacyConfig | None = None, seed: int = 0):
-        self.party, self.parties, self.group, self.log = party, parties, group, log
+                 privacy: PrivacyConfig | None = None, seed: int = 0, observer: Observer | None = None):
+        self.party, self.parties, self.group, self.log, self.observer = party, parties, group, log, observer
         self.bytes_sent = dict.fromkeys(WIRE_KINDS, 0)
         self.bytes_received = dict.fromkeys(WIRE_KINDS, 0)
         privacy = privacy or PrivacyConfig()
@@ -204,7 +213,9 @@ class Wire:
         send = send.contiguous()
         recv = send.new_empty((sum(recv_splits), *row_shape))
         work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group, async_op=async_op)
-        return Transfer(recv, work)
+        observer = self.observer
+        arrived = (lambda rows: observer(kind, layer, rows, recv_splits)) if observer is not None else None
+        return Transfer(recv, work, arrived)
 
     @property
     def total_sent(self) -> int:
@@ -258,6 +269,12 @@ class DistributedExperts:
         position[order] = torch.arange(len(order))
         self.wire_position = position.to(shard.w_down[0].device)
 
+    def plan(self, expert_ids: torch.Tensor) -> ct.RoutingPlan:
+        """The wire order of this party's (token, expert) pairs: grouped by the expert's owner, then by the
+        owner-local expert, tokens in order within an expert. The rows for party p are the slots
+        ``plan.offsets[sum(local_counts[:p])]`` up to ``plan.offsets[sum(local_counts[:p + 1])]``."""
+        return ct.plan_routing(self.wire_position[expert_ids.long()], self.shard.num_experts, validate=False)
+
     def _route(self, layer: int, pairs_per_expert: torch.Tensor) -> _Route:
         """Exchange the split sizes: per owner-local expert counts, so each owner knows what it will receive."""
         wire, mine = self.wire, self.local_counts[self.wire.party]
@@ -275,7 +292,7 @@ class DistributedExperts:
                  concurrent: Callable[[], torch.Tensor] | None = None):
         wire, shard = self.wire, self.shard
         with stage("permute") as s:
-            plan = ct.plan_routing(self.wire_position[expert_ids.long()], shard.num_experts, validate=False)
+            plan = self.plan(expert_ids)
             x_sorted = s.output(ct.permute(s.input(x), plan))
         with nvtx_range("dispatch"):
             route = self._route(layer, plan.tokens_per_expert)

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from pcmoe_engine import nvtx
 from pcmoe_engine.config import load_config
-from pcmoe_engine.train import train
+from pcmoe_engine.party import Party
 
 GiB = 2**30
 
@@ -69,28 +70,24 @@ def main(argv=None):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="pcmoe-profile-"))
-    cfg = load_config(args.config, [f"train.steps={args.warmup + args.steps}", "train.checkpoints=false",
-                                    f"train.out_dir={scratch}", "train.eval_batches=1", *args.overrides], parties=1)
-    cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+    cfg = load_config(args.config, [f"train.steps={args.warmup + args.steps}", *args.overrides], parties=1)
+    nvtx.enable()  # the named ranges below exist only while profiling
+    party = Party(cfg, 0)
+    cuda = party.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     prof = profile(activities=activities, profile_memory=True)
-    step_times = []
-
-    def on_step(record):
-        if record["step"] == args.warmup:
-            if cuda:
-                torch.cuda.memory._record_memory_history(max_entries=100_000, stacks="python")
-            prof.start()
-        elif record["step"] > args.warmup:
-            step_times.append(record["step_time_s"])
-            if record["step"] == args.warmup + args.steps:
-                prof.stop()
-                if cuda:
-                    with gzip.open(out / "engine_memory.pickle.gz", "wb") as f:
-                        f.write(_snapshot_bytes(scratch))
-                    torch.cuda.memory._record_memory_history(enabled=None)
-
-    summary = train(cfg, 0, on_step=on_step)
+    for _ in range(args.warmup):
+        party.step()
+    if cuda:
+        torch.cuda.memory._record_memory_history(max_entries=100_000, stacks="python")
+    prof.start()
+    step_times = [party.step()["step_time_s"] for _ in range(args.steps)]
+    prof.stop()
+    if cuda:
+        with gzip.open(out / "engine_memory.pickle.gz", "wb") as f:
+            f.write(_snapshot_bytes(scratch))
+        torch.cuda.memory._record_memory_history(enabled=None)
+    summary = party.summary()
     trace = scratch / "trace.json"
     prof.export_chrome_trace(str(trace))
     with open(trace, "rb") as src, gzip.open(out / "engine_trace.json.gz", "wb") as dst:
@@ -99,7 +96,7 @@ def main(argv=None):
     for r in rows:
         r["calls_per_step"] = r.pop("calls") / args.steps
     report = dict(config=cfg.to_dict(), profiled_steps=args.steps, step_time_s=step_times,
-                  tokens_per_step=cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len,
+                  tokens_per_step=party.tokens_per_step,
                   peak_memory_bytes=summary["peak_memory_bytes"], memory=summary["memory"],
                   device=torch.cuda.get_device_name() if cuda else "cpu", ranges=rows)
     (out / "engine_profile.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -28,3 +28,14 @@ def poison(monkeypatch):
     from helpers import poisoned_empty
 
     monkeypatch.setattr(torch, "empty", poisoned_empty(torch.empty))
+
+
+@pytest.fixture
+def profiling():
+    """The engine's named ranges switched on for the test (pcmoe_engine.nvtx)."""
+    from pcmoe_engine import nvtx
+
+    was = nvtx.enabled()
+    nvtx.enable()
+    yield
+    nvtx.enable(was)

@@ -257,7 +257,7 @@ def test_e2e_accounting():
     assert r["tokens_per_s"] == pytest.approx(cfg.train.batch_size * cfg.data.seq_len)
 
 
-def test_engine_step_has_named_ranges_forward_and_backward():
+def test_engine_step_has_named_ranges_forward_and_backward(profiling):
     cfg = ModelConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, num_experts=4,
                       top_k=2, expert_intermediate_size=16, shared_intermediate_size=16)
     backbone, shard = Backbone(cfg), ExpertShard(cfg)

@@ -8,7 +8,7 @@ import torch
 from pcmoe_engine.cli import main as pcmoe
 from pcmoe_engine.config import load_config
 from pcmoe_engine.data import Batches, load_tokenizer, party_texts
-from pcmoe_engine.train import party_device, process_group_backend
+from pcmoe_engine.party import party_device, process_group_backend
 
 
 def test_defaults_are_two_party_tiny():

@@ -12,10 +12,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import csrc_triton as ct
-from pcmoe_engine import privacy
+from bench import privacy
 from pcmoe_engine.cli import free_port
 from pcmoe_engine.config import PrivacyConfig, load_config
 from pcmoe_engine.data import encode, load_tokenizer, party_texts
+from pcmoe_engine.party import Party
 from pcmoe_engine.protocol import WIRE_KINDS, ExpertShard, Wire, clip_and_noise
 from pcmoe_engine.train import train
 
@@ -172,6 +173,17 @@ def test_noise_has_the_configured_std_and_is_seeded(loopback):
     assert not torch.equal(got, other_party)
 
 
+def test_observer_sees_what_arrived_and_nothing_is_observed_by_default(loopback):
+    rows, seen = _rows(), []
+    wire = Wire(0, 2, observer=lambda *args: seen.append(args))
+    transfer = wire.exchange("hidden", 3, rows, [100, 300], [100, 300], async_op=True)
+    assert seen == []  # not before it has arrived
+    received = transfer.wait()
+    ((kind, layer, observed, recv_splits),) = seen
+    assert (kind, layer, recv_splits) == ("hidden", 3, [100, 300]) and observed is received
+    assert Wire(0, 2).observer is None
+
+
 def test_clip_and_noise_keeps_zero_rows_and_dtype():
     rows = torch.zeros(3, 8, dtype=torch.bfloat16)
     assert torch.equal(clip_and_noise(rows, 1.0, 0.0, None), rows)
@@ -190,7 +202,7 @@ def test_privacy_config_errors(overrides, message):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The attack harness (pcmoe_engine/privacy.py)
+# The attack harness (bench/privacy)
 
 
 SMOKE = replace(privacy.PRESETS["tiny"], model=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4,
@@ -209,53 +221,89 @@ def test_scores_on_known_inputs():
     assert privacy.bleu([[-1] * 5], true)[1] == [0.0] * 4  # unseen positions match nothing
 
 
-def test_privacy_harness_dispatch_equals_the_engine(monkeypatch):
-    """PartyExperts (pairs routed one by one, shards of 2 parties) equals the all-local expert_mlp."""
+def test_harness_all_experts_equal_the_engine(monkeypatch):
+    """The attacks' all-local experts (both parties' shards put together, the engine's one-party path) equal
+    csrc_triton's all-local expert_mlp over one whole shard."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    cfg = privacy._config(SMOKE).model
+    cfg = privacy.config(SMOKE).model
     shards = [ExpertShard(cfg, p, 2) for p in range(2)]
     whole = ExpertShard(cfg)
     for s in (*shards, whole):
         s.init_weights(5)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(10, cfg.hidden_size, generator=gen).requires_grad_()
+    x = torch.randn(10, cfg.hidden_size, generator=gen)
     ids = torch.randint(0, cfg.num_experts, (10, cfg.top_k), generator=gen)
     weights = torch.rand(10, cfg.top_k, generator=gen)
-    experts = privacy.PartyExperts(shards, 0, PrivacyConfig(), seed=0)
-    experts.watch = []
-    out, _ = experts(1, x, weights, ids)
-    ref = ct.expert_mlp(x, weights, ids, whole.w_gate_up[1], whole.w_down[1])
-    torch.testing.assert_close(out, ref)
-    (out.sin().sum()).backward()
-    # The host (party 1) saw exactly the pairs routed to odd experts, with their gradients.
-    seen = experts.watch[0]
-    assert seen["layer"] == 1 and seen["token"].tolist() == (ids % 2 == 1).nonzero()[:, 0].tolist()
-    torch.testing.assert_close(seen["hidden"], x.detach()[seen["token"]])
-    assert seen["grad"].shape == seen["hidden"].shape
-
-    clipped = privacy.PartyExperts(shards, 0, PrivacyConfig(hidden_clip=0.5, grad_clip=1e-3), seed=0)
-    clipped.watch = []
-    clipped(1, x, weights, ids)[0].sin().sum().backward()
-    assert (clipped.watch[0]["hidden"].norm(dim=1) <= 0.5 * (1 + 1e-5)).all()
-    assert (clipped.watch[0]["grad"].norm(dim=1) <= 1e-3 * (1 + 1e-5)).all()
+    out, _ = privacy.all_experts(shards, cfg)(1, x, weights, ids)
+    torch.testing.assert_close(out, ct.expert_mlp(x, weights, ids, whole.w_gate_up[1], whole.w_down[1]))
 
 
+def _observing_party(rank, port, out_dir, defence):
+    """A party of SMOKE observed as the harness observes it; the victim also records, through module hooks,
+    each MoE layer's input, routing and output gradient: the truth to check the host's record against."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        party = Party(replace(privacy.config(SMOKE), privacy=defence), rank)
+        truth = []
+
+        def record(module, args, output):
+            layer = {"x": args[0].detach().reshape(-1, args[0].shape[-1]).clone(),
+                     "ids": output[1].expert_ids.clone(), "weights": output[1].weights.detach().clone()}
+            output[0].register_hook(lambda grad: layer.update(dout=grad.reshape(-1, grad.shape[-1]).clone()))
+            truth.append(layer)
+
+        if rank == privacy.VICTIM:
+            for block in party.backbone.blocks:
+                block.moe.register_forward_hook(record)
+        observed = privacy.windows(party.eval_tokens, SMOKE.seq_len, 4)
+        torch.save({**privacy.observe(party, observed), "truth": truth}, os.path.join(out_dir, f"party{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_harness_host_records_exactly_the_rows_routed_to_it(tmp_path, monkeypatch):
+    """Through the real wire: the host (party 1) recorded exactly the victim's pairs routed to its (odd)
+    experts, each row the victim's hidden state of that token and the gradient of that pair's output; with
+    the defences on, what it recorded is clipped."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    for name, defence in (("plain", PrivacyConfig()), ("clipped", PrivacyConfig(hidden_clip=0.5, grad_clip=1e-3))):
+        out_dir = tmp_path / name
+        out_dir.mkdir()
+        mp.spawn(_observing_party, args=(free_port(), str(out_dir), defence), nprocs=2)
+        victim, attacker = (torch.load(out_dir / f"party{p}.pt", weights_only=False) for p in range(2))
+        watch = privacy.join(victim["sent"], attacker["received"], privacy.config(SMOKE).model.top_k)
+        assert [w["layer"] for w in watch] == [0, 1]
+        for w, truth in zip(watch, victim["truth"], strict=True):
+            ids, weights = truth["ids"], truth["weights"]
+            assert sorted(w["pair"].tolist()) == (ids.reshape(-1) % 2 == 1).nonzero()[:, 0].tolist()
+            if name == "plain":
+                assert torch.equal(w["hidden"], truth["x"][w["token"]])
+                expected = weights.reshape(-1)[w["pair"], None] * truth["dout"][w["token"]]
+                torch.testing.assert_close(w["grad"], expected, rtol=1e-5, atol=1e-9)
+            else:
+                assert (w["hidden"].norm(dim=1) <= 0.5 * (1 + 1e-5)).all()
+                assert (w["grad"].norm(dim=1) <= 1e-3 * (1 + 1e-5)).all()
+
+
+@pytest.mark.slow
 def test_known_layer_attack_beats_chance_and_noise_stops_it(monkeypatch, one_thread):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    cfg = privacy._config(SMOKE)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    cfg = privacy.config(SMOKE)
     tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size)
-    texts = [encode(tokenizer, party_texts(cfg, p)[0]) for p in range(2)]
-    held_out = privacy._windows(encode(tokenizer, party_texts(cfg, 0)[1]), cfg.data.seq_len, 4)
-    aux = privacy._windows(texts[1], cfg.data.seq_len, 64)
-    inputs, targets = held_out[:, :-1], held_out[:, 1:]
+    held_out = privacy.windows(encode(tokenizer, party_texts(cfg, 0)[1]), cfg.data.seq_len, 4)
+    aux = privacy.windows(encode(tokenizer, party_texts(cfg, 1)[0]), cfg.data.seq_len, 64)
+    inputs = held_out[:, :-1]
     chance = (inputs == torch.bincount(aux.reshape(-1)).argmax()).float().mean().item()
     accuracy = {}
     for noise in (0.0, 3.0):
         defence = PrivacyConfig(hidden_clip=4.0, hidden_noise=noise) if noise else PrivacyConfig()
-        run = privacy.collaborate(cfg, texts, held_out.reshape(-1), True, defence, torch.device("cpu"))
+        run = privacy.collaborate(cfg, True, defence, held_out)
         assert run.losses[-1] < run.losses[0]
-        watch = privacy.observe(run, cfg, inputs, targets, defence)
-        recovered = privacy.nearest_neighbour_attack(watch, [run.start, run.backbones[1]], run.shards, aux,
+        recovered = privacy.nearest_neighbour_attack(run.watch, [run.start, run.backbones[1]], run.shards, aux,
                                                      tuple(inputs.shape))
         accuracy[noise] = (recovered == inputs).float().mean().item()
     assert accuracy[0.0] > max(0.3, 3 * chance)

@@ -1,0 +1,263 @@
+"""One party of a PC-MoE run: its device, data, private backbone, expert shard, wire and optimizer, and what it
+does with them, one call at a time.
+
+    party = Party(cfg, rank)       # the process group, if any, is already up
+    party.resume()                 # with train.resume: continue from the latest checkpoint
+    while party.step_count < cfg.train.steps:
+        record = party.step()      # one optimizer step; that step's metrics
+    party.evaluate(); party.save(); party.summary(eval_loss)
+
+The parties call the same methods in the same order: every forward pass exchanges rows with every other party
+at every MoE layer, so a step, an evaluation or a forward_backward of one party waits for the same call of all
+the others. ``train.train`` is the plain loop over this (logging, evaluation and checkpoint cadence);
+benchmarks, profilers and evaluations drive a Party the same way. A Party writes no files but its checkpoints
+(and its wire log, with train.wire_log).
+"""
+
+import contextlib
+import math
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import csrc_triton as ct
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config
+from .data import Batches, encode, eval_batches, load_tokenizer, party_texts
+from .model import Backbone, Loss, compute_loss, count_parameters
+from .nvtx import nvtx_range
+from .protocol import DistributedExperts, ExpertShard, Wire, WireLog
+from .rng import seeded
+
+__all__ = ["Party", "initial_backbone", "build_optimizer", "lr_at", "party_device", "process_group_backend",
+           "peak_memory"]
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup to lr, then cosine down to min_lr at the last step (steps count from 1)."""
+    t = cfg.train
+    if step <= t.warmup_steps:
+        return t.lr * step / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def party_device(cfg: Config) -> torch.device:
+    """This party's device. GPU LOCAL_RANK when there is one per party on this host; with train.device=cuda
+    and fewer GPUs than parties, the parties share them round-robin (LOCAL_RANK mod the GPU count)."""
+    local_parties = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.parties))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and gpus >= local_parties)
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % gpus) if use_cuda else torch.device("cpu")
+
+
+def process_group_backend(cfg: Config) -> str:
+    """NCCL when each party on this host has a GPU of its own; gloo on CPUs, and when parties share a GPU
+    (NCCL refuses two ranks on one device; gloo stages GPU tensors through host memory)."""
+    local_parties = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.parties))
+    own_gpu = party_device(cfg).type == "cuda" and torch.cuda.device_count() >= local_parties
+    return "nccl" if own_gpu else "gloo"
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, kind): the most GPU memory allocated so far, or on a CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
+
+
+def initial_backbone(cfg: Config, rank: int) -> Backbone:
+    """The backbone party ``rank`` starts from: drawn from its own seed, so no other party knows it."""
+    backbone = Backbone(cfg.model)
+    backbone.init_weights(seeded(cfg.train.seed, "backbone", rank))
+    return backbone
+
+
+def build_optimizer(cfg: Config, modules) -> torch.optim.AdamW:
+    """AdamW over this party's own parameters; no weight decay on norms and biases."""
+    params = [p for m in modules for p in m.parameters()]
+    t = cfg.train
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+
+
+def _bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _checkpoint_config(cfg: Config) -> dict:
+    """What a checkpoint must have been written for to be resumed from."""
+    return {"parties": cfg.parties, "model": cfg.to_dict()["model"]}
+
+
+class Party:
+    """Party ``rank`` of ``cfg.parties``. Public state: ``cfg``, ``rank``, ``device``, ``autocast`` (the
+    precision context of its forward passes), ``dir`` (its run folder), ``tokenizer``, ``batches``,
+    ``eval_tokens``, ``backbone``, ``shard``, ``wire``, ``experts``, ``optimizer``, ``step_count`` (steps
+    taken) and ``progress`` (losses and timed throughput, checkpointed with the rest)."""
+
+    def __init__(self, cfg: Config, rank: int, group: "dist.ProcessGroup | None" = None):
+        t = cfg.train
+        self.cfg, self.rank = cfg, rank
+        self.device = party_device(cfg)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        self.dir = cfg.run_dir / f"party{rank}"
+
+        self.tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size)
+        train_text, eval_text = party_texts(cfg, rank)
+        self.batches = Batches(encode(self.tokenizer, train_text), cfg.data.seq_len, t.batch_size,
+                               seed=(t.seed, "data", rank))
+        self.eval_tokens = encode(self.tokenizer, eval_text)
+
+        self.backbone = initial_backbone(cfg, rank).to(self.device)
+        self.shard = ExpertShard(cfg.model, rank, cfg.parties)
+        self.shard.init_weights(t.seed)
+        self.shard.to(self.device)
+        if group is None and cfg.parties > 1:
+            group = dist.group.WORLD
+        wire_log = None
+        if t.wire_log:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            wire_log = WireLog(self.dir / "wire.jsonl")
+        self.wire = Wire(rank, cfg.parties, group, wire_log, cfg.privacy, t.seed)
+        self.experts = DistributedExperts(self.shard, self.wire)
+        self.optimizer = build_optimizer(cfg, (self.backbone, self.shard))
+        self.step_count = 0
+        self.progress = {"initial_loss": None, "final_loss": None, "timed_tokens": 0, "timed_seconds": 0.0}
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.batch_size * t.grad_accum * self.cfg.data.seq_len
+
+    def load_backbone(self, state: dict) -> None:
+        """Start from another backbone's weights (e.g. ``initial_backbone(cfg, 0).state_dict()`` in every party:
+        a shared initialisation, as when all parties fine-tune one public model). Before the first step."""
+        self.backbone.load_state_dict(state)
+
+    def resume(self) -> Path | None:
+        """Continue from the latest checkpoint in this party's folder, if there is one; returns its path."""
+        path = latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            return None
+        state = load_checkpoint(path, self.device)
+        if state["config"] != _checkpoint_config(self.cfg):
+            raise ValueError(f"checkpoint {path} was written for another model or number of parties: run with "
+                             "the same config, or start a new run (--set train.name=...) without train.resume")
+        self.backbone.load_state_dict(state["backbone"])
+        self.shard.load_state_dict(state["experts"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.batches.load_state_dict(state["data"])
+        self.wire.bytes_sent, self.wire.bytes_received = state["bytes_sent"], state["bytes_received"]
+        self.step_count, self.progress = state["step"], state["progress"]
+        return path
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[Loss, list[ct.RouterOutput]]:
+        """One micro-batch through the model and back: its gradients add to the parameters' (scaled by
+        1 / train.grad_accum). Returns the loss and each MoE layer's routing."""
+        t = self.cfg.train
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        with self.autocast:
+            logits, routings = self.backbone(inputs, self.experts, t.activation_checkpointing)
+            loss = compute_loss(logits, targets, routings, t.aux_loss_coef, t.z_loss_coef)
+        with nvtx_range("backward"):
+            (loss.total / t.grad_accum).backward()
+        return loss, routings
+
+    def step(self) -> dict:
+        """One optimizer step over train.grad_accum micro-batches; returns that step's metrics record."""
+        t, model = self.cfg.train, self.cfg.model
+        self.step_count += 1
+        started = time.perf_counter()
+        lr = lr_at(self.step_count, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sums = torch.zeros(3)
+        load = torch.zeros(len(model.moe_layers), model.num_experts, dtype=torch.int64)
+        for _ in range(t.grad_accum):
+            loss, routings = self.forward_backward(*self.batches.next())
+            sums += torch.stack([loss.ce, loss.load_balancing, loss.z]).detach().float().cpu()
+            load += torch.stack([r.tokens_per_expert for r in routings]).cpu()
+        with nvtx_range("optimizer"):
+            params = [*self.backbone.parameters(), *self.shard.parameters()]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - started
+        ce, balance, z = (sums / t.grad_accum).tolist()
+        progress = self.progress
+        progress["final_loss"] = ce
+        if progress["initial_loss"] is None:
+            progress["initial_loss"] = ce
+        else:  # the first step pays for warm-up (allocator, caches): leave it out of the throughput
+            progress["timed_tokens"] += self.tokens_per_step
+            progress["timed_seconds"] += seconds
+        return {"step": self.step_count, "loss": ce, "load_balancing_loss": balance, "z_loss": z, "lr": lr,
+                "grad_norm": grad_norm.item(), "step_time_s": seconds, "tokens_per_s": self.tokens_per_step / seconds,
+                "peak_memory_bytes": peak_memory(self.device)[0], "bytes_sent": self.wire.total_sent,
+                "bytes_received": self.wire.total_received, "expert_load": load.tolist()}
+
+    def evaluate(self) -> float:
+        """Mean held-out cross-entropy over train.eval_batches batches (the same ones every time)."""
+        t = self.cfg.train
+        # Every party runs the same number of forward passes: the experts need all parties in lockstep.
+        self.backbone.eval()
+        losses = []
+        with torch.no_grad(), self.autocast:
+            for inputs, targets in eval_batches(self.eval_tokens, self.cfg.data.seq_len, t.batch_size,
+                                                t.eval_batches):
+                logits, routings = self.backbone(inputs.to(self.device), self.experts)
+                losses.append(compute_loss(logits, targets.to(self.device), routings, 0, 0).ce.item())
+        self.backbone.train()
+        return sum(losses) / len(losses)
+
+    def save(self) -> Path:
+        """A checkpoint of everything this party owns at this step (whole or absent; the oldest beyond
+        train.keep_checkpoints are deleted)."""
+        return save_checkpoint(self.checkpoint_dir, self.step_count, {
+            "step": self.step_count, "config": _checkpoint_config(self.cfg), "expert_ids": self.shard.expert_ids,
+            "backbone": self.backbone.state_dict(), "experts": self.shard.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "data": self.batches.state_dict(),
+            "bytes_sent": self.wire.bytes_sent, "bytes_received": self.wire.bytes_received,
+            "progress": self.progress}, self.cfg.train.keep_checkpoints)
+
+    def summary(self, eval_loss: float | None = None) -> dict:
+        """This party's run so far: losses, throughput, peak memory and what holds it, traffic."""
+        progress, wire = self.progress, self.wire
+        peak, memory_kind = peak_memory(self.device)
+        optimizer_bytes = sum(v.numel() * v.element_size() for s in self.optimizer.state.values()
+                              for v in s.values() if torch.is_tensor(v))
+        return {
+            "party": self.rank, "parties": self.cfg.parties, "preset": self.cfg.model.preset,
+            "steps": self.step_count, "device": str(self.device),
+            "initial_loss": progress["initial_loss"], "final_loss": progress["final_loss"], "eval_loss": eval_loss,
+            "tokens_per_s": (progress["timed_tokens"] / progress["timed_seconds"]
+                             if progress["timed_seconds"] else None),
+            "peak_memory_bytes": peak, "peak_memory_kind": memory_kind,
+            "bytes_sent": wire.total_sent, "bytes_received": wire.total_received,
+            "bytes_sent_by_kind": wire.bytes_sent, "bytes_received_by_kind": wire.bytes_received,
+            "parameters": {"backbone": count_parameters(self.backbone), "local_experts": count_parameters(self.shard)},
+            "expert_ids": self.shard.expert_ids,
+            "memory": {"backbone_params_bytes": _bytes(self.backbone), "expert_params_bytes": _bytes(self.shard),
+                       "optimizer_state_bytes": optimizer_bytes},
+        }
+
+    def close(self) -> None:
+        """Flush and close the wire log, if any."""
+        if self.wire.log is not None:
+            self.wire.log.close()
