@@ -119,8 +119,8 @@ host_timings() {  # after the megablocks build: it loads the CPUs these timings 
 suites() {
     megablocks_ready
     # Most telling first: if the cap cuts the suites short, the JSON still holds what ran (pytest stops on SIGINT).
-    phase "stage suites" "$1" 120 python3 -m pytest bench/test_layer.py bench/test_grouped_gemm.py \
-        bench/test_permute.py bench/test_router.py --benchmark-only -q -p no:cacheprovider --bench-out "$OUT" \
+    phase "stage suites" "$1" 120 python3 -m pytest bench/bench_layer.py bench/bench_grouped_gemm.py \
+        bench/bench_permute.py bench/bench_router.py --benchmark-only -q -p no:cacheprovider --bench-out "$OUT" \
         --bench-warmup-ms 10 --bench-rep-ms 40 --bench-max-call-s 0.3 "${@:2}"
 }
 

@@ -288,7 +288,7 @@ def test_stage_suite_runs_on_the_cpu(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "bench/test_router.py", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "bench/bench_router.py", "--benchmark-only", "-q", "-p", "no:cacheprovider",
          "--bench-cpu", "--bench-shapes", "tiny-olmoe-1b-7b", "--bench-tokens", "16", "--bench-out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

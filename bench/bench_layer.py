@@ -96,7 +96,7 @@ def _forward(module, x):
 
 
 @pytest.mark.impls(*LAYER_IMPLS)
-def test_layer_fwd(case, impl, measure):
+def bench_layer_fwd(case, impl, measure):
     d = cached(("layer", case), lambda: layer_inputs(case))
 
     def build(row):
@@ -109,7 +109,7 @@ def test_layer_fwd(case, impl, measure):
 
 
 @pytest.mark.impls(*LAYER_IMPLS)
-def test_layer_fwd_bwd(case, impl, measure, request):
+def bench_layer_fwd_bwd(case, impl, measure, request):
     d = cached(("layer", case), lambda: layer_inputs(case))
     extra = {"imbalance": d["imbalance"]}
     if impl == "pcmoe" and case.tokens == min(map(int, request.config.getoption("--bench-tokens").split(","))):
