@@ -15,7 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.report import OURS, STAGES, anchor_cases, latest, latest_e2e, table_tokens, timed  # noqa: E402
+from bench.report import (OURS, STAGES, anchor_cases, anchor_flops, latest, latest_e2e, table_tokens,  # noqa: E402
+                          timed)
 
 
 def _rows(report, **match):
@@ -94,8 +95,7 @@ def anchor_rates(report: dict, out: Path) -> Path:
     rows, anchors = timed(report), [a for a in report["anchors"] if (a["shape"], a["tokens"]) in anchor_cases(report)]
     fig, axes = plt.subplots(1, len(anchors), figsize=(4.2 * len(anchors), 3.8), squeeze=False)
     for ax, a in zip(axes.flat, anchors):
-        s, case = report["shapes"][a["shape"]], (a["shape"], a["tokens"], "balanced")
-        flops = 6 * a["tokens"] * s["top_k"] * s["hidden"] * s["inter"]
+        case, flops = (a["shape"], a["tokens"], "balanced"), anchor_flops(report, a)
         impls = list(dict.fromkeys(key[4] for key in rows if key[1:4] == case and key[0].startswith("experts")))
         for i, (stage, mult) in enumerate((("experts_fwd", 1), ("experts_fwd_bwd", 3))):
             rates = [mult * flops / rows[(stage, *case, impl)]["ms"] / 1e9 if (stage, *case, impl) in rows else 0

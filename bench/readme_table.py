@@ -13,9 +13,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench.report import (EVERY_IMPL_STAGES, HOST_MARK, OURS, RESULTS, STAGES, cell_changes, host_bound, latest,
-                          latest_e2e, markdown_table, readme_cells, shape_label, table_tokens, timed, unavailable,
-                          with_change)
+from bench.report import (EVERY_IMPL_STAGES, HOST_MARK, OURS, RESULTS, STAGES, anchor_flops, cell_changes,
+                          host_bound, latest, latest_e2e, markdown_table, readme_cells, shape_label, table_tokens,
+                          timed, unavailable, with_change)
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -89,7 +89,7 @@ def anchor_table(report: dict) -> str:
         impls = list(dict.fromkeys(key[4] for key in rows if key[1:4] == case))
         if not impls:
             continue
-        flops = 6 * a["tokens"] * s["top_k"] * s["hidden"] * s["inter"]
+        flops = anchor_flops(report, a)
         published = " / ".join(_rate(a["tflops"].get(p)) for p in ("fwd", "bwd", "fwd_bwd"))
         out.append(f"| **{a['name']}** ({a['tokens']}, {s['hidden']}, {s['inter']}, {s['experts']}, {s['top_k']}) | "
                    f"published: {a['timed']} | {published} | |")

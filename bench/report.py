@@ -5,6 +5,8 @@ import json
 import re
 from pathlib import Path
 
+from .shapes import Shape, routed_flops
+
 RESULTS = Path(__file__).parent / "results"
 OURS = "pcmoe"
 # What each stage means, for the tables (and the order they are listed in).
@@ -62,6 +64,11 @@ def anchor_cases(report: dict) -> set[tuple[str, int]]:
     """(shape, tokens) of the published anchors the run measured."""
     return {(a["shape"], a["tokens"]) for a in report.get("anchors", ())} & {(r["shape"], r["tokens"])
                                                                             for r in report["rows"]}
+
+
+def anchor_flops(report: dict, anchor: dict) -> int:
+    """A published anchor's forward count, 6 T k H I (shapes.routed_flops), from the shapes the run recorded."""
+    return routed_flops(anchor["tokens"], Shape(**report["shapes"][anchor["shape"]]))
 
 
 def timed(report: dict) -> dict[tuple, dict]:
