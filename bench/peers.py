@@ -126,17 +126,23 @@ torch.cuda.synchronize()
 """,
 }
 _probed: dict[str, str | None] = {}
+PROBE_TIMEOUT_S = 300  # SonicMoE's probe includes compiling its CuTe DSL kernels
 
 
 def probe(part: str) -> None:
     """Raise Unavailable (with the child's first error line) if ``part`` (a _PROBES name) fails in a child
     process; its outcome is kept for the rest of the session."""
     if part not in _probed:
-        run = subprocess.run([sys.executable, "-c", _PROBES[part]], capture_output=True, text=True, timeout=600)
-        lines = [line.strip() for line in run.stderr.splitlines() if line.strip()]
-        errors = [line for line in lines if "Error" in line] or lines or ["no message"]
-        _probed[part] = None if run.returncode == 0 else (
-            f"{part} fails on this machine (probe exit {run.returncode}): {errors[0]}"[:300])
+        try:
+            run = subprocess.run([sys.executable, "-c", _PROBES[part]], capture_output=True, text=True,
+                                 timeout=PROBE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _probed[part] = f"{part} did not finish its probe in {PROBE_TIMEOUT_S} s (compilation included)"
+        else:
+            lines = [line.strip() for line in run.stderr.splitlines() if line.strip()]
+            errors = [line for line in lines if "Error" in line] or lines or ["no message"]
+            _probed[part] = None if run.returncode == 0 else (
+                f"{part} fails on this machine (probe exit {run.returncode}): {errors[0]}"[:300])
     if _probed[part]:
         raise Unavailable(_probed[part])
 
