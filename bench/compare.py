@@ -1,8 +1,9 @@
 """Does a rerun reproduce a results file? For every case both runs timed (stage, shape, tokens, routing,
 implementation): the ratio of the two medians (and of the GPU times, where rows have them), summarised per
-stage; then the README's cells (every time and speed-up at the middle token count, bench/readme_table.py)
-checked against a tolerance. Cells the README marks as the host's time (report.host_bound) are listed apart
-and not held to it: they move with the host's load; the GPU time of the same stages is held.
+stage; then the README's cells (report.readme_cells: every time and speed-up at the middle token count and in
+the published anchors' cases) checked against a tolerance. Cells the README marks as the host's time
+(report.host_bound) are listed apart and not held to it: they move with the host's load; the GPU time of the same
+stages is held.
 
     python bench/compare.py FIRST.json RERUN.json [--tolerance 0.1] [--out report.md]
 
@@ -15,39 +16,12 @@ import math
 import statistics
 from pathlib import Path
 
-from bench.report import HOST_BOUND_STAGES, HOST_MARK, OURS, STAGES, case_key, gpu_speedups, host_bound
-
-
-def _timed(report: dict) -> dict[tuple, dict]:
-    return {case_key(r) + (r["impl"],): r for r in report["rows"] if "ms" in r}
-
-
-def readme_cells(report: dict) -> dict[tuple, tuple[float, bool]]:
-    """What the README shows, by name: (value, whether it is the host's time) for each time of the layer tables,
-    and our time and speed-ups in the stage table."""
-    tokens = sorted({r["tokens"] for r in report["rows"]})
-    rows = [r for r in report["rows"] if r["tokens"] == tokens[len(tokens) // 2] and "ms" in r]
-    cells = {}
-    for r in rows:
-        stage, layer = r["stage"], r["stage"].startswith("layer")
-        name = (stage, r["shape"], r["routing"])
-        if layer or (r["impl"] == OURS and r["routing"] == "balanced"):
-            cells[name + (r["impl"], "ms")] = r["ms"], host_bound(stage, r["impl"])
-            if "gpu_ms" in r:
-                cells[name + (r["impl"], "GPU ms")] = r["gpu_ms"], False
-        if r["impl"] == OURS and (layer or r["routing"] == "balanced"):
-            by_gpu = gpu_speedups(rows, r)
-            for peer, v in r.get("vs", {}).items():
-                if isinstance(v, float):
-                    cells[name + (peer, "speed-up")] = v, host_bound(stage, peer)
-                if peer in by_gpu:
-                    cells[name + (peer, "GPU speed-up")] = by_gpu[peer], False
-    return cells
+from bench.report import HOST_BOUND_STAGES, HOST_MARK, STAGES, host_bound, readme_cells, timed
 
 
 def compare(first: dict, rerun: dict, tolerance: float) -> tuple[list[str], list[str]]:
     """(report lines, README cells out of tolerance)."""
-    a, b = _timed(first), _timed(rerun)
+    a, b = timed(first), timed(rerun)
     common = sorted(set(a) & set(b))
     lines = [f"first: commit {first['commit']}, {first['date']}, {first['device']}",
              f"rerun: commit {rerun['commit']}, {rerun['date']}, {rerun['device']}",

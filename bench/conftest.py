@@ -1,6 +1,9 @@
-"""pytest-benchmark suites, one file per stage: ``pytest bench/ --benchmark-only`` on a GPU machine.
+"""pytest-benchmark suites, one file per stage family (bench/bench_*.py, functions bench_*; pyproject.toml
+points pytest at them): ``pytest bench/ --benchmark-only`` on a GPU machine.
 
-Each test is one (stage, shape, tokens, routing, implementation). It times with do_bench (CUDA events,
+Each test is one (stage, shape, tokens, routing, implementation): the README's shapes x --bench-tokens x
+--bench-routing, and with --bench-anchors first each published anchor's case (shapes.ANCHORS: its shape and
+token count, balanced routing). It times with do_bench (CUDA events,
 median, after warm-up) and puts ms, TFLOP/s, GB/s and the shares of this run's ceilings into the benchmark's
 extra_info; at the end one JSON with every row and the ratios between implementations goes to --bench-out.
 A peer that cannot run (or would take longer than --bench-max-call-s per call) is recorded with the reason
@@ -17,14 +20,16 @@ import torch
 
 from .common import ceilings as measure_ceilings
 from .common import DEVICE, environment, kernel_ms, sync, time_ms
-from .peers import Unavailable
+from .peers import Unavailable, settings
 from .report import HOST_BOUND_STAGES, OURS, RESULTS, add_ratios, finish_row, gpu_tag, text_table
-from .shapes import ROUTINGS, SHAPES, TOKENS, Case
+from .shapes import ANCHORS, README_SHAPES, ROUTINGS, SHAPES, TOKENS, Case
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("pcmoe bench")
-    group.addoption("--bench-shapes", default=",".join(SHAPES), help="comma-separated names from bench.shapes")
+    group.addoption("--bench-shapes", default=",".join(README_SHAPES), help="comma-separated names from bench.shapes")
+    group.addoption("--bench-anchors", action="store_true",
+                    help="also (first) each published anchor's case: bench.shapes.ANCHORS, balanced routing")
     group.addoption("--bench-tokens", default=",".join(map(str, TOKENS)))
     group.addoption("--bench-routing", default=",".join(ROUTINGS))
     group.addoption("--bench-warmup-ms", type=float, default=25)
@@ -34,7 +39,9 @@ def pytest_addoption(parser):
     group.addoption("--bench-cpu", action="store_true",
                     help="run on the CPU (Triton's interpreter, tiny shapes): checks the harness, times nothing real")
     group.addoption("--bench-out", default=None,
-                    help="results JSON, or a folder for bench_<gpu>_<commit>.json (default bench/results)")
+                    help="results JSON, or a folder for <prefix>_<gpu>_<commit>.json (default bench/results)")
+    group.addoption("--bench-prefix", default="bench",
+                    help="that file's prefix (bench/README.md: bench, peers, rerun_peers, ...)")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -51,8 +58,10 @@ def pytest_configure(config):
 
 def _cases(config) -> list[Case]:
     opt = config.getoption
-    return [Case(shape, int(tokens), routing) for shape in opt("--bench-shapes").split(",")
+    anchors = [Case(a.shape, a.tokens, "balanced") for a in ANCHORS] if opt("--bench-anchors") else []
+    grid = [Case(shape, int(tokens), routing) for shape in opt("--bench-shapes").split(",")
             for tokens in opt("--bench-tokens").split(",") for routing in opt("--bench-routing").split(",")]
+    return list(dict.fromkeys(anchors + grid))
 
 
 def pytest_generate_tests(metafunc):
@@ -150,12 +159,13 @@ def pytest_sessionfinish(session):
     env = environment()
     report = dict(env, benchmark="pcmoe-bench", ceilings=session.config.pcmoe_ceilings,
                   shapes={name: s._asdict() for name, s in SHAPES.items()},
-                  options={k: opt(f"--bench-{k}") for k in ("shapes", "tokens", "routing", "warmup-ms", "rep-ms",
-                                                             "max-call-s")},
-                  peers=_peer_versions(), rows=add_ratios(rows))
+                  anchors=[a._asdict() for a in ANCHORS],
+                  options={k: opt(f"--bench-{k}") for k in ("shapes", "tokens", "routing", "anchors", "warmup-ms",
+                                                             "rep-ms", "max-call-s")},
+                  peers=_peer_versions(), peer_settings=settings(), rows=add_ratios(rows))
     out = Path(opt("--bench-out") or RESULTS)
     if out.is_dir():
-        out = out / f"bench_{gpu_tag(env['device'])}_{env['commit']}.json"
+        out = out / f"{opt('--bench-prefix')}_{gpu_tag(env['device'])}_{env['commit']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print("\n" + text_table(report) + f"\n\nresults: {out}")
@@ -165,7 +175,8 @@ def _peer_versions() -> dict:
     import importlib.metadata
 
     versions = {}
-    for name in ("megablocks", "stanford-stk", "grouped_gemm", "nvtx", "pytest-benchmark"):
+    for name in ("megablocks", "stanford-stk", "grouped_gemm", "liger-kernel", "sonic-moe", "quack-kernels",
+                 "nvidia-cutlass-dsl", "nvidia-cutlass-dsl-libs-cu13", "apache-tvm-ffi", "nvtx", "pytest-benchmark"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

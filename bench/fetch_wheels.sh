@@ -1,17 +1,36 @@
 #!/usr/bin/env bash
-# Fill .whl/ (git-ignored, carried to the GPU machine, which has no internet) with what the peers need there:
+# Fill .whl/ (git-ignored, carried to the GPU machine, which has no internet) with what the peers need there,
+# for its Python 3.12 on manylinux x86_64, each without its dependencies (named here one by one):
 #   .whl/*.whl               installed by bench/run_device.sh into /tmp/site: nvtx, stanford-stk (pure Python)
 #   .whl/megablocks-0.10.0/  megablocks' source, patched for CUDA 13, built there in the background
+#   .whl/peers/              the fused-MoE peers (about 54 MiB: `run_device.sh peers` carries this folder alone):
+#     liger-kernel 0.8.5       pure Python
+#     sonic-moe 0.1.2.post1    pure Python; it pins torch<=2.9.1 and the image has 2.11: installed --no-deps, and
+#                              whether it runs there is what the run finds out (its rows record why not)
+#     quack-kernels 0.3.11     its GEMMs: released the same day as sonic-moe 0.1.2.post1 (2026-04-20); quack 0.5
+#                              and later need nvidia-cutlass-dsl >= 4.5, which sonic-moe's pin (==4.4.2) rules out
+#     nvidia-cutlass-dsl 4.4.2 and its CUDA 13 build nvidia-cutlass-dsl-libs-cu13 4.4.2 (a superset of
+#                              nvidia-cutlass-dsl-libs-base, which is not needed): 78 MB as a wheel, more than one
+#                              call may carry, so unpacked here and repacked as .tar.xz (about 51 MiB), which
+#                              run_device.sh unpacks into /tmp/site
+#     apache-tvm-ffi 0.1.10    quack's call path; the last release before sonic-moe 0.1.2.post1
+#   Not fetched: torch-c-dlpack-ext (torch >= 2.10 has the DLPack exchange API it adds, and tvm-ffi then skips it),
+#   cuda-python (the image has cuda-bindings, which is what CUTLASS DSL imports).
 # grouped_gemm (megablocks' "grouped" back end) is not fetched: it is a source distribution whose setup.py
 # needs a GPU and CUDA even to report its metadata, so pip cannot download it on a CPU machine.
 # PIP must be a pip whose Python has torch (megablocks' setup.py imports it): e.g. PIP=".venv/bin/python -m pip".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP=${PIP:-python3 -m pip}
-mkdir -p .whl
-$PIP download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl nvtx==0.2.17
+mkdir -p .whl/peers
+download() {  # download DIR NAME==VERSION...: binary wheels for the GPU machine's Python and platform
+    local dir=$1
+    shift
+    $PIP download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d "$dir" "$@"
+}
+download .whl nvtx==0.2.17
 $PIP wheel --no-deps -w .whl stanford-stk==0.7.1
 tmp=$(mktemp -d)
 $PIP download --no-deps --no-binary=:all: --no-build-isolation -d "$tmp" megablocks==0.10.0
@@ -24,4 +43,17 @@ text, n = re.subn(r"stream,\s*debug_synchronous\)\)", "stream))", path.read_text
 assert n == 2, f"expected 2 DeviceScan calls to patch in {path}, found {n}"
 path.write_text(text)
 PY
-ls -la .whl
+
+download .whl/peers liger-kernel==0.8.5 sonic-moe==0.1.2.post1 quack-kernels==0.3.11 nvidia-cutlass-dsl==4.4.2 \
+    apache-tvm-ffi==0.1.10
+libs=.whl/peers/nvidia_cutlass_dsl_libs_cu13-4.4.2.tar.xz
+if [ ! -f "$libs" ]; then
+    tmp=$(mktemp -d)
+    download "$tmp" nvidia-cutlass-dsl-libs-cu13==4.4.2
+    python3 -m zipfile -e "$tmp"/nvidia_cutlass_dsl_libs_cu13-4.4.2-*.whl "$tmp/site"
+    XZ_OPT="-9e -T0" tar -C "$tmp/site" -cJf "$libs.partial" . && mv "$libs.partial" "$libs"  # a few minutes
+    rm -rf "$tmp"
+fi
+ls -la .whl .whl/peers
+du -sh .whl/peers  # what `run_device.sh peers` carries (64 MiB per call with the working tree)
+du -sh .whl        # everything, for the other modes

@@ -2,18 +2,29 @@
 
 Peers: PyTorch eager (our reference: what transformers' "eager" experts do), ``torch._grouped_mm``
 (PyTorch's native grouped GEMM), transformers' MoE blocks with experts_implementation "eager" and
-"grouped_mm", and megablocks (its permutation ops, and dMoE with whichever back end can run). A peer that
-cannot run raises Unavailable with the reason, which the results keep.
+"grouped_mm", megablocks (its permutation ops, and dMoE with whichever back end can run), and two fused MoE
+kernels given the routing: Liger-Kernel's (Triton) and SonicMoE's (quack's CuTe DSL GEMMs, Triton for the
+rest). Those two also run inside transformers' blocks as an experts implementation, as Liger's own patch
+(LigerExperts) and transformers' "sonicmoe" integration put them there. A peer that cannot run raises
+Unavailable with the reason, which the results keep.
+
+Both fused peers autotune their GEMMs by default (Liger: minutes per shape; SonicMoE: every quack GEMM over
+its tile and cluster configurations, each compiled with CuTe DSL). Here they run pinned: Liger with
+LIGER_FUSED_MOE_AUTOTUNE=0 (one config per kernel, its own switch) and quack's GEMMs with quack's default
+config (what its ``tuned=False`` runs), unless PCMOE_PEER_AUTOTUNE=1; ``settings()`` records which.
 """
 
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
+import os
 import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 import csrc_triton as ct
 
@@ -74,14 +85,15 @@ def megablocks_ops():
         from megablocks import ops
     except Exception as e:  # ImportError, or the extension failing to load
         raise Unavailable(f"megablocks does not import: {type(e).__name__}: {e}"[:300]) from None
-    megablocks_probe("ops")
+    probe("megablocks ops")
     return ops
 
 
-# Small runs of megablocks' pieces, each in a child process first: a CUDA fault there (its extension, or
-# stk's Triton kernels on a triton it was not written for) is sticky and would fail every later case here.
-_MEGABLOCKS_PROBES = {
-    "ops": """
+# Small runs of a peer's pieces, each in a child process first: a CUDA fault there (megablocks' extension,
+# stk's Triton kernels or SonicMoE's CuTe DSL kernels on a triton / CUDA they were not written for) is sticky
+# and would fail every later case here.
+_PROBES = {
+    "megablocks ops": """
 import torch
 from bench.peers import megablocks_plan
 from megablocks import ops
@@ -90,7 +102,7 @@ x = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16)
 ops.gather(x, *megablocks_plan(ops, ids, 64), 8)
 torch.cuda.synchronize()
 """,
-    "dmoe": """
+    "megablocks dmoe": """
 import torch
 from bench.peers import megablocks_dmoe
 from bench.shapes import SHAPES
@@ -100,21 +112,39 @@ x = torch.randn(2048, 1, s.hidden, device="cuda", dtype=torch.bfloat16, requires
 module(x).backward(torch.randn_like(x))
 torch.cuda.synchronize()
 """,
+    "sonicmoe": """
+import torch
+from bench.peers import sonicmoe_experts
+from bench.shapes import SHAPES
+s, dev = SHAPES["sonicmoe-7b"], dict(device="cuda", dtype=torch.bfloat16)
+x = torch.randn(2048, s.hidden, **dev, requires_grad=True)
+w_gate_up = (0.02 * torch.randn(s.experts, 2 * s.inter, s.hidden, **dev)).requires_grad_()
+w_down = (0.02 * torch.randn(s.experts, s.hidden, s.inter, **dev)).requires_grad_()
+weights, ids = torch.rand(2048, s.experts, device="cuda").softmax(-1).topk(s.top_k, -1)
+sonicmoe_experts(x, ids, weights.to(x.dtype).requires_grad_(), w_gate_up, w_down).backward(torch.randn_like(x))
+torch.cuda.synchronize()
+""",
 }
-_megablocks_probed: dict[str, str | None] = {}
+_probed: dict[str, str | None] = {}
+PROBE_TIMEOUT_S = 300  # SonicMoE's probe includes compiling its CuTe DSL kernels
 
 
-def megablocks_probe(part: str) -> None:
-    """Raise Unavailable (with the child's last error line) if megablocks' ``part`` fails in a child process."""
-    if part not in _megablocks_probed:
-        run = subprocess.run([sys.executable, "-c", _MEGABLOCKS_PROBES[part]], capture_output=True, text=True,
-                             timeout=300)
-        lines = [line.strip() for line in run.stderr.splitlines() if line.strip()]
-        errors = [line for line in lines if "Error" in line] or lines or ["no message"]
-        _megablocks_probed[part] = None if run.returncode == 0 else (
-            f"megablocks {part} fails on this machine (probe exit {run.returncode}): {errors[0]}"[:300])
-    if _megablocks_probed[part]:
-        raise Unavailable(_megablocks_probed[part])
+def probe(part: str) -> None:
+    """Raise Unavailable (with the child's first error line) if ``part`` (a _PROBES name) fails in a child
+    process; its outcome is kept for the rest of the session."""
+    if part not in _probed:
+        try:
+            run = subprocess.run([sys.executable, "-c", _PROBES[part]], capture_output=True, text=True,
+                                 timeout=PROBE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _probed[part] = f"{part} did not finish its probe in {PROBE_TIMEOUT_S} s (compilation included)"
+        else:
+            lines = [line.strip() for line in run.stderr.splitlines() if line.strip()]
+            errors = [line for line in lines if "Error" in line] or lines or ["no message"]
+            _probed[part] = None if run.returncode == 0 else (
+                f"{part} fails on this machine (probe exit {run.returncode}): {errors[0]}"[:300])
+    if _probed[part]:
+        raise Unavailable(_probed[part])
 
 
 def megablocks_plan(ops, ids, num_experts):
@@ -201,18 +231,152 @@ def eager_wgrad(dy, act, dh, x, bounds, w_gate_up, w_down):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Routed experts with the weighted combine, routing given: x [T, H], ids and weights [T, k] -> [T, H]
+
+
+PEER_AUTOTUNE = os.environ.get("PCMOE_PEER_AUTOTUNE") == "1"
+
+
+def ours_experts(x, ids, weights, w_gate_up, w_down):
+    """csrc_triton.expert_mlp (its routing plan included)."""
+    return ct.expert_mlp(x, weights, ids, w_gate_up, w_down)
+
+
+@functools.cache
+def liger_fused_moe():
+    """Liger-Kernel's fused MoE autograd Function; its kernels read LIGER_FUSED_MOE_AUTOTUNE when first imported."""
+    os.environ.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "1" if PEER_AUTOTUNE else "0")
+    try:
+        from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
+    except Exception as e:  # ImportError, or its import-time device detection failing
+        raise Unavailable(f"liger-kernel does not import: {type(e).__name__}: {e}"[:300]) from None
+    return LigerFusedMoEFunction
+
+
+def liger_experts(x, ids, weights, w_gate_up, w_down):
+    """LigerFusedMoEFunction.apply(x [T, H], gate_up_proj [E, 2I, H], down_proj [E, H, I], top_k_index int32
+    [T, k], top_k_weights [T, k]): transformers' weight layout, as its LigerExperts calls it."""
+    return liger_fused_moe().apply(x, w_gate_up, w_down, ids.int(), weights)
+
+
+@functools.cache
+def sonicmoe_functional():
+    """sonicmoe.functional, quack's autotuned GEMMs pinned to quack's default config unless PEER_AUTOTUNE."""
+    try:
+        import quack.autotuner
+        import quack.gemm_interface
+        import sonicmoe.functional as functional
+    except Exception as e:  # ImportError, or the CUTLASS DSL's libraries / cuda-bindings failing to load
+        raise Unavailable(f"sonic-moe does not import: {type(e).__name__}: {e}"[:300]) from None
+    if not PEER_AUTOTUNE:
+        for tuner in vars(quack.gemm_interface).values():
+            if isinstance(tuner, quack.autotuner.Autotuner):
+                tuner.configs = [quack.autotuner.AutotuneConfig(config=None)]  # None: quack's default config
+    return functional
+
+
+def sonicmoe_experts(x, ids, weights, w_gate_up, w_down):
+    """SonicMoE given the routing: the expert part of its moe_TC_softmax_topk_layer (its top-k routing metadata,
+    the gathered up-projection with SwiGLU, the down-projection and the weighted combine). Weights [E, 2I, H]
+    and [E, H, I] are passed as its (2I, H, E) and (H, I, E) views with concat_layout (rows [gate; up]), as
+    transformers' sonicmoe integration passes them; its scores are fp32."""
+    functional = sonicmoe_functional()
+    tokens, k = ids.shape
+    experts, pairs = w_down.shape[0], ids.numel()
+    index = [torch.empty(n, dtype=torch.int32, device=x.device) for n in (experts, experts + 1, pairs, pairs, pairs)]
+    frequency, offsets, gather, scatter, reverse = index
+    functional.TC_topk_router_metadata_triton(ids.int().contiguous(), experts, frequency, offsets, gather, scatter,
+                                              reverse)
+    swiglu = functional.ActivationType.SWIGLU
+    a, h = functional._UpProjection.apply(x, w_gate_up.permute(1, 2, 0), None, offsets, pairs, k, gather, scatter,
+                                          reverse, None, False, swiglu, not torch.is_grad_enabled(), True)
+    return functional._DownProjection.apply(a, h, w_down.permute(1, 2, 0), None, weights.float(), offsets, tokens, k,
+                                            gather, scatter, reverse, None, False, swiglu)
+
+
+def require(impl: str) -> None:
+    """Raise Unavailable if a fused peer cannot run here: its import, and SonicMoE's run in a child process."""
+    if impl == "liger":
+        liger_fused_moe()
+    elif impl == "sonicmoe":
+        sonicmoe_functional()
+        probe("sonicmoe")
+
+
+def settings() -> dict:
+    """How the fused peers that were loaded ran (for the results); None: not loaded."""
+    liger = sys.modules.get("liger_kernel.ops.fused_moe_kernels")
+    return {
+        "liger": None if liger is None else "autotuned" if not liger._AUTOTUNE_DISABLED else
+        "one config per kernel (LIGER_FUSED_MOE_AUTOTUNE=0)",
+        "sonicmoe": None if "sonicmoe.functional" not in sys.modules else "quack GEMMs autotuned" if PEER_AUTOTUNE
+        else "quack GEMMs at quack's default config (what its tuned=False runs)",
+    }
+
+
+def _hf_experts(fn):
+    """``fn`` as a transformers experts implementation: forward(self, hidden_states, top_k_index, top_k_weights)
+    on the experts module's own weights."""
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return fn(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
+    return forward
+
+
+# Each peer's name for transformers' experts implementation (the fused peers registered under these names).
+EXPERTS_IMPLEMENTATIONS = {"hf_grouped_mm": "grouped_mm", "hf_eager": "eager", "liger": "bench_liger",
+                           "sonicmoe": "bench_sonicmoe"}
+ALL_EXPERTS_FUNCTIONS["bench_liger"] = _hf_experts(liger_experts)
+ALL_EXPERTS_FUNCTIONS["bench_sonicmoe"] = _hf_experts(sonicmoe_experts)
+EXPERTS_IMPLS = ("pcmoe", "hf_grouped_mm", "liger", "sonicmoe")
+
+
+def experts_fn(impl: str, experts: torch.nn.Module):
+    """(x, ids, weights) -> [T, H] for ``impl`` on transformers' experts module ``experts`` (its weights): ours,
+    or the module itself with its experts implementation switched to ``impl``'s."""
+    require(impl)
+    if impl == "pcmoe":
+        return lambda x, ids, weights: ours_experts(x, ids, weights, experts.gate_up_proj, experts.down_proj)
+    experts.config._experts_implementation = EXPERTS_IMPLEMENTATIONS[impl]
+    return experts
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def outputs_and_grads(fn, leaves: list, grad: torch.Tensor) -> list:
+    """fn()'s output and the gradients it gives ``leaves`` for the upstream gradient ``grad``."""
+    for t in leaves:
+        t.grad = None
+    out = fn()
+    out.backward(grad)
+    result = [out.detach()] + [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    return result
+
+
+def agreement(results: list, reference: list, against: str) -> dict:
+    """A row's ``check``: relative error of the output and the largest of the gradients' against ``against``."""
+    return dict(against=against, out_rel_err=rel_err(results[0], reference[0]),
+                max_grad_rel_err=max(rel_err(a, b) for a, b in zip(results[1:], reference[1:])))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The whole layer
 
 
-LAYER_IMPLS = ("pcmoe", "hf_grouped_mm", "hf_eager", "megablocks")
+LAYER_IMPLS = ("pcmoe", "hf_grouped_mm", "hf_eager", "liger", "sonicmoe", "megablocks")
 
 
 def layer_module(impl: str, block, fused):
-    """The module that runs ``impl``: FusedMoE.from_hf(block) shares the block's weights; the HF block's
-    back end is switched in place."""
+    """The module that runs ``impl``: FusedMoE.from_hf(block) shares the block's weights; for the others the
+    block's experts implementation is switched in place (the fused peers' experts inside transformers' block,
+    its router and shared experts in PyTorch)."""
     if impl == "pcmoe":
         return fused
-    block.experts.config._experts_implementation = impl.removeprefix("hf_")
+    require(impl)
+    block.experts.config._experts_implementation = EXPERTS_IMPLEMENTATIONS[impl]
     return block
 
 

@@ -1,8 +1,9 @@
 """PNG plots from results JSON, written next to it: per-stage times of every implementation, our speed-up
-over each peer against tokens, the shares of the device's ceilings, and (end to end) per-party memory.
+over each peer against tokens, the shares of the device's ceilings, every implementation's rate beside the
+published anchors', and (end to end) per-party memory.
 
-    python bench/plots.py [bench/results/bench_*.json] [bench/results/e2e_*.json]   # default: the latest bench_*.json
-                                                                                  # and e2e_*.json of each party count
+    python bench/plots.py [bench/results/{bench,peers}_*.json] [bench/results/e2e_*.json]
+    # default: the latest bench_*.json and peers_*.json, and the latest e2e_*.json of each party count
 """
 
 import argparse
@@ -14,7 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.report import OURS, STAGES, latest, latest_e2e  # noqa: E402
+from bench.report import (OURS, STAGES, anchor_cases, anchor_flops, latest, latest_e2e, table_tokens,  # noqa: E402
+                          timed)
 
 
 def _rows(report, **match):
@@ -87,6 +89,29 @@ def ceiling_shares(report: dict, out: Path, routing: str = "balanced") -> Path:
     return _save(fig, out, f"ceilings_{routing}")
 
 
+def anchor_rates(report: dict, out: Path) -> Path:
+    """Per published anchor: each implementation's routed-experts forward and forward+backward TFLOP/s in the
+    anchors' count (6 T k H I, 3x with the backward), the published numbers as dashed lines."""
+    rows, anchors = timed(report), [a for a in report["anchors"] if (a["shape"], a["tokens"]) in anchor_cases(report)]
+    fig, axes = plt.subplots(1, len(anchors), figsize=(4.2 * len(anchors), 3.8), squeeze=False)
+    for ax, a in zip(axes.flat, anchors):
+        case, flops = (a["shape"], a["tokens"], "balanced"), anchor_flops(report, a)
+        impls = list(dict.fromkeys(key[4] for key in rows if key[1:4] == case and key[0].startswith("experts")))
+        for i, (stage, mult) in enumerate((("experts_fwd", 1), ("experts_fwd_bwd", 3))):
+            rates = [mult * flops / rows[(stage, *case, impl)]["ms"] / 1e9 if (stage, *case, impl) in rows else 0
+                     for impl in impls]
+            ax.bar([j + 0.4 * i for j in range(len(impls))], rates, 0.4, label=stage.removeprefix("experts_"))
+        for p, style in (("fwd", "--"), ("fwd_bwd", ":")):
+            if p in a["tflops"]:
+                ax.axhline(a["tflops"][p], color="grey", ls=style, lw=1, label=f"published {p}")
+        ax.set_xticks([j + 0.2 for j in range(len(impls))], impls, fontsize=7)
+        ax.set_title(f"{a['name']}: T={a['tokens']}", fontsize=9)
+        ax.legend(fontsize=7)
+    axes.flat[0].set_ylabel("routed-expert TFLOP/s (6 T k H I per pass)")
+    fig.suptitle(f"{report['device']} ({report['commit']}), routing given")
+    return _save(fig, out, "anchors")
+
+
 def e2e_memory(report: dict, out: Path) -> Path:
     """Per-party peak memory, split into what holds it."""
     fig, ax = plt.subplots(figsize=(5, 4))
@@ -115,19 +140,22 @@ def plot(path: Path) -> list[Path]:
     report = json.loads(path.read_text())
     if report["benchmark"] == "engine-e2e":
         return [e2e_memory(report, path)]
-    tokens = sorted({r["tokens"] for r in report["rows"]})
-    middle = tokens[len(tokens) // 2]
-    routings = sorted({r["routing"] for r in report["rows"]})
-    return ([stage_times(report, path, middle, routing) for routing in routings]
-            + [speedups(report, path, stage) for stage in ("layer_fwd_bwd", "gemm_fwd")]
-            + [ceiling_shares(report, path, routings[0])])
+    middle, routings = table_tokens(report), sorted({r["routing"] for r in report["rows"]})
+    pngs = [stage_times(report, path, middle, routing) for routing in routings]
+    if len({r["tokens"] for r in report["rows"]} - {tokens for _, tokens in anchor_cases(report)}) > 1:
+        pngs += [speedups(report, path, stage) for stage in ("layer_fwd_bwd", "experts_fwd_bwd", "gemm_fwd")
+                 if any(r["stage"] == stage for r in report["rows"])]
+        pngs.append(ceiling_shares(report, path, routings[0]))
+    if anchor_cases(report):
+        pngs.append(anchor_rates(report, path))
+    return pngs
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="*", type=Path)
     args = parser.parse_args()
-    paths = args.results or [p for p in (latest("bench_*.json"),) if p] + latest_e2e()
+    paths = args.results or [p for p in (latest("bench_*.json"), latest("peers_*.json")) if p] + latest_e2e()
     for path in paths:
         for png in plot(path):
             print(png)

@@ -9,6 +9,12 @@
 #                                2 parties over NCCL, then each GPU its own chain: GPU 0 the 1-party runs and
 #                                the suites, GPU 1 the GPU tests and the suites again, which compare.py holds
 #                                against GPU 0's (reproduce.md); no profile or Nsight Compute.
+#   bench/run_device.sh peers    the fused-MoE peers only, in 420 s on one H100: the routed experts and the layer,
+#                                forward and forward+backward, ours against transformers' grouped_mm, Liger-Kernel
+#                                and SonicMoE, at the README's shapes (16384 tokens, balanced) and the published
+#                                anchors' cases, with the ceilings; all of it twice (one GPU: one run after the
+#                                other; two GPUs: one on each at once) and bench/compare.py on the pair. Carry
+#                                .whl/peers (bench/fetch_wheels.sh; about 54 MiB).
 #   bench/run_device.sh e2e      the engine end to end at 1 party and at 2 and 4 when the GPUs are there
 #                                (nvidia-h100-x2, -x4); on one GPU, 2 parties sharing it (memory, not speed)
 #   bench/run_device.sh suites   the stage suites only, for as long as BUDGET_S allows
@@ -17,17 +23,18 @@
 #
 # Writes into $OUT (the device tool's folder; default bench/results/device): bench_*.json, e2e_*.json,
 # small_<n>p.json, engine_profile.json, engine_trace.json.gz, engine_memory.pickle.gz, ncu.txt,
-# megablocks_build.log, run.log; on two GPUs also gpu1/ (its run.log and suites) and reproduce.md.
-# Each phase gets what is left of BUDGET_S seconds (default 570) up to its own cap, and the log says what
-# did not run. Carried wheels (.whl/, from bench/fetch_wheels.sh) are installed first; megablocks' source
-# is built in the background while the engine runs. Extra arguments go to the stage suites' pytest.
+# megablocks_build.log, run.log; on two GPUs also gpu1/ (its run.log and suites) and reproduce.md. `peers`:
+# peers_*.json, rerun_peers_*.json, reproduce.md, run.log.
+# Each phase gets what is left of BUDGET_S seconds (default 570; peers 420) up to its own cap, and the log says
+# what did not run. Carried wheels (.whl/, .whl/peers/, from bench/fetch_wheels.sh) are installed first;
+# megablocks' source is built in the background while the engine runs. Extra arguments go to the suites' pytest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-all}
 [ $# -gt 0 ] && shift
 OUT=${OUT:-bench/results/device}
 mkdir -p "$OUT"
-BUDGET_S=${BUDGET_S:-570}
+BUDGET_S=${BUDGET_S:-$([ "$MODE" = peers ] && echo 420 || echo 570)}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PATH=$PATH:/usr/local/cuda/bin
@@ -54,11 +61,22 @@ phase() {  # phase NAME CAP_SECONDS MIN_SECONDS COMMAND...: run COMMAND for at m
 } 2>&1 | tee "$LOG"
 GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        2>&1 | tee -a "$LOG"
+shopt -s nullglob
+wheels=(.whl/*.whl .whl/peers/*.whl)
+if (( ${#wheels[@]} )); then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "${wheels[@]}" 2>&1 | tee -a "$LOG"
+    for archive in .whl/peers/*.tar.xz; do  # wheels repacked to fit the carry limit (bench/fetch_wheels.sh)
+        mkdir -p /tmp/site && tar -xJf "$archive" -C /tmp/site && echo "unpacked $archive" | tee -a "$LOG"
+    done
     export PYTHONPATH=/tmp/site:$PYTHONPATH
+    for pth in /tmp/site/*.pth; do  # --target does not run .pth files (nvidia-cutlass-dsl puts cutlass on the path)
+        while read -r line || [[ -n $line ]]; do  # the last line may lack its newline
+            [[ -n $line && $line != \#* && $line != import* ]] && PYTHONPATH=$PYTHONPATH:/tmp/site/$line
+        done < "$pth"
+    done
 fi
+shopt -u nullglob
 
 e2e_run() {  # e2e_run N [ARGS]: the engine end to end at N parties (bench/engine_e2e.py)
     local n=$1
@@ -119,9 +137,35 @@ host_timings() {  # after the megablocks build: it loads the CPUs these timings 
 suites() {
     megablocks_ready
     # Most telling first: if the cap cuts the suites short, the JSON still holds what ran (pytest stops on SIGINT).
-    phase "stage suites" "$1" 120 python3 -m pytest bench/test_layer.py bench/test_grouped_gemm.py \
-        bench/test_permute.py bench/test_router.py --benchmark-only -q -p no:cacheprovider --bench-out "$OUT" \
-        --bench-warmup-ms 10 --bench-rep-ms 40 --bench-max-call-s 0.3 "${@:2}"
+    phase "stage suites" "$1" 120 python3 -m pytest bench/bench_layer.py bench/bench_experts.py \
+        bench/bench_grouped_gemm.py bench/bench_permute.py bench/bench_router.py --benchmark-only -q \
+        -p no:cacheprovider --bench-out "$OUT" --bench-anchors --bench-warmup-ms 10 --bench-rep-ms 40 \
+        --bench-max-call-s 0.3 "${@:2}"
+}
+
+peer_suites() {  # peer_suites CAP PREFIX [pytest args]: the routed experts and the layer against the fused peers
+    phase "peer suites ($2)" "$1" 90 python3 -m pytest bench/bench_experts.py bench/bench_layer.py --benchmark-only -q \
+        -p no:cacheprovider --bench-out "$OUT" --bench-prefix "$2" --bench-tokens 16384 --bench-routing balanced \
+        --bench-anchors -k "not hf_eager and not megablocks" --bench-warmup-ms 10 --bench-rep-ms 40 \
+        --bench-max-call-s 0.3 "${@:3}"
+}
+
+peers() {  # the peer suites twice: one GPU after the other, or both GPUs at once; then how much the pair differs
+    if (( GPUS >= 2 )); then
+        (export CUDA_VISIBLE_DEVICES=0; peer_suites 9999 peers "$@") &
+        (export CUDA_VISIBLE_DEVICES=1 LOG="$OUT/run_gpu1.log"; peer_suites 9999 rerun_peers "$@" > /dev/null) &
+        wait
+        cat "$OUT/run_gpu1.log" >> "$LOG" && rm "$OUT/run_gpu1.log"
+    else
+        peer_suites $(( (BUDGET_S - SECONDS) * 2 / 3 )) peers "$@"  # the first run compiles (cached) for both
+        peer_suites 9999 rerun_peers "$@"
+    fi
+    if compgen -G "$OUT/peers_*.json" > /dev/null && compgen -G "$OUT/rerun_peers_*.json" > /dev/null; then
+        python3 -m bench.compare "$OUT"/peers_*.json "$OUT"/rerun_peers_*.json --out "$OUT/reproduce.md" 2>&1 \
+            | tee -a "$LOG"
+    else
+        echo "== no pair of peer runs to compare" | tee -a "$LOG"
+    fi
 }
 
 case $MODE in
@@ -129,6 +173,7 @@ e2e) e2e ;;
 tests) gpu_tests 9999 ;;
 small) (( GPUS >= 2 )) && small_run 2; small_run 1 ;;
 suites) megablocks_build; suites 9999 "$@" ;;
+peers) peers "$@" ;;
 all)
     megablocks_build  # while the GPU runs the engine
     if (( GPUS >= 2 )); then
@@ -160,6 +205,6 @@ all)
         gpu_tests 9999
     fi
     ;;
-*) echo "usage: bench/run_device.sh [all|suites|e2e|small|tests] [pytest args for the stage suites]"; exit 2 ;;
+*) echo "usage: bench/run_device.sh [all|suites|peers|e2e|small|tests] [pytest args for the suites]"; exit 2 ;;
 esac
 echo "== done at ${SECONDS} s" | tee -a "$LOG"

@@ -1,5 +1,6 @@
-"""What the benchmarks run on: the one shape table, the routings, the work each stage must do (FLOPs and the
-fewest bytes it must move), and the transformers MoE block of a shape."""
+"""What the benchmarks run on: the one shape table, the published numbers measured at some of its shapes
+(ANCHORS), the routings, the work each stage must do (FLOPs and the fewest bytes it must move), and the
+transformers MoE block of a shape."""
 
 from typing import NamedTuple
 
@@ -18,20 +19,57 @@ class Shape(NamedTuple):
 
 
 # The models' MoE layers. DeepSeek-V2-Lite runs on transformers' DeepseekV3MoE block (the one DeepSeek block
-# FusedMoE.from_hf takes): same sizes, V3's sigmoid scoring, one expert group.
+# FusedMoE.from_hf takes): same sizes, V3's sigmoid scoring, one expert group. The last two are SonicMoE's
+# published 7B and 30B configurations (T, H, I, E, k = 24576, 1536, 256, 128, 8 and 32768, 4096, 512, 128, 8:
+# the K=8 rows of the 7B and 30B groups of Dao-AILab/sonic-moe benchmarks/benchmark_megatron_te.py, whose
+# groups keep E x I fixed; 30B and not 120B because its E x I is the smaller of the two H=4096 groups). Their
+# router is a softmax over the top-k logits, which is Qwen3's block with the top-k probabilities renormalised.
 SHAPES = {
     "olmoe-1b-7b": Shape("olmoe", 2048, 64, 8, 1024),
     "qwen1.5-moe-a2.7b": Shape("qwen2", 2048, 60, 4, 1408, shared=5632),
     "qwen3-30b-a3b": Shape("qwen3", 2048, 128, 8, 768, norm_topk_prob=True),
     "deepseek-v2-lite": Shape("deepseek_v3", 2048, 64, 6, 1408, shared=2 * 1408, norm_topk_prob=True,
                               scoring="sigmoid"),
+    "sonicmoe-7b": Shape("qwen3", 1536, 128, 8, 256, norm_topk_prob=True),
+    "sonicmoe-30b": Shape("qwen3", 4096, 128, 8, 512, norm_topk_prob=True),
 }
+README_SHAPES = ("olmoe-1b-7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-lite")  # the suites' default
 # The same families, tiny: for checking the harness on a CPU (pytest bench/ --bench-cpu), never for numbers.
 SMOKE_SHAPES = {f"tiny-{name}": s._replace(hidden=64, experts=16, inter=32, shared=2 * 32 if s.shared else 0)
                 for name, s in SHAPES.items()}
 TOKENS = (4096, 16384, 65536)
 ROUTINGS = ("balanced", "skewed")
 ZIPF_EXPONENT = 1.0  # skewed routing: expert e (by rank) is preferred with weight 1 / (e + 1)^s
+# bf16 on the GPU. On the CPU (--bench-cpu, Triton's interpreter) fp32: the interpreter has no bf16 atomics,
+# which Liger's backward uses.
+DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+class Anchor(NamedTuple):
+    """A number someone published for a routed-experts shape, and how they counted it. TFLOP/s count the
+    routed experts' SwiGLU GEMMs only, 6 T k H I forward (routed_flops); what each timed differs."""
+    name: str
+    shape: str  # a SHAPES name
+    tokens: int
+    source: str
+    timed: str  # what the published time covers
+    tflops: dict  # pass ("fwd", "bwd", "fwd_bwd") -> published TFLOP/s on an H100; {} where no per-shape number
+    convention: str
+
+
+SONICMOE_CONVENTION = ("forward 6 T k H I / forward time; backward 12 T k H I / (forward+backward time - "
+                       "forward time) (benchmarks/moe-cute.py)")
+ANCHORS = (
+    Anchor("SonicMoE 7B", "sonicmoe-7b", 24576, "SonicMoE (Dao-AILab, arXiv 2512.14080), H100, as issue 16 quotes "
+           "it (about)", "router GEMM, top-k and experts (moe_TC_softmax_topk_layer)", {"fwd": 365, "bwd": 405},
+           SONICMOE_CONVENTION),
+    Anchor("SonicMoE 30B", "sonicmoe-30b", 32768, "SonicMoE (arXiv 2512.14080), H100: per-configuration numbers "
+           "are in its figures; issue 16 quotes 430-595 TFLOP/s over its larger configurations",
+           "router GEMM, top-k and experts (moe_TC_softmax_topk_layer)", {}, SONICMOE_CONVENTION),
+    Anchor("Liger PR 1294", "qwen3-30b-a3b", 32768, "Liger-Kernel PR #1294 (open, not in liger-kernel 0.8.5), H100, "
+           "its peak sustained numbers", "the fused experts, routing given (LigerFusedMoEFunction)",
+           {"fwd": 501, "fwd_bwd": 413}, "forward 6 T k H I, forward+backward 18 T k H I (issue 16)"),
+)
 
 
 class Case(NamedTuple):
@@ -90,9 +128,14 @@ def expert_flops(rows: int, hidden: int, inter: int) -> int:
     return 6 * rows * hidden * inter
 
 
+def routed_flops(tokens: int, s: Shape) -> int:
+    """Forward FLOPs of the routed experts, 6 T k H I: the count issue 16 and the published anchors use."""
+    return expert_flops(tokens * s.top_k, s.hidden, s.inter)
+
+
 def layer_flops(tokens: int, s: Shape) -> int:
     """Forward FLOPs of a whole MoE layer: router GEMM, routed experts, shared expert (and its gate)."""
-    return 2 * tokens * s.hidden * s.experts + expert_flops(tokens * s.top_k, s.hidden, s.inter) + (
+    return 2 * tokens * s.hidden * s.experts + routed_flops(tokens, s) + (
         expert_flops(tokens, s.hidden, s.shared) + 2 * tokens * s.hidden if s.shared else 0)
 
 

@@ -1,5 +1,6 @@
-"""The benchmark harness's CPU logic: shapes, work counters, routings, the peers' arithmetic, ratios, tables,
-plots, the README section, the engine's NVTX/profiler ranges, and one stage suite run end to end on the CPU."""
+"""The benchmark harness's CPU logic: shapes and the published anchors, work counters, routings, the peers'
+arithmetic and the fused peers' agreement with ours, ratios, tables, plots, the README section with a rerun's
+changes, the engine's NVTX/profiler ranges, and stage suites run end to end on the CPU (bench/bench_*.py)."""
 
 import importlib.util
 import json
@@ -15,6 +16,7 @@ from helpers import rel_err
 import csrc_triton as ct
 from bench import compare, peers, plots, readme_table, report, shapes
 from bench.engine_e2e import flops_per_token, party_result
+from csrc_triton.experts import expert_mlp_reference
 from csrc_triton.permute import permute_reference, plan_routing_reference, unpermute_reference
 from pcmoe_engine.config import ModelConfig, load_config
 from pcmoe_engine.model import Backbone, compute_loss
@@ -43,6 +45,31 @@ def test_work_counters():
     assert shapes.router_bytes(t, olmoe) == t * 64 * 2 + t * 8 * 8
     assert shapes.permute_bytes(t, olmoe) == t * 8 * 4 * 4 + t * 2048 * 2 * 9
     assert shapes.unpermute_bytes(t, olmoe) == t * 8 * 2048 * 2 + t * 8 * 6 + t * 2048 * 2
+
+
+def test_published_anchors_have_their_shapes_and_counts():
+    s = shapes.SHAPES
+    assert s["sonicmoe-7b"][1:5] == (1536, 128, 8, 256) and s["sonicmoe-30b"][1:5] == (4096, 128, 8, 512)
+    assert {(a.shape, a.tokens) for a in shapes.ANCHORS} == {("sonicmoe-7b", 24576), ("sonicmoe-30b", 32768),
+                                                              ("qwen3-30b-a3b", 32768)}
+    assert all(a.convention and set(a.tflops) <= {"fwd", "bwd", "fwd_bwd"} for a in shapes.ANCHORS)
+    assert shapes.routed_flops(24576, s["sonicmoe-7b"]) == 6 * 24576 * 8 * 1536 * 256
+    assert shapes.README_SHAPES == ("olmoe-1b-7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-lite")
+
+
+def test_anchor_cases_come_first_and_once():
+    from bench.conftest import _cases
+
+    class Config:
+        options = {"--bench-shapes": "qwen3-30b-a3b", "--bench-tokens": "16384,32768", "--bench-routing": "balanced",
+                   "--bench-anchors": True}
+
+        def getoption(self, name):
+            return self.options[name]
+
+    cases = _cases(Config())
+    assert cases[:3] == [shapes.Case(a.shape, a.tokens, "balanced") for a in shapes.ANCHORS]
+    assert cases[3:] == [shapes.Case("qwen3-30b-a3b", 16384, "balanced")]  # 32768: the Liger anchor's, not repeated
 
 
 def test_skewed_routing_is_skewed_and_balanced_is_not():
@@ -127,6 +154,52 @@ def test_megablocks_missing_is_a_reason():
         pytest.skip("megablocks is installed here")
     with pytest.raises(peers.Unavailable, match="megablocks does not import"):
         peers.megablocks_ops()
+
+
+def _tiny_experts():
+    s = shapes.SMOKE_SHAPES["tiny-qwen3-30b-a3b"]
+    torch.manual_seed(0)
+    experts = shapes.make_hf_block(s).experts
+    gen = torch.Generator().manual_seed(1)
+    weights, ids = shapes.topk_routing(shapes.router_logits(12, s.experts, "skewed", gen), s.top_k, True)
+    return experts, torch.randn(12, s.hidden, generator=gen), ids, weights.requires_grad_()
+
+
+@pytest.mark.parametrize("impl", ["hf_grouped_mm", "liger"])
+def test_fused_peers_agree_with_the_reference(impl):
+    """Each peer through peers.experts_fn (Liger's kernels under Triton's interpreter, fp32) against the PyTorch
+    reference of the routed experts: the output and the gradients of x, both weight tensors and the weights."""
+    if impl == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        with pytest.raises(peers.Unavailable, match="liger-kernel does not import"):
+            peers.require("liger")
+        return
+    experts, x, ids, weights = _tiny_experts()
+    dy, leaves = torch.randn_like(x), [experts.gate_up_proj, experts.down_proj, weights]
+    results = []
+    for fn in (peers.experts_fn(impl, experts),
+               lambda x, ids, w: expert_mlp_reference(x, w, ids, experts.gate_up_proj, experts.down_proj)):
+        x_leaf = x.clone().requires_grad_()
+        results.append(peers.outputs_and_grads(lambda: fn(x_leaf, ids, weights), [x_leaf, *leaves], dy))
+    check = peers.agreement(*results, against="reference")
+    assert check["out_rel_err"] < 1e-5 and check["max_grad_rel_err"] < 1e-5, check
+    assert all(g.abs().sum() > 0 for g in results[0][1:])  # every gradient was computed, not left at zero
+
+
+def test_liger_runs_inside_transformers_block():
+    if importlib.util.find_spec("liger_kernel") is None:
+        pytest.skip("liger-kernel is not installed here")
+    block = shapes.make_hf_block(shapes.SMOKE_SHAPES["tiny-olmoe-1b-7b"])
+    x = torch.randn(1, 8, block.gate.weight.shape[1])
+    eager = peers.layer_module("hf_eager", block, None)(x)
+    assert rel_err(peers.layer_module("liger", block, None)(x), eager) < 1e-5
+    assert peers.settings()["liger"] == "one config per kernel (LIGER_FUSED_MOE_AUTOTUNE=0)"
+
+
+def test_sonicmoe_missing_is_a_reason():
+    if importlib.util.find_spec("sonicmoe"):
+        pytest.skip("sonic-moe is installed here")
+    with pytest.raises(peers.Unavailable, match="sonic-moe does not import"):
+        peers.require("sonicmoe")
 
 
 def _sample_report():
@@ -242,6 +315,66 @@ def test_compare_flags_the_readme_cells_a_rerun_moved(tmp_path):
     assert info.value.code == 1 and "moved by more than 10%" in (tmp_path / "r.md").read_text()
 
 
+def _peers_report() -> dict:
+    """A `run_device.sh peers` run: the routed experts and the layer at 16384 tokens and in the anchors' cases,
+    ours twice as fast as the peers that run (which agree with ours to 1e-3 / 2e-3), SonicMoE unable to."""
+    ceilings, rows = dict(bf16_matmul_tflops=700.0, copy_gbps=3000.0), []
+    for shape, tokens in [("olmoe-1b-7b", 16384)] + [(a.shape, a.tokens) for a in shapes.ANCHORS]:
+        s = shapes.SHAPES[shape]
+        for family, flops in (("experts", shapes.routed_flops(tokens, s)), ("layer", shapes.layer_flops(tokens, s))):
+            for stage, passes in ((f"{family}_fwd", 1), (f"{family}_fwd_bwd", 3)):
+                for impl, ms in (("pcmoe", 1.0), ("hf_grouped_mm", 2.0), ("liger", 2.0), ("sonicmoe", None)):
+                    row = dict(stage=stage, shape=shape, tokens=tokens, routing="balanced", impl=impl,
+                               flops=passes * flops, bytes=None)
+                    if ms is None:
+                        row["error"] = "sonic-moe does not import: ModuleNotFoundError: No module named 'quack'"
+                    else:
+                        row["ms"] = passes * ms
+                    if impl != "pcmoe" and ms and passes == 3:
+                        row["check"] = dict(against="pcmoe", out_rel_err=1e-3, max_grad_rel_err=2e-3)
+                    rows.append(report.finish_row(row, ceilings))
+    return dict(device="NVIDIA H100 80GB HBM3", commit="abc1234", date="2026-11-27T10:00:00+00:00",
+                torch="2.11.0+cu130", triton="3.6.0", transformers="5.17.0", benchmark="pcmoe-bench",
+                ceilings=ceilings, shapes={n: s._asdict() for n, s in shapes.SHAPES.items()},
+                anchors=[a._asdict() for a in shapes.ANCHORS],
+                options=dict(shapes="olmoe-1b-7b", tokens="16384", routing="balanced", anchors=True),
+                peers={"liger-kernel": "0.8.5", "sonic-moe": None}, rows=report.add_ratios(rows),
+                peer_settings={"liger": "one config per kernel (LIGER_FUSED_MOE_AUTOTUNE=0)", "sonicmoe": None})
+
+
+def test_peers_run_in_the_readme_with_the_anchors_and_the_rerun(tmp_path):
+    peers_rep = _peers_report()
+    assert report.table_tokens(peers_rep) == 16384
+    assert report.anchor_cases(peers_rep) == {(a.shape, a.tokens) for a in shapes.ANCHORS}
+    rerun = json.loads(json.dumps(peers_rep))
+    for r in rerun["rows"]:  # the rerun: Liger's routed experts 10% slower at the SonicMoE 7B anchor
+        if (r["stage"], r["shape"], r["impl"]) == ("experts_fwd_bwd", "sonicmoe-7b", "liger"):
+            r["ms"] *= 1.1
+    report.add_ratios(rerun["rows"])
+    bench_json, peers_json = tmp_path / "bench_h100_abc1234.json", tmp_path / "peers_h100_abc1234.json"
+    bench_json.write_text(json.dumps(_sample_report()))
+    peers_json.write_text(json.dumps(peers_rep))
+    (tmp_path / "rerun_peers_h100_abc1234.json").write_text(json.dumps(rerun))
+    assert readme_table.rerun_of(peers_json).name == "rerun_peers_h100_abc1234.json"
+    assert readme_table.rerun_of(bench_json) is None
+    text = readme_table.section(bench_json, [], tmp_path / "README.md", peers_json)
+    # the anchors in their count: 6 T k H I over 1 ms (forward), 12 over 3 - 1 ms, 18 over 3 ms: all 464 TFLOP/s
+    assert ("| **SonicMoE 7B** (24576, 1536, 256, 128, 8) | published: router GEMM, top-k and experts "
+            "(moe_TC_softmax_topk_layer) | 365 / 405 / - | |") in text
+    assert "| | pcmoe | 464 / 464 / 464 | 464 / 464 / 464 |" in text and "| | liger | 232 / 232 / 232 |" in text
+    assert "counted forward 6 T k H I, forward+backward 18 T k H I (issue 16)." in text
+    assert "| sonicmoe-7b at 24576 | liger | 2.00 (+0.0%) | 6.00 (+10.0%) | 232 |" in text
+    assert "| 2.00x (+10.0%) |" in text and "| olmoe-1b-7b | liger | 2.00 (+0.0%) | 6.00 (+0.0%) |" in text
+    assert "by 0.0% (median) and 10.0% at most" in text
+    assert "Peers that did not run: **sonicmoe**: could not run: sonic-moe does not import" in text
+    assert "(output / largest gradient, relative error, at most): hf_grouped_mm 1.0e-03 / 2.0e-03; liger" in text
+    lines, moved = compare.compare(peers_rep, rerun, 0.05)
+    assert moved == ["experts_fwd_bwd / sonicmoe-7b at 24576 / balanced / liger / ms: 6.000 -> 6.600 (+10%)",
+                     "experts_fwd_bwd / sonicmoe-7b at 24576 / balanced / liger / speed-up: 2.000 -> 2.200 (+10%)"]
+    names = {p.name.removeprefix("peers_h100_abc1234_") for p in plots.plot(peers_json)}
+    assert names == {"stages_16384_balanced.png", "anchors.png"}
+
+
 def test_e2e_accounting():
     cfg = load_config(None, ["model.preset=olmoe-1b-7b", "model.num_layers=4"], parties=1)
     m = cfg.model
@@ -288,7 +421,7 @@ def test_stage_suite_runs_on_the_cpu(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "bench/test_router.py", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "bench/bench_router.py", "--benchmark-only", "-q", "-p", "no:cacheprovider",
          "--bench-cpu", "--bench-shapes", "tiny-olmoe-1b-7b", "--bench-tokens", "16", "--bench-out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -296,3 +429,27 @@ def test_stage_suite_runs_on_the_cpu(tmp_path):
     assert {(r["routing"], r["impl"]) for r in rep["rows"] if "ms" in r} == {
         (routing, impl) for routing in shapes.ROUTINGS for impl in ("pcmoe", "eager")}
     assert all(isinstance(v, float) for r in rep["rows"] if r["impl"] == "pcmoe" for v in r["vs"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the suites themselves run (bench/run_device.sh)")
+def test_experts_suite_runs_on_the_cpu(tmp_path):
+    """The routed-experts suite through pytest on the CPU: transformers' grouped_mm timed and checked against ours,
+    SonicMoE (whose CUTLASS DSL kernels need a GPU) recorded with the reason it could not run."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/bench_experts.py", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+         "--bench-cpu", "--bench-shapes", "tiny-qwen3-30b-a3b", "--bench-tokens", "16", "--bench-routing", "balanced",
+         "--bench-out", str(tmp_path), "--bench-prefix", "peers", "-k", "hf_grouped_mm or sonicmoe"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("peers_*.json")
+    rep = json.loads(path.read_text())
+    rows = {(r["stage"], r["impl"]): r for r in rep["rows"]}
+    assert "ms" in rows["experts_fwd", "hf_grouped_mm"] and "ms" in rows["experts_fwd_bwd", "hf_grouped_mm"]
+    check = rows["experts_fwd_bwd", "hf_grouped_mm"]["check"]
+    assert check["against"] == "pcmoe" and check["out_rel_err"] < 1e-5 and check["max_grad_rel_err"] < 1e-5
+    if importlib.util.find_spec("sonicmoe") is None:
+        assert rows["experts_fwd", "sonicmoe"]["error"].startswith("sonic-moe does not import")
+    assert [a["name"] for a in rep["anchors"]] == [a.name for a in shapes.ANCHORS]
+    assert set(rep["peer_settings"]) == {"liger", "sonicmoe"} and "liger-kernel" in rep["peers"]

@@ -49,7 +49,7 @@ def _flops(case):
 
 
 @pytest.mark.impls(*IMPLS)
-def test_gemm_fwd(case, impl, measure):
+def bench_gemm_fwd(case, impl, measure):
     d = _inputs(case)
     fn = {"pcmoe": lambda: ours_gemm_forward(d["x"], d["expert_of_row"], d["w_gate_up"], d["w_down"]),
           "grouped_mm": lambda: grouped_mm_forward(d["x"], d["ends"], d["w_gate_up"], d["w_down"]),
@@ -75,7 +75,7 @@ def _ours_split(measure, stage, case, d):
 
 
 @pytest.mark.impls(*IMPLS)
-def test_gemm_dgrad(case, impl, measure):
+def bench_gemm_dgrad(case, impl, measure):
     d = _inputs(case)
     if impl == "pcmoe":
         return _ours_split(measure, "gemm_dgrad", case, d)
@@ -85,7 +85,7 @@ def test_gemm_dgrad(case, impl, measure):
 
 
 @pytest.mark.impls(*IMPLS)
-def test_gemm_wgrad(case, impl, measure):
+def bench_gemm_wgrad(case, impl, measure):
     d = _inputs(case)
     if impl == "pcmoe":
         return _ours_split(measure, "gemm_wgrad", case, d)

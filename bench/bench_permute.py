@@ -34,7 +34,7 @@ def permute_impl(impl, case):
 
 
 @pytest.mark.impls("pcmoe", "eager", "megablocks")
-def test_permute(case, impl, measure):
+def bench_permute(case, impl, measure):
     sets = cached(("routed", case), lambda: routed_sets(case))
     measure("permute", case, impl, lambda row: rotating(permute_impl(impl, case), [s[:2] for s in sets]),
             nbytes=permute_bytes(case.tokens, case.spec))
@@ -55,7 +55,7 @@ def unpermute_sets(impl, case, sets):
 
 
 @pytest.mark.impls("pcmoe", "eager", "megablocks")
-def test_unpermute(case, impl, measure):
+def bench_unpermute(case, impl, measure):
     sets = cached(("routed", case), lambda: routed_sets(case))
     k = case.spec.top_k
 

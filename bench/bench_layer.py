@@ -1,17 +1,20 @@
 """The whole MoE layer, forward and forward+backward: FusedMoE.from_hf(block) against transformers' own block
-with experts_implementation "grouped_mm" and "eager" (the same weights: from_hf shares them) and megablocks'
-dMoE (its own router and weights, same sizes). Also: peak memory of one forward+backward beyond weights and
-inputs, and, at the smallest token count, our outputs and gradients against the eager block's."""
+with experts_implementation "grouped_mm" and "eager", and with Liger-Kernel's and SonicMoE's fused experts
+plugged into it (all on the same weights: from_hf shares them), and megablocks' dMoE (its own router and
+weights, same sizes). Also: peak memory of one forward+backward beyond weights and inputs; our outputs and
+gradients against the eager block's at the smallest token count, and every peer's on the block's weights
+against ours (``check``)."""
 
 import pytest
 import torch
 
 from .common import DEVICE, cached, sync
-from .peers import LAYER_IMPLS, Unavailable, layer_module, megablocks_dmoe, megablocks_probe
-from .shapes import imbalance, layer_flops, make_hf_block, skewing_input
+from .peers import (LAYER_IMPLS, Unavailable, agreement, layer_module, megablocks_dmoe, outputs_and_grads,
+                    probe)
+from .shapes import DTYPE, imbalance, layer_flops, make_hf_block, skewing_input
 from csrc_triton import FusedMoE
 
-DTYPE = torch.bfloat16
+CHECKED = ("hf_grouped_mm", "liger", "sonicmoe")  # peers on the block's weights, checked against ours every case
 
 
 def layer_inputs(case):
@@ -32,7 +35,7 @@ def module_for(impl, case, d):
         return layer_module(impl, d["block"], d["fused"]), list(d["block"].parameters()), {}
     if "megablocks" not in d:
         try:
-            megablocks_probe("dmoe")
+            probe("megablocks dmoe")
             d["megablocks"] = megablocks_dmoe(case.spec, DTYPE)
         except Unavailable as e:
             d["megablocks"] = e
@@ -54,23 +57,11 @@ def forward_backward(module, impl, x, grad):
     x.grad = None
 
 
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def check_against_eager(d):
-    """Our output and every gradient against transformers' eager block on the same input."""
-    block, x, grad = d["block"], d["inputs"][0].clone().requires_grad_(), d["grad"]
-    results = []
-    for impl in ("hf_eager", "pcmoe"):
-        block.zero_grad(set_to_none=True)
-        x.grad = None
-        out = layer_module(impl, block, d["fused"])(x)
-        out.backward(grad)
-        results.append((out.detach(), [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]))
-    block.zero_grad(set_to_none=True)
-    (ref, ref_grads), (out, grads) = results
-    return dict(out_rel_err=rel(out, ref), max_grad_rel_err=max(rel(a, b) for a, b in zip(grads, ref_grads)))
+def outputs(impl, d):
+    """``impl``'s output and the gradients of its input and every parameter of the block, on input set 0."""
+    x = d["inputs"][0].clone().requires_grad_()
+    module = layer_module(impl, d["block"], d["fused"])
+    return outputs_and_grads(lambda: module(x), [x, *d["block"].parameters()], d["grad"])
 
 
 def peak_extra_bytes(module, impl, params, x, grad):
@@ -96,7 +87,7 @@ def _forward(module, x):
 
 
 @pytest.mark.impls(*LAYER_IMPLS)
-def test_layer_fwd(case, impl, measure):
+def bench_layer_fwd(case, impl, measure):
     d = cached(("layer", case), lambda: layer_inputs(case))
 
     def build(row):
@@ -109,22 +100,26 @@ def test_layer_fwd(case, impl, measure):
 
 
 @pytest.mark.impls(*LAYER_IMPLS)
-def test_layer_fwd_bwd(case, impl, measure, request):
+def bench_layer_fwd_bwd(case, impl, measure, request):
     d = cached(("layer", case), lambda: layer_inputs(case))
-    extra = {"imbalance": d["imbalance"]}
-    if impl == "pcmoe" and case.tokens == min(map(int, request.config.getoption("--bench-tokens").split(","))):
-        extra["check"] = check_against_eager(d)
+    smallest = case.tokens == min(map(int, request.config.getoption("--bench-tokens").split(",")))
     run = {}
 
     def build(row):
-        module, params, more = module_for(impl, case, d)
+        if impl == "pcmoe" and smallest:
+            row["check"] = agreement(outputs("pcmoe", d), outputs("hf_eager", d), "hf_eager")
+        elif impl in CHECKED:
+            if "ours" not in d:
+                d["ours"] = outputs("pcmoe", d)
+            row["check"] = agreement(outputs(impl, d), d["ours"], "pcmoe")
+        module, params, more = module_for(impl, case, d)  # after the checks: they switch the block's experts
         row.update(more)
         run.update(module=module, params=params)
         calls = iter(range(10**12))
-        return lambda: forward_backward(module, impl, d["inputs"][next(calls) % 3], d["grad"]), params
+        return lambda: forward_backward(run["module"], impl, d["inputs"][next(calls) % 3], d["grad"]), params
 
     def after(row):
         row["peak_bytes"] = peak_extra_bytes(run["module"], impl, run["params"], d["inputs"][0], d["grad"])
 
     measure("layer_fwd_bwd", case, impl, build, flops=3 * layer_flops(case.tokens, case.spec), after=after,
-            **extra)
+            imbalance=d["imbalance"])

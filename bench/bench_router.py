@@ -18,7 +18,7 @@ def logit_sets(case):
 
 
 @pytest.mark.impls(*IMPLS)
-def test_router(case, impl, measure):
+def bench_router(case, impl, measure):
     s = case.spec
     sets = cached(("router", case), lambda: logit_sets(case))
     measure("router", case, impl, lambda row: rotating(lambda logits: IMPLS[impl](logits, s), [(l,) for l in sets]),
