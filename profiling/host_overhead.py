@@ -1,7 +1,7 @@
 """Host time against GPU time of the small stages (router, permute, combine), ours and eager PyTorch's.
 
 At a few thousand tokens these stages take tens of microseconds on the GPU, less than Python and the launches
-take on the host, so the suites' do_bench medians (bench/test_router.py, test_permute.py) time the host.
+take on the host, so the suites' do_bench medians (bench/bench_router.py, bench_permute.py) time the host.
 This prints, per stage and implementation: host microseconds per call (calls enqueued back to back, no
 sync), the do_bench median, and the GPU time of its kernels from torch.profiler, with their count.
 

@@ -16,7 +16,7 @@ from helpers import rel_err
 import csrc_triton as ct
 from bench import compare, peers, plots, readme_table, report, shapes
 from bench.engine_e2e import flops_per_token, party_result
-from csrc_triton.experts import expert_mlp_reference
+from csrc_triton.routed_experts import expert_mlp_reference
 from csrc_triton.permute import permute_reference, plan_routing_reference, unpermute_reference
 from pcmoe_engine.config import ModelConfig, load_config
 from pcmoe_engine.model import Backbone, compute_loss
