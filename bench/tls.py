@@ -79,15 +79,16 @@ def _party(rank: int, kind: str, ports: list[int], pki: str, mib: int, repeats: 
     rows = mib * 2**20 // 4096  # rows of 1024 fp32
     send, recv = torch.randn(rows, 1024), torch.empty(rows, 1024)
     splits = [0, rows] if rank == 0 else [rows, 0]  # everything to the other party
-    seconds = []
+    seconds, cpu = [], []
     for _ in range(repeats + 1):  # the first is warm-up
         transport.barrier()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         transport.all_to_all_single(recv, send, splits, splits)
         seconds.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - cpu_started)
     transport.close()
     if rank == 0:
-        Path(out).write_text(json.dumps(seconds[1:]))
+        Path(out).write_text(json.dumps([seconds[1:], cpu[1:]]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,11 +103,13 @@ def main(argv: list[str] | None = None) -> None:
             out = Path(tmp) / f"{kind}.txt"
             mp.spawn(_party, args=(kind, [free_port(), free_port()], str(pki), args.mib, args.repeats, str(out)),
                      nprocs=2)
-            seconds = sorted(json.loads(out.read_text()))
-            median = seconds[len(seconds) // 2]
+            seconds, cpu = (sorted(values) for values in json.loads(out.read_text()))
+            median, median_cpu = seconds[len(seconds) // 2], cpu[len(cpu) // 2]
             print(f"{kind:>4}: {args.mib} MiB each way per all_to_all between 2 parties on 127.0.0.1: median "
                   f"{median * 1e3:,.0f} ms, {args.mib * 2**20 / median / 1e6:,.0f} MB/s each way "
-                  f"(best {args.mib * 2**20 / seconds[0] / 1e6:,.0f} MB/s; {len(seconds)} runs)")
+                  f"(best {args.mib * 2**20 / seconds[0] / 1e6:,.0f} MB/s; {len(seconds)} runs); party 0's CPU time "
+                  f"{median_cpu * 1e3:,.0f} ms per all_to_all")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":
