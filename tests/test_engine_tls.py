@@ -70,19 +70,20 @@ def mesh3(pki):
         m.close()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
-def test_mesh_all_to_all_of_uneven_blocks(mesh3, dtype):
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16), ("cpu", torch.int64),
+                                          pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)])
+def test_mesh_all_to_all_of_uneven_blocks(mesh3, device, dtype):
     """Rows send[sum(send_splits[:p]):...] reach party p, in party order, as torch.distributed's all_to_all_single
-    would deliver them (async and not); a party's own rows stay local."""
+    would deliver them (async and not; GPU tensors staged through host memory); a party's own rows stay local."""
     width = 3
     # splits[src][dst]: rows src sends dst (zero-row blocks included)
     splits = [[2, 0, 3], [1, 4, 0], [0, 2, 5]]
-    sent = {src: (torch.arange(sum(splits[src]) * width).reshape(-1, width) + 1000 * src).to(dtype)
+    sent = {src: (torch.arange(sum(splits[src]) * width).reshape(-1, width) + 1000 * src).to(device, dtype)
             for src in range(3)}
 
     def exchange(rank):
         recv_splits = [splits[src][rank] for src in range(3)]
-        recv = torch.empty(sum(recv_splits), width, dtype=dtype)
+        recv = torch.empty(sum(recv_splits), width, dtype=dtype, device=device)
         work = mesh3[rank].all_to_all_single(recv, sent[rank], recv_splits, splits[rank], async_op=rank == 1)
         if work is not None:
             work.wait()
