@@ -65,6 +65,8 @@ def _names(cert: dict) -> list[str]:
 
 def _reason(e: Exception) -> str:
     """A TLS or socket error in a few words: OpenSSL's verification message or reason, else the error's text."""
+    if isinstance(e, EOFError):
+        return "the connection closed"
     if isinstance(e, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {e.verify_message}"
     if isinstance(e, ssl.SSLError):
@@ -238,9 +240,12 @@ class TLSMesh:
                 elif claimed in self._in:
                     reason = f"party {claimed} is already connected"
                 else:
-                    tls.sendall(ACCEPTED)
-                    self._in[claimed] = tls
-                    continue
+                    try:
+                        tls.sendall(ACCEPTED)
+                        self._in[claimed] = tls
+                        continue
+                    except OSError as e:
+                        reason = f"party {claimed} left during the hello ({_reason(e)})"
                 self._refuse(tls, address, reason)
         except BaseException as e:  # raised by the constructor
             failure.append(e)
@@ -277,8 +282,7 @@ class TLSMesh:
             _recv_exact(tls, memoryview(bytearray(len(ACCEPTED))))
         except (OSError, EOFError) as e:
             tls.close()
-            raise PeerFailure(peer, f"at {where} refused this party ({_reason(e) or 'closed the connection'}): see "
-                              "its log") from None
+            raise PeerFailure(peer, f"at {where} refused this party ({_reason(e)}): see its log") from None
         return tls
 
     # -- data -------------------------------------------------------------------------------------------------

@@ -30,21 +30,30 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PCMOE_CACHE", str(tmp_path_factory.getbasetemp() / "pcmoe-cache"))
 
 
-def _hosts(tmp_path, parties, args_of):
-    """Start `pcmoe party` once per rank, as separate hosts would (its own out_dir each); wait for all. Returns
-    each party's output."""
+def _start(tmp_path, parties, args_of, *overrides):
+    """`pcmoe party` once per rank, as separate hosts would run it (its own out_dir each)."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GLOO_SOCKET_IFNAME")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     tmp_path.mkdir(parents=True)
-    procs = [subprocess.Popen([sys.executable, "-m", "pcmoe_engine.cli", "party", "--rank", str(rank), "--parties",
-                               str(parties), *args_of(rank), "--set", f"train.out_dir={tmp_path / f'host{rank}'}",
-                               *[a for o in SMALL for a in ("--set", o)]],
-                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(parties)]
+    return [subprocess.Popen([sys.executable, "-m", "pcmoe_engine.cli", "party", "--rank", str(rank), "--parties",
+                              str(parties), *args_of(rank), "--set", f"train.out_dir={tmp_path / f'host{rank}'}",
+                              *[a for o in [*SMALL, *overrides] for a in ("--set", o)]],
+                             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for rank in range(parties)]
+
+
+def _hosts(tmp_path, parties, args_of):
+    """Run every party to the end; returns each one's output."""
+    procs = _start(tmp_path, parties, args_of)
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for rank, (p, out) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"party {rank} failed:\n{out}"
     return outputs
+
+
+def _tls_args(pki, peers):
+    return lambda rank: ["--peers", peers, "--set", f"transport.tls_cert={pki}/party{rank}.crt", "--set",
+                         f"transport.tls_key={pki}/party{rank}.key", "--set", f"transport.tls_ca={pki}/ca.crt"]
 
 
 def _records(run_dir, rank):
@@ -60,9 +69,7 @@ def test_parties_on_separate_hosts_train_alike_over_gloo_and_tls(tmp_path):
     gloo = _hosts(tmp_path / "gloo", parties, lambda rank: ["--rendezvous", rendezvous])
     pki = make_pki(tmp_path / "pki", parties, "multihost")  # run_id: the run's name
     peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(parties))
-    tls = _hosts(tmp_path / "tls", parties, lambda rank: [
-        "--peers", peers, "--set", f"transport.tls_cert={pki}/party{rank}.crt", "--set",
-        f"transport.tls_key={pki}/party{rank}.key", "--set", f"transport.tls_ca={pki}/ca.crt"])
+    tls = _hosts(tmp_path / "tls", parties, _tls_args(pki, peers))
 
     for rank in range(parties):
         # Each said how it reaches the others: gloo found the loopback interface itself (none was set).
@@ -86,6 +93,26 @@ def test_parties_on_separate_hosts_train_alike_over_gloo_and_tls(tmp_path):
         summary = json.loads((tmp_path / kind / "host0" / "multihost" / "summary.json").read_text())
         assert summary["parties_missing"] == [1, 2] and summary["final_loss"][1:] == [None, None]
         assert "parties 1, 2: no files here (on other hosts" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_a_killed_party_is_named_over_tls(tmp_path):
+    """Party 2 is killed mid-run: the others stop at once, each with one line naming it, and a non-zero exit."""
+    pki = make_pki(tmp_path / "pki", 3, "multihost")
+    peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(3))
+    procs = _start(tmp_path / "run", 3, _tls_args(pki, peers), "train.steps=100000", "train.checkpoints=false")
+    for line in procs[0].stdout:  # party 0 has trained a step: every party is well into the run
+        if "| step" in line:
+            break
+    procs[2].kill()
+    for rank in (0, 1):
+        out = procs[rank].communicate(timeout=120)[0]
+        assert procs[rank].returncode == 1
+        assert out.strip().splitlines()[-1] == f"pcmoe: error (party {rank}): party 2 closed its connection: it " \
+                                               "exited or was killed"
+        assert "Traceback" not in out
+    procs[2].communicate()
 
 
 @pytest.mark.parametrize("args,message", [
