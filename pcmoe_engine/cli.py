@@ -5,6 +5,10 @@
 launches one training process per party on this machine (what torchrun would, with a free port on
 127.0.0.1): one GPU per party with NCCL when there are enough GPUs, else CPU processes over gloo
 (`--set train.device=cuda` puts more parties than GPUs on shared GPUs, over gloo). With no arguments: 2 parties train the `tiny` model on Tiny Shakespeare for a few minutes.
+
+    pcmoe party --rank I --parties N (--rendezvous HOST:PORT | --peers HOST:PORT,...) [--config f.toml] [--set ...]
+
+runs party I alone, one party per host (multihost.py, docs/multihost.md).
 """
 
 import argparse
@@ -72,24 +76,48 @@ def _report(run_dir: Path) -> None:
               f" | {s['tokens_per_s'][i] or 0:,.0f} tok/s | peak mem {s['peak_memory_bytes'][i] / mib:,.0f} MiB "
               f"({s['peak_memory_kind']}) | sent {s['bytes_sent'][i] / mib:,.1f} MiB, received "
               f"{s['bytes_received'][i] / mib:,.1f} MiB")
+    if missing := s["parties_missing"]:
+        print(f"  part{'y' if len(missing) == 1 else 'ies'} {', '.join(map(str, missing))}: no files here (on "
+              "other hosts, each party's party<i>/ is in its own train.out_dir)")
     print(f"  total {s['tokens_per_s_total']:,.0f} tok/s; summary.json and metrics.jsonl are in {run_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pcmoe", description="PC-MoE: collaborative training of MoE LLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train with N local parties (one process each)")
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", help="TOML file (default: the packaged configs/tiny.toml)")
+    config.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override an option, e.g. --set train.steps=50 (repeatable)")
+    train = commands.add_parser("train", parents=[config], help="train with N local parties (one process each)")
     train.add_argument("--parties", type=int, help="number of parties (default: the config's, 2 for tiny)")
-    train.add_argument("--config", help="TOML file (default: the packaged configs/tiny.toml)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override an option, e.g. --set train.steps=50 (repeatable)")
+    party = commands.add_parser("party", parents=[config], help="run one party of a multi-host run (one per host)")
+    party.add_argument("--rank", type=int, required=True, help="this party's rank, 0 .. N-1")
+    party.add_argument("--parties", type=int, required=True, help="number of parties N")
+    party.add_argument("--rendezvous", metavar="HOST:PORT",
+                       help="transport torch: party 0's host and a free port there, the same for every party")
+    party.add_argument("--peers", metavar="HOST:PORT,...",
+                       help="transport tls (implied): every party's host:port in rank order, the same for every party")
     args = parser.parse_args(argv)
 
+    if args.command == "party":
+        from .multihost import run_party  # imports torch: not for `pcmoe train`'s launcher
+
+        try:
+            cfg = run_party(args.rank, args.parties, args.rendezvous, args.peers, args.config, args.overrides)
+        except ValueError as e:
+            parser.exit(2, f"pcmoe: error: {e}\n")
+        if args.rank == 0:
+            _report(cfg.run_dir)
+        return
     overrides = args.overrides + ([f"parties={args.parties}"] if args.parties is not None else [])
     try:
         cfg = load_config(args.config, overrides)
     except ValueError as e:
         parser.exit(2, f"pcmoe: error: {e}\n")
+    if cfg.transport.kind != "torch":
+        parser.exit(2, f"pcmoe: error: transport.kind={cfg.transport.kind} connects parties on separate hosts: start "
+                    "each with `pcmoe party` (docs/multihost.md)\n")
     train_args = (["--config", args.config] if args.config else []) + [a for o in overrides for a in ("--set", o)]
     code = launch(cfg.parties, train_args)
     if code:

@@ -12,8 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "PrivacyConfig", "Config", "PRESETS", "FAMILIES", "load_config",
-           "validate", "BUILTIN_CORPORA", "DEFAULT_CONFIG", "corpus_path"]
+__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "PrivacyConfig", "TransportConfig", "Config", "PRESETS",
+           "FAMILIES", "load_config", "validate", "BUILTIN_CORPORA", "DEFAULT_CONFIG", "corpus_path", "parse_address"]
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.toml"
 # transformers model_types the engine reproduces exactly (pcmoe_engine/hf.py maps their checkpoints).
@@ -132,12 +132,26 @@ class PrivacyConfig:
 
 
 @dataclass
+class TransportConfig:
+    """How rows travel between the parties (docs/multihost.md). torch: torch.distributed (gloo, or NCCL with a GPU
+    per party), neither authenticated nor encrypted: one machine, a private network or a VPN. tls: a mesh of
+    mutually authenticated TLS 1.3 connections, for parties on separate sites (`pcmoe party --peers ...`)."""
+    kind: str = "torch"  # torch | tls
+    peers: list[str] = field(default_factory=list)  # tls: every party's host:port in rank order (each listens on its)
+    tls_cert: str = ""  # tls: this party's certificate (PEM), naming pcmoe-party-<rank>.<run_id>, issued by tls_ca
+    tls_key: str = ""  # tls: this party's private key (PEM)
+    tls_ca: str = ""  # tls: the certificate of the CA the parties agreed on (PEM)
+    run_id: str = ""  # tls: the collaboration's name in the certificates; "": the run's name (train.name or default)
+
+
+@dataclass
 class Config:
     parties: int = 2
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -147,7 +161,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "privacy": PrivacyConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "privacy": PrivacyConfig,
+             "transport": TransportConfig}
 
 
 def _parse_value(text: str):
@@ -240,6 +255,15 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` (``[v6 address]:port`` for IPv6) as (host, port); a one-line ValueError otherwise."""
+    host, colon, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"{text!r} is not host:port (e.g. 10.0.0.5:29500)")
+    return host, int(port)
+
+
 def corpus_path(name: str) -> Path:
     """A built-in corpus name or a path to a text file or directory."""
     return BUILTIN_CORPORA.get(name, Path(name).expanduser())
@@ -306,9 +330,32 @@ def validate(cfg: Config) -> Config:
         _require(clip >= 0 and noise >= 0, f"privacy.{what}_clip and privacy.{what}_noise must not be negative")
         _require(noise == 0 or clip > 0, f"privacy.{what}_noise={noise} needs privacy.{what}_clip > 0: the noise "
                  f"std is noise * clip")
+    _validate_transport(cfg)
     if t.device == "cuda":
         import torch
 
         _require(torch.cuda.is_available(), "train.device=cuda, but torch sees no GPU here; use train.device=auto "
                  "or cpu")
     return cfg
+
+
+def _validate_transport(cfg: Config) -> None:
+    tr = cfg.transport
+    _require(tr.kind in ("torch", "tls"), f"transport.kind={tr.kind!r}: choose torch or tls")
+    tls_options = ("tls_cert", "tls_key", "tls_ca")
+    if tr.kind == "torch":
+        given = [f"transport.{name}" for name in ("peers", *tls_options, "run_id") if getattr(tr, name)]
+        _require(not given, f"{', '.join(given)} only apply to transport.kind = \"tls\": set it, or leave them out")
+        return
+    _require(len(tr.peers) == cfg.parties, f"transport.peers lists {len(tr.peers)} addresses for {cfg.parties} "
+             "parties: give every party's host:port, in rank order")
+    for i, peer in enumerate(tr.peers):
+        try:
+            parse_address(peer)
+        except ValueError as e:
+            raise ValueError(f"transport.peers[{i}]: {e}") from None
+    for name in tls_options:
+        path = getattr(tr, name)
+        _require(bool(path), f"transport.kind = \"tls\" needs transport.{name} (docs/multihost.md says how to make "
+                 "the certificates)")
+        _require(Path(path).expanduser().is_file(), f"transport.{name}={path!r} does not exist")

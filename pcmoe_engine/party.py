@@ -1,7 +1,7 @@
 """One party of a PC-MoE run: its device, data, private backbone, expert shard, wire and optimizer, and what it
 does with them, one call at a time.
 
-    party = Party(cfg, rank)       # the process group, if any, is already up
+    party = Party(cfg, rank)       # the process group (or the transport passed), if any, is already up
     party.resume()                 # with train.resume: continue from the latest checkpoint
     while party.step_count < cfg.train.steps:
         record = party.step()      # one optimizer step; that step's metrics
@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import csrc_triton as ct
 
@@ -33,6 +32,7 @@ from .model import Backbone, Loss, compute_loss, count_parameters
 from .nvtx import nvtx_range
 from .protocol import DistributedExperts, ExpertShard, Wire, WireLog
 from .rng import seeded
+from .transport import Transport
 
 __all__ = ["Party", "initial_backbone", "build_optimizer", "lr_at", "party_device", "process_group_backend",
            "peak_memory"]
@@ -102,7 +102,7 @@ class Party:
     ``eval_tokens``, ``backbone``, ``shard``, ``wire``, ``experts``, ``optimizer``, ``step_count`` (steps
     taken) and ``progress`` (losses and timed throughput, checkpointed with the rest)."""
 
-    def __init__(self, cfg: Config, rank: int, group: "dist.ProcessGroup | None" = None):
+    def __init__(self, cfg: Config, rank: int, transport: Transport | None = None):
         t = cfg.train
         self.cfg, self.rank = cfg, rank
         self.device = party_device(cfg)
@@ -122,13 +122,12 @@ class Party:
         self.shard = ExpertShard(cfg.model, rank, cfg.parties)
         self.shard.init_weights(t.seed)
         self.shard.to(self.device)
-        if group is None and cfg.parties > 1:
-            group = dist.group.WORLD
         wire_log = None
         if t.wire_log:
             self.dir.mkdir(parents=True, exist_ok=True)
             wire_log = WireLog(self.dir / "wire.jsonl")
-        self.wire = Wire(rank, cfg.parties, group, wire_log, cfg.privacy, t.seed)
+        # The rows travel over ``transport``; by default torch.distributed's default process group.
+        self.wire = Wire(rank, cfg.parties, log=wire_log, privacy=cfg.privacy, seed=t.seed, transport=transport)
         self.experts = DistributedExperts(self.shard, self.wire)
         self.optimizer = build_optimizer(cfg, (self.backbone, self.shard))
         self.step_count = 0

@@ -43,6 +43,7 @@ import csrc_triton as ct
 from .config import ModelConfig, PrivacyConfig
 from .nvtx import nvtx_range, stage
 from .rng import seeded
+from .transport import Transport, TorchTransport, Work
 
 __all__ = ["WIRE_KINDS", "owner_of", "owned_experts", "ExpertShard", "WireEntry", "WireLog", "Wire", "Observer",
            "Transfer", "DistributedExperts", "clip_and_noise"]
@@ -147,7 +148,7 @@ Observer = Callable[[str, int, torch.Tensor, list[int]], None]
 class Transfer(NamedTuple):
     """A tensor on its way in: ``wait()`` returns it once it has arrived (and shows it to ``arrived``)."""
     tensor: torch.Tensor
-    work: "dist.Work | None"
+    work: "Work | dist.Work | None"
     arrived: Callable[[torch.Tensor], None] | None = None
 
     def wait(self) -> torch.Tensor:
@@ -159,13 +160,16 @@ class Transfer(NamedTuple):
 
 
 class Wire:
-    """A party's link to the others: the process group, its traffic counters, an optional WireLog, the
+    """A party's link to the others: the transport that carries the rows (default: torch.distributed over
+    ``group``, None for the default process group; transport.py), its traffic counters, an optional WireLog, the
     defences on what it sends (``privacy``; ``seed`` draws this party's noise) and an optional ``observer``
     shown every tensor that arrives from the other parties, as it arrived."""
 
     def __init__(self, party: int = 0, parties: int = 1, group=None, log: WireLog | None = None,
-                 privacy: PrivacyConfig | None = None, seed: int = 0, observer: Observer | None = None):
-        self.party, self.parties, self.group, self.log, self.observer = party, parties, group, log, observer
+                 privacy: PrivacyConfig | None = None, seed: int = 0, observer: Observer | None = None,
+                 transport: Transport | None = None):
+        self.party, self.parties, self.log, self.observer = party, parties, log, observer
+        self.transport = transport if transport is not None else TorchTransport(group)
         self.bytes_sent = dict.fromkeys(WIRE_KINDS, 0)
         self.bytes_received = dict.fromkeys(WIRE_KINDS, 0)
         privacy = privacy or PrivacyConfig()
@@ -212,7 +216,7 @@ class Wire:
             send = self._defend(kind, send, send_splits)
         send = send.contiguous()
         recv = send.new_empty((sum(recv_splits), *row_shape))
-        work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group, async_op=async_op)
+        work = self.transport.all_to_all_single(recv, send, recv_splits, send_splits, async_op=async_op)
         observer = self.observer
         arrived = (lambda rows: observer(kind, layer, rows, recv_splits)) if observer is not None else None
         return Transfer(recv, work, arrived)

@@ -1,5 +1,6 @@
 """One party's training process: ``torchrun --nproc-per-node N -m pcmoe_engine.train [--config f.toml]
-[--set key=value ...]`` (or ``pcmoe train --parties N``, which launches these for you).
+[--set key=value ...]`` (or ``pcmoe train --parties N``, which launches these for you; or, one party per host,
+``pcmoe party`` or ``torchrun --nnodes N``: docs/multihost.md).
 
 The parties step in lockstep, each on its own batch. Each one's optimizer updates only its own backbone and
 expert shard; the only traffic is the protocol's (see protocol.py). ``train`` is the loop: a ``Party``
@@ -18,15 +19,17 @@ import torch.distributed as dist
 from .config import Config, load_config
 from .metrics import MetricsLog, merge_run, say, write_summary
 from .party import Party, peak_memory, process_group_backend
+from .tls import TLSMesh
+from .transport import PeerFailure, TorchTransport, Transport
 
-__all__ = ["main", "train"]
+__all__ = ["main", "train", "open_transport"]
 
 
-def train(cfg: Config, rank: int) -> dict:
-    """Train as party ``rank`` of ``cfg.parties`` (the process group, if any, is already up). Returns its
-    summary."""
+def train(cfg: Config, rank: int, transport: Transport | None = None) -> dict:
+    """Train as party ``rank`` of ``cfg.parties`` over ``transport`` (default: the process group, which is
+    already up if there are several parties). Returns its summary."""
     t = cfg.train
-    party = Party(cfg, rank)
+    party = Party(cfg, rank, transport)
     if t.resume and (checkpoint := party.resume()) is not None:
         say(f"party {rank} | resumed from {checkpoint} at step {party.step_count}")
     log = MetricsLog(party.dir / "metrics.jsonl", rank, party.step_count)
@@ -51,6 +54,15 @@ def train(cfg: Config, rank: int) -> dict:
     return summary
 
 
+def open_transport(cfg: Config, rank: int, timeout: timedelta) -> Transport:
+    """Connect to the other parties: the TLS mesh with transport.kind=tls, else torch.distributed's process group
+    (its rendezvous from MASTER_ADDR and MASTER_PORT, as the launchers and torchrun set them)."""
+    if cfg.transport.kind == "tls":
+        return TLSMesh.from_config(cfg, rank, timeout.total_seconds())
+    dist.init_process_group(process_group_backend(cfg), rank=rank, world_size=cfg.parties, timeout=timeout)
+    return TorchTransport()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pcmoe_engine.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="TOML file (default: the packaged configs/tiny.toml)")
@@ -65,19 +77,20 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.parties != world:
         sys.exit(f"pcmoe: error: parties={cfg.parties} needs one process per party: run `pcmoe train --parties "
                  f"{cfg.parties}` or `torchrun --nproc-per-node {cfg.parties} -m pcmoe_engine.train`")
-    if world > 1:
-        dist.init_process_group(process_group_backend(cfg), rank=rank, world_size=world, timeout=timedelta(minutes=10))
+    transport = None
     try:
-        train(cfg, rank)
         if world > 1:
-            dist.barrier()  # carries no data: it only waits for every party's files
+            transport = open_transport(cfg, rank, timedelta(minutes=10))
+        train(cfg, rank, transport)
+        if transport is not None:
+            transport.barrier()  # carries no data: it only waits for every party's files
         if rank == 0:
             merge_run(cfg)
-    except ValueError as e:
+    except (ValueError, PeerFailure) as e:
         sys.exit(f"pcmoe: error (party {rank}): {e}")
     finally:
-        if world > 1:
-            dist.destroy_process_group()
+        if transport is not None:
+            transport.close()
 
 
 if __name__ == "__main__":

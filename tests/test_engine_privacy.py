@@ -4,6 +4,9 @@ import json
 import math
 import os
 import re
+import shutil
+import socket
+import ssl
 from dataclasses import replace
 
 import pytest
@@ -13,12 +16,15 @@ import torch.multiprocessing as mp
 
 import csrc_triton as ct
 from bench import privacy
+from bench.tls import make_pki
 from pcmoe_engine.cli import free_port
 from pcmoe_engine.config import PrivacyConfig, load_config
 from pcmoe_engine.data import encode, load_tokenizer, party_texts
 from pcmoe_engine.party import Party
 from pcmoe_engine.protocol import WIRE_KINDS, ExpertShard, Wire, clip_and_noise
+from pcmoe_engine.tls import ACCEPTED, FRAME, HELLO, TLSMesh
 from pcmoe_engine.train import train
+from pcmoe_engine.transport import TorchTransport
 
 # Every torch.distributed call that could move data (or synchronise) between parties.
 COLLECTIVES = ("all_to_all_single", "all_to_all", "all_reduce", "broadcast", "all_gather", "all_gather_into_tensor",
@@ -37,10 +43,11 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PCMOE_CACHE", str(tmp_path_factory.getbasetemp() / "pcmoe-cache"))
 
 
-def _audited_party(rank, out_dir, port):
-    """Train as one party with every collective wrapped: record each call, and the exchange it came from."""
+def _audited_party(rank, out_dir, ports, pki):
+    """Train as one party with every collective wrapped: record each call, and the exchange it came from. With
+    ``pki``, over the TLS transport (no process group), every write to a socket is counted too."""
     torch.set_num_threads(1)
-    calls, inside = [], []
+    calls, inside, written, plaintext = [], [], [], []
     exchange = Wire.exchange
 
     def logged_exchange(self, kind, *args, **kwargs):
@@ -50,41 +57,74 @@ def _audited_party(rank, out_dir, port):
         finally:
             inside.pop()
 
-    def wrap(name, collective):
+    def wrap(via, name, collective, method=False):
         def audited(*args, **kwargs):
-            call = {"name": name, "kind": inside[-1] if inside else None}
+            call = {"via": via, "name": name, "kind": inside[-1] if inside else None}
             if name == "all_to_all_single":
-                recv, send, recv_splits, send_splits = args[:4]
+                recv, send, recv_splits, send_splits = args[method:method + 4]
                 call.update(send=send.detach().clone(), send_splits=list(send_splits))
             calls.append(call)
             return collective(*args, **kwargs)
         return audited
 
+    def counted(into, write):
+        def audited(self, data, *args, **kwargs):
+            n = write(self, data, *args, **kwargs)
+            into.append(n if isinstance(n, int) else memoryview(data).nbytes)  # sendall returns None
+            return n
+        return audited
+
     Wire.exchange = logged_exchange
     for name in COLLECTIVES:
         if hasattr(dist, name):
-            setattr(dist, name, wrap(name, getattr(dist, name)))
+            setattr(dist, name, wrap("dist", name, getattr(dist, name)))
     cfg = load_config(None, AUDIT + [f"train.out_dir={out_dir}", "train.name=audit"])
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    if pki is None:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=rank, world_size=2)
+        transport = TorchTransport()
+    else:
+        TLSMesh.all_to_all_single = wrap("tls", "all_to_all_single", TLSMesh.all_to_all_single, method=True)
+        for name in ("send", "write"):  # SSLSocket.sendall writes through send
+            setattr(ssl.SSLSocket, name, counted(written, getattr(ssl.SSLSocket, name)))
+        for name in ("send", "sendall", "sendto", "sendmsg", "sendfile"):  # nothing leaves outside TLS
+            setattr(socket.socket, name, counted(plaintext, getattr(socket.socket, name)))
+        transport = TLSMesh(rank, [("127.0.0.1", port) for port in ports], f"{pki}/party{rank}.crt",
+                            f"{pki}/party{rank}.key", f"{pki}/ca.crt", "audit", 60)
     try:
-        train(cfg, rank)
+        train(cfg, rank, transport)
     finally:
-        dist.destroy_process_group()
-    torch.save(calls, os.path.join(out_dir, f"calls{rank}.pt"))
+        transport.close()
+    torch.save({"calls": calls, "written": written, "plaintext": plaintext}, os.path.join(out_dir, f"calls{rank}.pt"))
+
+
+def _frame_bytes(calls, party):
+    """What a party's all_to_all_single calls hand the TLS connections: per call, a frame to the other party
+    (header and its rows)."""
+    return sum(FRAME.size + c["send_splits"][1 - party] * math.prod(c["send"].shape[1:]) * c["send"].element_size()
+               for c in calls)
 
 
 @pytest.mark.slow
-def test_wire_audit_of_a_two_party_training_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("transport", ["torch", "tls"])
+def test_wire_audit_of_a_two_party_training_run(transport, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_audited_party, args=(str(tmp_path), free_port()), nprocs=2)
+    if transport == "tls" and shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    pki = str(make_pki(tmp_path / "pki", 2, "audit")) if transport == "tls" else None
+    mp.spawn(_audited_party, args=(str(tmp_path), [free_port(), free_port()], pki), nprocs=2)
     cfg = load_config(None, AUDIT)
     hidden, local_experts = cfg.model.hidden_size, cfg.model.num_experts // 2
     pairs_per_pass = cfg.train.batch_size * cfg.data.seq_len * cfg.model.top_k
     for party in range(2):
-        calls = torch.load(tmp_path / f"calls{party}.pt", weights_only=False)
-        # Nothing bypasses Wire.exchange: its all_to_all_single is the only collective a training run calls.
-        assert {c["name"] for c in calls} == {"all_to_all_single"}
+        record = torch.load(tmp_path / f"calls{party}.pt", weights_only=False)
+        calls = record["calls"]
+        # Nothing bypasses Wire.exchange: its all_to_all_single is the only collective a training run calls (on
+        # the TLS transport: the mesh's, and no torch.distributed call at all).
+        assert {(c["via"], c["name"]) for c in calls} == {("dist" if pki is None else "tls", "all_to_all_single")}
+        if pki is not None:  # every byte written to a connection is a hello or a frame of those calls; none in clear
+            assert sum(record["written"]) == HELLO.size + len(ACCEPTED) + _frame_bytes(calls, party)
+            assert record["plaintext"] == []
         assert {c["kind"] for c in calls} == set(WIRE_KINDS)
         for c in calls:
             send = c["send"]
