@@ -37,7 +37,7 @@ from .model import Backbone
 from .protocol import DistributedExperts, ExpertShard, Wire
 from .runs import common_step, is_run, read_party
 
-__all__ = ["Model", "load_model", "windows", "evaluate", "generate"]
+__all__ = ["Model", "load_model", "windows", "window_batches", "summed_cross_entropy", "evaluate", "generate"]
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Model:
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         with self.autocast:
-            return self.backbone(tokens.to(self.device), self.experts)[0].float()
+            return self.backbone(tokens.to(self.device), self.experts)[0]
 
 
 def _eos_ids(files: dict[str, str], tokenizer: Tokenizer) -> set[int]:
@@ -127,24 +127,32 @@ def windows(tokens: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
     return [tokens[start:start + seq_len + 1] for start in range(0, tokens.numel() - 1, seq_len)]
 
 
+def window_batches(tokens: torch.Tensor, seq_len: int, batch_size: int) -> list[torch.Tensor]:
+    """The windows stacked ``batch_size`` at a time ([batch, seq_len + 1] each); the short last one alone."""
+    pieces = windows(tokens, seq_len)
+    short = [w[None] for w in pieces if w.numel() != seq_len + 1]
+    full = [w for w in pieces if w.numel() == seq_len + 1]
+    return [torch.stack(full[i:i + batch_size]) for i in range(0, len(full), batch_size)] + short
+
+
+def summed_cross_entropy(logits: torch.Tensor, batch: torch.Tensor) -> float:
+    """The summed next-token cross-entropy of a batch of windows, from the logits of all but their last token."""
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+
+
 @torch.no_grad()
 def evaluate(model: Model, text_file, seq_len: int, batch_size: int) -> dict:
     """The mean next-token cross-entropy of ``text_file`` and its perplexity, with what was evaluated."""
     tokens = encode(model.tokenizer, read_text(text_file))
     if tokens.numel() < 2:
         raise ValueError(f"{str(text_file)!r} encodes to {tokens.numel()} token(s): give a text of at least two")
-    pieces = windows(tokens, seq_len)
     total, count = 0.0, 0
-    full = [w for w in pieces if w.numel() == seq_len + 1]
-    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
-    batches += [[w] for w in pieces if w.numel() != seq_len + 1]
-    for batch in batches:
-        batch = torch.stack(batch).to(model.device)
-        logits = model.logits(batch[:, :-1])
-        total += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+    for batch in window_batches(tokens, seq_len, batch_size):
+        batch = batch.to(model.device)
+        total += summed_cross_entropy(model.logits(batch[:, :-1]), batch)
         count += batch[:, 1:].numel()
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "windows": len(pieces),
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "windows": len(windows(tokens, seq_len)),
             "seq_len": seq_len, "text": str(text_file), "model": model.described}
 
 
@@ -158,7 +166,7 @@ def generate(model: Model, ids: list[int], max_new_tokens: int, temperature: flo
     generator = torch.Generator(model.device).manual_seed(seed)
     tokens = torch.tensor([ids], device=model.device)
     for _ in range(max_new_tokens):
-        logits = model.logits(tokens)[0, -1]
+        logits = model.logits(tokens)[0, -1].float()
         if temperature == 0:
             token = logits.argmax()
         else:
