@@ -37,9 +37,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(parties: int, train_args: list[str], env: dict | None = None, module: str = "pcmoe_engine.train",
+def launch(parties: int, args: list[str], env: dict | None = None, module: str = "pcmoe_engine.train",
            ranks: list[int] | None = None, rendezvous: tuple[str, int] | None = None) -> int:
-    """Run ``python -m module *train_args`` once per party; the first failure stops them all. By default every
+    """Run ``python -m module *args`` once per party; the first failure stops them all. By default every
     party runs here and they meet on a free port of 127.0.0.1; ``ranks`` and ``rendezvous`` (party 0's host and
     port) run some of them here, the others elsewhere."""
     ranks = list(range(parties)) if ranks is None else ranks
@@ -55,7 +55,7 @@ def launch(parties: int, train_args: list[str], env: dict | None = None, module:
     for local, party in enumerate(ranks):
         party_env = {**base, "RANK": str(party), "LOCAL_RANK": str(local), "WORLD_SIZE": str(parties),
                      "LOCAL_WORLD_SIZE": str(len(ranks)), "MASTER_ADDR": host, "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *train_args], env=party_env))
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=party_env))
     try:
         while True:
             codes = [p.poll() for p in procs]

@@ -298,9 +298,10 @@ def validate(cfg: Config) -> Config:
              "model.dense_layers needs model.dense_intermediate_size >= 1")
     _require(m.num_heads % m.num_kv_heads == 0,
              f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}")
-    if m.init_from:
-        from .hf import load_hf_tokenizer  # checks the tokenizer fits the embedding
+    if m.init_from:  # before any party starts: every shard there and whole (headers only), a tokenizer that fits
+        from .hf import CheckpointReader, load_hf_tokenizer
 
+        CheckpointReader(m.init_from)
         load_hf_tokenizer(m.init_from, m.vocab_size)
     else:
         _require(m.vocab_size >= 260, f"model.vocab_size={m.vocab_size}: a byte-level BPE needs at least 260")

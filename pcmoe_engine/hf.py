@@ -36,7 +36,7 @@ from .model import Backbone, empty_backbone
 from .protocol import ExpertShard
 
 __all__ = ["CheckpointReader", "load_hf_weights", "load_party", "hf_state_dict", "check_new_folder",
-           "save_hf_checkpoint", "load_hf_tokenizer", "tokenizer_files", "TOKENIZER_FILES"]
+           "save_hf_checkpoint", "load_hf_tokenizer", "checkpoint_files", "TOKENIZER_FILES"]
 
 INDEX = "model.safetensors.index.json"
 # What a checkpoint folder holds beside its weights and config.json that a model exported from it needs: the
@@ -146,10 +146,9 @@ class CheckpointReader:
         """An open handle on ``file``, opened anew once REMAP_ELEMENTS have been read through it: the pages of a
         mapped file count as the process's memory until it is closed, so a long-open one would add every byte
         read so far to the peak beside the model."""
-        read = self._mapped.get(file, (None, 0))[1]
-        if file not in self._mapped or read > self.REMAP_ELEMENTS:
-            self._mapped[file] = (safe_open(str(self.directory / file), framework="pt"), 0)
-        handle, read = self._mapped[file]
+        handle, read = self._mapped.get(file, (None, self.REMAP_ELEMENTS))
+        if read >= self.REMAP_ELEMENTS:
+            handle, read = safe_open(str(self.directory / file), framework="pt"), 0
         self._mapped[file] = (handle, read + elements)
         return handle
 
@@ -300,7 +299,9 @@ def load_hf_tokenizer(directory, vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def tokenizer_files(directory) -> dict[str, str]:
-    """The TOKENIZER_FILES a checkpoint folder holds: name -> text."""
+def checkpoint_files(directory) -> dict[str, str]:
+    """What a model exported from a checkpoint folder takes from it beside the weights: its config.json and the
+    TOKENIZER_FILES it holds, name -> text."""
     directory = Path(directory).expanduser()
-    return {name: (directory / name).read_text() for name in TOKENIZER_FILES if (directory / name).is_file()}
+    return {name: (directory / name).read_text() for name in ("config.json", *TOKENIZER_FILES)
+            if (directory / name).is_file()}

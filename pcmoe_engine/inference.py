@@ -6,7 +6,9 @@ of a family the engine reproduces): the whole model. A run folder: party I's bac
 at the latest step every party has a checkpoint of, read from the parties' folders in it (runs.py). That works on
 one machine, where the run folder holds every party's shard; across sites a party holds only its own, so it
 evaluates its pooled export (export.py). Either way the model runs in this one process, as a one-party engine
-(every expert local): nothing crosses.
+(every expert local): nothing crosses. Evaluating or sampling through the other parties' experts while their
+processes run (each party holding only its own shard) is not implemented: it would need every party to run
+forward passes in lockstep with the one sampling, as in training.
 
 The loss, precisely. FILE is read whole (UTF-8) and encoded once with the model's tokenizer (``tokenizers``'
 ``Tokenizer.encode``, with whatever special tokens its post-processor adds). Window w holds tokens w*L to w*L + L
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from .data import END_OF_TEXT, encode, read_text
-from .hf import load_hf_tokenizer, load_party, tokenizer_files
+from .hf import checkpoint_files, load_hf_tokenizer, load_party
 from .hf_config import read_config
 from .model import Backbone
 from .protocol import DistributedExperts, ExpertShard, Wire
@@ -87,7 +89,7 @@ def _run_model(run_dir: Path, party: int, device: torch.device) -> tuple:
             shard.w_gate_up[layer].data[ids] = other.state["experts"][f"w_gate_up.{layer}"].to(device)
             shard.w_down[layer].data[ids] = other.state["experts"][f"w_down.{layer}"].to(device)
     described = {"path": str(run_dir), "kind": "run", "party": party, "step": step, "parties": parties,
-                 "experts": f"all {mine.model.num_experts}, from the {parties} parties' checkpoints"}
+                 "experts": "every party's, from its checkpoint in the run folder"}
     files = mine.hf_files
     return mine.backbone(device), shard, Tokenizer.from_str(files["tokenizer.json"]), files, described
 
@@ -108,7 +110,7 @@ def load_model(path, party: int | None = None, device: str = "auto", precision: 
         cfg = read_config(path)
         tokenizer = load_hf_tokenizer(path, cfg.vocab_size)
         backbone, shard = load_party(path, cfg, 0, 1, device)
-        files = tokenizer_files(path) | {"config.json": (path / "config.json").read_text()}
+        files = checkpoint_files(path)
         described = {"path": str(path), "kind": "transformers", "family": cfg.family}
     elif is_run(path):
         backbone, shard, tokenizer, files, described = _run_model(path, party or 0, device)

@@ -34,7 +34,7 @@ import csrc_triton as ct
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .data import Batches, encode, eval_batches, party_texts, tokenizer_for
-from .hf import load_party, tokenizer_files
+from .hf import checkpoint_files, load_party
 from .model import Backbone, Loss, compute_loss, count_parameters
 from .nvtx import nvtx_range
 from .protocol import DistributedExperts, ExpertShard, Wire, WireLog
@@ -121,8 +121,7 @@ class Party:
         self.dir = cfg.run_dir / f"party{rank}"
 
         self.tokenizer = tokenizer_for(cfg)
-        self.hf_files = ({"config.json": (Path(init_from).expanduser() / "config.json").read_text(),
-                          **tokenizer_files(init_from)} if init_from else {"tokenizer.json": self.tokenizer.to_str()})
+        self.hf_files = checkpoint_files(init_from) if init_from else {"tokenizer.json": self.tokenizer.to_str()}
         train_text, eval_text = party_texts(cfg, rank)
         self.batches = Batches(encode(self.tokenizer, train_text), cfg.data.seq_len, t.batch_size,
                                seed=(t.seed, "data", rank))

@@ -44,8 +44,8 @@ from .config import ModelConfig, PrivacyConfig
 from .nvtx import nvtx_range, stage
 from .rng import seeded
 
-__all__ = ["WIRE_KINDS", "TRAINING_KINDS", "EXPORT_KINDS", "owner_of", "owned_experts", "ExpertShard", "WireEntry", "WireLog", "Wire", "Observer",
-           "Transfer", "DistributedExperts", "clip_and_noise"]
+__all__ = ["WIRE_KINDS", "TRAINING_KINDS", "EXPORT_KINDS", "owner_of", "owned_experts", "ExpertShard", "WireEntry",
+           "WireLog", "Wire", "Observer", "Transfer", "DistributedExperts", "clip_and_noise"]
 
 # What crosses between parties in training (and evaluation).
 TRAINING_KINDS = (
