@@ -53,6 +53,14 @@ def olmoe(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The parties' text: the first 60 KB of Tiny Shakespeare (each party's share is encoded at every start)."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(read_text(corpus_path("tinyshakespeare"))[:60_000])
+    return path
+
+
+@pytest.fixture(scope="module")
 def text(tmp_path_factory):
     """A held-out text: the last lines of Tiny Shakespeare (no party of these runs trains on more than a slice)."""
     path = tmp_path_factory.mktemp("text") / "held_out.txt"
@@ -88,10 +96,10 @@ def one_line_error(capsys, *args) -> str:
     return err
 
 
-def local_run(tmp_path, init_from, parties=2, steps=0, *overrides):
+def local_run(tmp_path, init_from, corpus, parties=2, steps=0):
     """A run folder made in this process: each party built (and, with one party, trained) and saved."""
-    cfg = load_config(None, [*RUN, f"parties={parties}", f"model.init_from={init_from}", f"train.out_dir={tmp_path}",
-                             "train.name=run", *overrides])
+    cfg = load_config(None, [*RUN, f"parties={parties}", f"model.init_from={init_from}", f"data.corpus={corpus}",
+                             f"train.out_dir={tmp_path}", "train.name=run"])
     for rank in range(parties):
         party = Party(cfg, rank)
         for _ in range(steps):
@@ -119,7 +127,7 @@ def test_the_model_section_comes_from_the_checkpoint(olmoe):
     assert "\n" not in str(info.value)
 
 
-def test_a_party_starts_from_the_checkpoint_without_a_random_init(olmoe, tmp_path, monkeypatch):
+def test_a_party_starts_from_the_checkpoint_without_a_random_init(olmoe, corpus, tmp_path, monkeypatch):
     """Party 1 of 2: the checkpoint's backbone, its own experts only (no other expert's tensor read), the
     checkpoint's tokenizer, and no random init drawn first."""
     monkeypatch.setattr(Backbone, "init_weights", lambda *a: pytest.fail("random init of the backbone"))
@@ -128,7 +136,7 @@ def test_a_party_starts_from_the_checkpoint_without_a_random_init(olmoe, tmp_pat
     reader_read = hf.CheckpointReader.read
     monkeypatch.setattr(hf.CheckpointReader, "read", lambda self, key, *a, **k: (
         read.append(key), reader_read(self, key, *a, **k))[1])
-    cfg = load_config(None, [*RUN, f"model.init_from={olmoe}", f"train.out_dir={tmp_path}"])
+    cfg = load_config(None, [*RUN, f"model.init_from={olmoe}", f"data.corpus={corpus}", f"train.out_dir={tmp_path}"])
     party = Party(cfg, 1)
     assert party.shard.expert_ids == [1, 3, 5, 7]
     assert {int(k.split(".")[5]) for k in read if ".experts." in k} == {1, 3, 5, 7}
@@ -140,9 +148,9 @@ def test_a_party_starts_from_the_checkpoint_without_a_random_init(olmoe, tmp_pat
     assert party.setup["seconds"] > 0 and party.setup["peak_host_rss_bytes"] > 0
 
 
-def test_a_pretrained_run_resumes_bitwise(olmoe, tmp_path):
-    cfg = load_config(None, [*RUN, "parties=1", f"model.init_from={olmoe}", f"train.out_dir={tmp_path}",
-                             "train.steps=4"])
+def test_a_pretrained_run_resumes_bitwise(olmoe, corpus, tmp_path):
+    cfg = load_config(None, [*RUN, "parties=1", f"model.init_from={olmoe}", f"data.corpus={corpus}",
+                             f"train.out_dir={tmp_path}", "train.steps=4"])
     straight = Party(cfg, 0)
     straight.step(), straight.step()
     straight.save()
@@ -152,10 +160,10 @@ def test_a_pretrained_run_resumes_bitwise(olmoe, tmp_path):
     assert resumed.step_count == 2 and [resumed.step()["loss"] for _ in range(2)] == rest
 
 
-def test_one_party_run_exports_and_evaluates_as_transformers(olmoe, text, tmp_path, capsys):
+def test_one_party_run_exports_and_evaluates_as_transformers(olmoe, corpus, text, tmp_path, capsys):
     """One party holds every expert, so its export is complete: transformers loads it with every key and its
     loss equals pcmoe eval of the run and of the folder."""
-    run = local_run(tmp_path, olmoe, 1, 3)
+    run = local_run(tmp_path, olmoe, corpus, 1, 3)
     out = tmp_path / "export"
     pcmoe(["export", str(run), "--party", "0", "--out", str(out)])
     assert "all 8 experts" in capsys.readouterr().out
@@ -247,11 +255,11 @@ def test_bad_init_from_is_one_line(olmoe, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def two_party_run(olmoe, tmp_path_factory):
+def two_party_run(olmoe, corpus, tmp_path_factory):
     """A 2-party run folder at step 0 (each party built and saved in this process: no training needed)."""
     with pytest.MonkeyPatch.context() as m:
         m.setenv("PCMOE_CACHE", str(tmp_path_factory.getbasetemp() / "pcmoe-cache"))
-        return local_run(tmp_path_factory.mktemp("runs"), olmoe)
+        return local_run(tmp_path_factory.mktemp("runs"), olmoe, corpus)
 
 
 def test_bad_exports_are_one_line_and_write_nothing(two_party_run, text, tmp_path, capsys):
@@ -309,12 +317,13 @@ def test_pool_with_a_party_absent_is_one_line_and_writes_nothing(two_party_run, 
 
 
 @pytest.mark.slow
-def test_two_parties_fine_tune_and_pool_their_experts(olmoe, text, tmp_path, capsys):
+def test_two_parties_fine_tune_and_pool_their_experts(olmoe, corpus, text, tmp_path, capsys):
     """`pcmoe train` from the checkpoint (2 processes over gloo), then each party's pooled export: complete for
     transformers, the same experts in both, each party's own backbone; transformers' loss on each equals
     `pcmoe eval` of the run for that party."""
-    pcmoe(["train", "--parties", "2", *[a for o in [*RUN, f"model.init_from={olmoe}", f"train.out_dir={tmp_path}",
-                                                     "train.name=run", "train.steps=4"] for a in ("--set", o)]])
+    options = [*RUN, f"model.init_from={olmoe}", f"data.corpus={corpus}", f"train.out_dir={tmp_path}", "train.name=run",
+               "train.steps=4"]
+    pcmoe(["train", "--parties", "2", *[a for o in options for a in ("--set", o)]])
     run = tmp_path / "run"
     capsys.readouterr()
     exports = [tmp_path / f"pooled{p}" for p in range(2)]
