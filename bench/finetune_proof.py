@@ -292,10 +292,11 @@ def main(argv=None) -> None:
         f"relative differences {a['bf16_rel']:.2e} (bf16) {a['fp32_rel']:.2e} (fp32); every key loaded: "
         f"{a['all_keys_loaded']}; {'OK' if a['ok'] else 'NOT OK'}")
     for p, (load, s) in enumerate(zip(r["parties_load"], parties)):
-        say(f"party {p}: loaded in {load['seconds']:.1f} s, peak host RSS {gib(load['peak_host_rss_bytes'])}, GPU "
+        say(f"party {p}: set up (text, tokens, weights) in {load['seconds']:.1f} s, peak host RSS "
+            f"{gib(load['peak_host_rss_bytes'])}, GPU "
             f"{gib(load['peak_device_bytes'])}; loss {s['initial_loss']:.3f} -> {s['final_loss']:.3f}")
     w = r["load_whole_model"]
-    say(f"one process, the whole model: loaded in {w['seconds']:.1f} s, peak host RSS {gib(w['peak_host_rss_bytes'])}"
+    say(f"one process, the whole model: set up in {w['seconds']:.1f} s, peak host RSS {gib(w['peak_host_rss_bytes'])}"
         f", GPU {gib(w['peak_device_bytes'])}; results: {proof.path}")
 
 

@@ -94,12 +94,19 @@ def _run_model(run_dir: Path, party: int, device: torch.device) -> tuple:
     return mine.backbone(device), shard, Tokenizer.from_str(files["tokenizer.json"]), files, described
 
 
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu" or (name.split(":")[0] == "cuda" and torch.cuda.is_available()):
+        return torch.device(name)
+    raise ValueError(f"--device {name}: choose auto, cpu, or cuda / cuda:N where torch sees a GPU")
+
+
 def load_model(path, party: int | None = None, device: str = "auto", precision: str = "auto") -> Model:
     """The model at ``path`` (a run folder: party ``party``'s, default 0; or a transformers folder) on ``device``
     (auto: a GPU if there is one), under ``precision`` (auto: bf16 autocast on a GPU, else fp32)."""
     path = Path(path).expanduser()
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          "cpu" if device == "auto" else device)
+    device = _device(device)
     if not path.exists():
         raise ValueError(f"{str(path)!r} does not exist: give a run folder (train.out_dir/train.name) or a "
                          "transformers checkpoint folder")

@@ -16,8 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import pcmoe_engine.hf as hf
 from helpers import FAMILIES, make_checkpoint
-from pcmoe_engine.cli import free_port
-from pcmoe_engine.cli import main as pcmoe
+from pcmoe_engine.cli import free_port, main as pcmoe
 from pcmoe_engine.config import DataConfig, corpus_path, load_config
 from pcmoe_engine.data import load_tokenizer, read_text
 from pcmoe_engine.hf_config import read_config
@@ -230,6 +229,8 @@ def _sharded_missing_one(directory):
     (lambda d: (pretrained(d), load_tokenizer(DataConfig(), 400).save(str(d / "tokenizer.json"))),
      ["eval", "{d}", "--text", "{t}"], "beyond the model's embedding of 300 rows"),
     (lambda d: pretrained(d), ["eval", "{d}", "--party", "1", "--text", "{t}"], "--party is for a run folder"),
+    *([(lambda d: pretrained(d), ["generate", "{d}", "--prompt", "a", "--device", "cuda"],
+        "--device cuda: choose auto, cpu")] if not torch.cuda.is_available() else []),
 ])
 def test_bad_model_paths_are_one_line(prepare, command, message, text, tmp_path, capsys):
     directory = tmp_path / "model"
