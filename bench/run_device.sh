@@ -20,11 +20,15 @@
 #   bench/run_device.sh suites   the stage suites only, for as long as BUDGET_S allows
 #   bench/run_device.sh small    the `small` preset at 2 parties (over NCCL, when 2 GPUs are there) and at 1
 #   bench/run_device.sh tests    the GPU tests only
+#   bench/run_device.sh finetune four parties fine-tune a 6.9 B MoE (OLMoE-1B-7B's shapes, random weights) from a
+#                                transformers checkpoint written to /tmp, export it with --pool, and transformers and
+#                                `pcmoe eval` on the export (bench/finetune_proof.py; nvidia-h100-x4, ~6 of 9.5 min,
+#                                ~130 GB of local disk; carry .corpora for the four domains, else Tiny Shakespeare)
 #
 # Writes into $OUT (the device tool's folder; default bench/results/device): bench_*.json, e2e_*.json,
 # small_<n>p.json, engine_profile.json, engine_trace.json.gz, engine_memory.pickle.gz, ncu.txt,
 # megablocks_build.log, run.log; on two GPUs also gpu1/ (its run.log and suites) and reproduce.md. `peers`:
-# peers_*.json, rerun_peers_*.json, reproduce.md, run.log.
+# peers_*.json, rerun_peers_*.json, reproduce.md, run.log. `finetune`: finetune_*.json, run.log.
 # Each phase gets what is left of BUDGET_S seconds (default 570; peers 420) up to its own cap, and the log says
 # what did not run. Carried wheels (.whl/, .whl/peers/, from bench/fetch_wheels.sh) are installed first;
 # megablocks' source is built in the background while the engine runs. Extra arguments go to the suites' pytest.
@@ -172,6 +176,8 @@ case $MODE in
 e2e) e2e ;;
 tests) gpu_tests 9999 ;;
 small) (( GPUS >= 2 )) && small_run 2; small_run 1 ;;
+finetune) phase "fine-tune a pretrained MoE together" 9999 300 python3 bench/finetune_proof.py --out "$OUT" \
+    --budget $(( BUDGET_S - SECONDS - 20 )) ;;
 suites) megablocks_build; suites 9999 "$@" ;;
 peers) peers "$@" ;;
 all)
@@ -205,6 +211,6 @@ all)
         gpu_tests 9999
     fi
     ;;
-*) echo "usage: bench/run_device.sh [all|suites|peers|e2e|small|tests] [pytest args for the suites]"; exit 2 ;;
+*) echo "usage: bench/run_device.sh [all|suites|peers|e2e|small|tests|finetune] [pytest args for the suites]"; exit 2 ;;
 esac
 echo "== done at ${SECONDS} s" | tee -a "$LOG"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint"]
+__all__ = ["save_checkpoint", "latest_checkpoint", "checkpoint_steps", "load_checkpoint"]
 
 _NAME = re.compile(r"step_(\d+)\.pt")
 
@@ -35,5 +35,12 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
-def load_checkpoint(path: Path, device) -> dict:
-    return torch.load(path, map_location=device, weights_only=False)
+def checkpoint_steps(directory: Path) -> dict[int, Path]:
+    """Every checkpoint in ``directory``: step -> path, in step order."""
+    return dict(_steps(directory))
+
+
+def load_checkpoint(path: Path, device, mmap: bool = False) -> dict:
+    """A checkpoint's state; with ``mmap`` its tensors are mapped from the file and read only when used (e.g.
+    the weights without the optimizer state)."""
+    return torch.load(path, map_location=device, weights_only=False, mmap=mmap)

@@ -1,8 +1,10 @@
 """Every option of a run, in one place: a TOML file and ``--set section.key=value`` overrides into dataclasses.
 
 A run is ``Config(parties, model, data, train, privacy)``. ``model.preset`` picks the model's sizes; any size set
-explicitly (in the TOML's [model] table or with --set) wins over the preset. ``validate`` rejects nonsense
-with a one-line ValueError that says what was wrong and what to do.
+explicitly (in the TOML's [model] table or with --set) wins over the preset. ``model.init_from`` (a local
+transformers checkpoint folder) instead takes the whole model section from the folder's config.json: the preset
+is bypassed, and a size set explicitly must agree with it. ``validate`` rejects nonsense with a one-line
+ValueError that says what was wrong and what to do.
 """
 
 import dataclasses
@@ -49,6 +51,10 @@ class ModelConfig:
     # decoder_sparse_step); they have no router and no experts.
     dense_layers: list[int] = field(default_factory=list)
     dense_intermediate_size: int = 0
+    # A local transformers checkpoint folder (config.json, *.safetensors, tokenizer.json) the parties start from:
+    # every field above comes from its config.json, each party loads its backbone and its own experts from it
+    # and tokenises its text with its tokenizer. "": random init.
+    init_from: str = ""
 
     @property
     def head_dim(self) -> int:
@@ -237,17 +243,35 @@ def _build(raw: dict) -> Config:
         for name in given:
             if name not in defaults:
                 raise ValueError(f"unknown option {section}.{name}; {section} has: {_known(section)}")
+        given = {name: _coerce(f"{section}.{name}", value, defaults[name], items[name])
+                 for name, value in given.items()}
+        if section == "model" and given.get("init_from"):
+            sections[section] = _pretrained_model(given)
+            continue
         if section == "model":
             preset = given.get("preset", defaults["preset"])
             if preset not in PRESETS:
                 raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
             given = {**PRESETS[preset], **given}
-        sections[section] = cls(**{name: _coerce(f"{section}.{name}", value, defaults[name], items[name])
-                                   for name, value in given.items()})
+        sections[section] = cls(**given)
     parties = raw.get("parties", Config.parties)
     if type(parties) is not int:
         raise ValueError(f"parties must be an integer, got {parties!r}")
     return Config(parties=parties, **sections)
+
+
+def _pretrained_model(given: dict) -> ModelConfig:
+    """The model of the checkpoint folder ``given["init_from"]``; every other option given must agree with it."""
+    from .hf_config import read_config  # hf_config builds on this module
+
+    where = given["init_from"]
+    model = dataclasses.replace(read_config(where), init_from=where)
+    for name, value in given.items():
+        if name not in ("preset", "init_from") and value != getattr(model, name):
+            raise ValueError(f"model.{name}={value!r} conflicts with {where}/config.json, which has "
+                             f"{getattr(model, name)!r}: with model.init_from the model comes from the checkpoint; "
+                             f"drop model.{name}")
+    return model
 
 
 def _require(ok: bool, message: str) -> None:
@@ -298,7 +322,13 @@ def validate(cfg: Config) -> Config:
              "model.dense_layers needs model.dense_intermediate_size >= 1")
     _require(m.num_heads % m.num_kv_heads == 0,
              f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}")
-    _require(m.vocab_size >= 260, f"model.vocab_size={m.vocab_size}: a byte-level BPE needs at least 260")
+    if m.init_from:  # before any party starts: every shard there and whole (headers only), a tokenizer that fits
+        from .hf import CheckpointReader, load_hf_tokenizer
+
+        CheckpointReader(m.init_from)
+        load_hf_tokenizer(m.init_from, m.vocab_size)
+    else:
+        _require(m.vocab_size >= 260, f"model.vocab_size={m.vocab_size}: a byte-level BPE needs at least 260")
 
     _require(d.split in ("iid", "noniid"), f"data.split={d.split!r}: choose 'iid' or 'noniid'")
     _require(0.0 < d.eval_fraction < 0.5, f"data.eval_fraction={d.eval_fraction} must be in (0, 0.5)")

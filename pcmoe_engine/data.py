@@ -6,7 +6,8 @@ characters); a party may instead bring its own file or directory (``data.party_p
 ``eval_fraction`` of each party's blocks is its held-out eval split.
 
 The tokenizer is a byte-level BPE trained with ``tokenizers`` on a public corpus at first use and cached, so
-nothing is fetched and no party's private text shapes the shared vocabulary.
+nothing is fetched and no party's private text shapes the shared vocabulary; a model that starts from a
+transformers checkpoint (``model.init_from``) uses that checkpoint's tokenizer instead (``tokenizer_for``).
 """
 
 import gzip
@@ -19,9 +20,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .config import Config, DataConfig, corpus_path
+from .hf import load_hf_tokenizer
 from .rng import seeded
 
-__all__ = ["read_text", "party_texts", "load_tokenizer", "encode", "Batches", "eval_batches"]
+__all__ = ["read_text", "party_texts", "load_tokenizer", "tokenizer_for", "encode", "Batches", "eval_batches"]
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -84,6 +86,13 @@ def load_tokenizer(d: DataConfig, vocab_size: int) -> Tokenizer:
     tokenizer.save(str(tmp))
     os.replace(tmp, path)
     return tokenizer
+
+
+def tokenizer_for(cfg: Config) -> Tokenizer:
+    """The tokenizer of a run: the checkpoint's (model.init_from), else the shared BPE."""
+    if cfg.model.init_from:
+        return load_hf_tokenizer(cfg.model.init_from, cfg.model.vocab_size)
+    return load_tokenizer(cfg.data, cfg.model.vocab_size)
 
 
 def encode(tokenizer: Tokenizer, text: str) -> torch.Tensor:

@@ -14,11 +14,12 @@ expert weights. Experts come in two on-disk layouts, per MoE layer:
   a party reads only its experts' rows.
 
 Writing uses the per-expert layout, in safetensors files of at most ``max_shard_bytes`` (with a
-``model.safetensors.index.json`` when there are several), each written whole then renamed into place, and
-config.json last: a folder with a config.json is complete.
+``model.safetensors.index.json`` when there are several), each written whole then renamed into place, then the
+tokenizer's files, and config.json last: a folder with a config.json is complete.
 """
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -31,12 +32,17 @@ from tokenizers import Tokenizer
 
 from .config import ModelConfig
 from .hf_config import hf_config
-from .model import Backbone
+from .model import Backbone, empty_backbone
 from .protocol import ExpertShard
 
-__all__ = ["CheckpointReader", "load_hf_weights", "hf_state_dict", "save_hf_checkpoint", "load_hf_tokenizer"]
+__all__ = ["CheckpointReader", "load_hf_weights", "load_party", "hf_state_dict", "check_new_folder",
+           "save_hf_checkpoint", "load_hf_tokenizer", "checkpoint_files", "TOKENIZER_FILES"]
 
 INDEX = "model.safetensors.index.json"
+# What a checkpoint folder holds beside its weights and config.json that a model exported from it needs: the
+# tokenizer (as save_pretrained writes it, fast or slow) and the generation defaults.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 # Backbone parameter name -> transformers name; {moe} is the layer's MoE block (Mixtral: block_sparse_moe).
 _BACKBONE_NAMES = [
@@ -81,6 +87,8 @@ class CheckpointReader:
     """The tensors of a checkpoint folder's *.safetensors files, read lazily. With an index, every file it
     names must exist and hold the tensors it lists; without one, every *.safetensors file is read."""
 
+    REMAP_ELEMENTS = 2**26  # 128 MiB in bf16
+
     def __init__(self, directory):
         self.directory = Path(directory).expanduser()
         index = self.directory / INDEX
@@ -96,23 +104,23 @@ class CheckpointReader:
                 raise ValueError(f"{str(self.directory)!r} has no *.safetensors files: give a checkpoint saved "
                                  "with safetensors (save_pretrained's default)")
             weight_map = None
-        self._files = {}
+        self.location, self.shapes = {}, {}
         for file in files:
             path = self.directory / file
             if not path.is_file():
                 raise ValueError(f"shard {file!r} named by {INDEX} is missing from {str(self.directory)!r}: "
                                  "the download is incomplete; fetch every shard")
-            self._files[file] = safe_open(str(path), framework="pt")  # reads the header only
-        self.location = {}
-        for file, handle in self._files.items():
+            handle = safe_open(str(path), framework="pt")  # reads the header only
             for key in handle.keys():
-                self.location.setdefault(key, file)
+                if key not in self.location:
+                    self.location[key], self.shapes[key] = file, handle.get_slice(key).get_shape()
         if weight_map is not None:
             for key, file in weight_map.items():
                 if self.location.get(key) != file:
                     raise ValueError(f"tensor {key!r} is not in shard {file!r} as {INDEX} says: the shard is "
                                      "partial or from another checkpoint; fetch it again")
         self.read_keys: set[str] = set()
+        self._mapped: dict = {}  # file -> (handle, elements read through it)
 
     def __contains__(self, key: str) -> bool:
         return key in self.location
@@ -126,13 +134,23 @@ class CheckpointReader:
 
     def read(self, key: str, shape: torch.Size, row: int | None = None) -> torch.Tensor:
         """The tensor ``key``, which must have ``shape``, or only its row ``row`` (one expert of a fused tensor)."""
-        found = self._files[self.location[key]].get_slice(key).get_shape()
+        found = self.shapes[key]
         if found != list(shape):
             raise ValueError(f"tensor {key!r} in {str(self.directory)!r} has shape {found}, the model needs "
                              f"{list(shape)}: the checkpoint does not match its config.json")
         self.read_keys.add(key)
-        handle = self._files[self.location[key]]
+        handle = self._handle(self.location[key], math.prod(found[1:] if row is not None else found))
         return handle.get_tensor(key) if row is None else handle.get_slice(key)[row:row + 1][0]
+
+    def _handle(self, file: str, elements: int):
+        """An open handle on ``file``, opened anew once REMAP_ELEMENTS have been read through it: the pages of a
+        mapped file count as the process's memory until it is closed, so a long-open one would add every byte
+        read so far to the peak beside the model."""
+        handle, read = self._mapped.get(file, (None, self.REMAP_ELEMENTS))
+        if read >= self.REMAP_ELEMENTS:
+            handle, read = safe_open(str(self.directory / file), framework="pt"), 0
+        self._mapped[file] = (handle, read + elements)
+        return handle
 
 
 def _read_experts(reader: CheckpointReader, cfg: ModelConfig, layer: int,
@@ -148,7 +166,8 @@ def _read_experts(reader: CheckpointReader, cfg: ModelConfig, layer: int,
                    reader.read(f"{fused}.experts.down_proj", torch.Size([count, hidden, inter]), row=expert))
             continue
         gate, up, down = (reader.find([f"{block}.experts.{expert}.{name}.weight" for block in blocks],
-                                      f"expert {expert} of layer {layer}") for name in names)
+                                      f"expert {expert} of layer {layer}; a party's export without --pool holds "
+                                      "only its own experts") for name in names)
         yield (torch.cat([reader.read(gate, torch.Size([inter, hidden])),
                           reader.read(up, torch.Size([inter, hidden]))]),
                reader.read(down, torch.Size([hidden, inter])))
@@ -174,6 +193,16 @@ def load_hf_weights(directory, backbone: Backbone, shard: ExpertShard) -> None:
         raise ValueError(f"{str(reader.directory)!r} holds tensors its config.json's model does not have "
                          f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}): config and weights "
                          "disagree")
+
+
+def load_party(directory, cfg: ModelConfig, party: int, parties: int, device) -> tuple[Backbone, ExpertShard]:
+    """Party ``party`` of ``parties``: its backbone and its experts, allocated on ``device`` without an init and
+    filled from the checkpoint folder (one tensor in host memory at a time; no other party's experts read)."""
+    backbone = empty_backbone(cfg, device)
+    with torch.device(device):
+        shard = ExpertShard(cfg, party, parties)  # torch.empty: nothing initialised
+    load_hf_weights(directory, backbone, shard)
+    return backbone, shard
 
 
 def hf_state_dict(backbone: Backbone, shards: list[ExpertShard]) -> dict[str, torch.Tensor]:
@@ -204,15 +233,22 @@ def _write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_hf_checkpoint(directory, backbone: Backbone, shards: list[ExpertShard], base_config: dict | None = None,
-                       dtype: torch.dtype = torch.float32, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write ``backbone`` and the experts of ``shards`` as a transformers checkpoint folder (config.json and
-    safetensors, sharded with an index above ``max_shard_bytes``) in a folder that holds no checkpoint yet;
-    ``base_config`` as in hf_config. Refused, with nothing written: a model that is not exactly its family,
-    an expert given twice, a non-finite weight."""
+def check_new_folder(directory) -> Path:
+    """``directory``, refused if it already holds a checkpoint."""
     directory = Path(directory).expanduser()
     if any(directory.glob("*.safetensors")) or (directory / "config.json").exists():
         raise ValueError(f"{str(directory)!r} already holds a checkpoint: write to a new folder, or remove it first")
+    return directory
+
+
+def save_hf_checkpoint(directory, backbone: Backbone, shards: list[ExpertShard], base_config: dict | None = None,
+                       dtype: torch.dtype = torch.float32, max_shard_bytes: int = 5 * 2**30,
+                       extra_files: dict[str, str] | None = None) -> Path:
+    """Write ``backbone`` and the experts of ``shards`` as a transformers checkpoint folder (config.json and
+    safetensors, sharded with an index above ``max_shard_bytes``, and ``extra_files``: name -> text, e.g. the
+    tokenizer's) in a folder that holds no checkpoint yet; ``base_config`` as in hf_config. Refused, with
+    nothing written: a model that is not exactly its family, an expert given twice, a non-finite weight."""
+    directory = check_new_folder(directory)
     config = hf_config(backbone.cfg, base_config)  # refuses a model that is not exactly its family first
     config["dtype"] = str(dtype).removeprefix("torch.")
     state = hf_state_dict(backbone, shards)
@@ -239,6 +275,8 @@ def save_hf_checkpoint(directory, backbone: Backbone, shards: list[ExpertShard],
         index = {"metadata": {"total_size": sum(t.numel() * dtype.itemsize for t in state.values())},
                  "weight_map": {name: file for file, names in zip(files, groups) for name in names}}
         _write(directory / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    for name, text in (extra_files or {}).items():
+        _write(directory / name, lambda tmp: tmp.write_text(text))
     _write(directory / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2, sort_keys=True)))
     return directory
 
@@ -259,3 +297,11 @@ def load_hf_tokenizer(directory, vocab_size: int) -> Tokenizer:
         raise ValueError(f"{str(path)!r} has token ids up to {size - 1}, beyond the model's embedding of "
                          f"{vocab_size} rows: use the tokenizer that came with this checkpoint")
     return tokenizer
+
+
+def checkpoint_files(directory) -> dict[str, str]:
+    """What a model exported from a checkpoint folder takes from it beside the weights: its config.json and the
+    TOKENIZER_FILES it holds, name -> text."""
+    directory = Path(directory).expanduser()
+    return {name: (directory / name).read_text() for name in ("config.json", *TOKENIZER_FILES)
+            if (directory / name).is_file()}

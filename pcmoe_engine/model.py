@@ -16,7 +16,7 @@ import csrc_triton as ct
 from .config import ModelConfig
 from .nvtx import stage
 
-__all__ = ["Backbone", "Loss", "compute_loss", "count_parameters"]
+__all__ = ["Backbone", "empty_backbone", "Loss", "compute_loss", "count_parameters"]
 
 
 class RMSNorm(nn.Module):
@@ -189,6 +189,17 @@ class Backbone(nn.Module):
                 routings.append(routing)
         with stage("lm_head") as s:
             return s.output(self.lm_head(self.norm(s.input(x)))), routings
+
+
+def empty_backbone(cfg: ModelConfig, device) -> Backbone:
+    """A Backbone whose parameters are allocated on ``device`` but not initialised, for weights about to be
+    loaded: built on the meta device, so there is no random init and no host copy of a GPU model."""
+    with torch.device("meta"):
+        backbone = Backbone(cfg)
+    backbone.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie them again
+        backbone.lm_head.weight = backbone.embed.weight
+    return backbone
 
 
 class Loss(NamedTuple):

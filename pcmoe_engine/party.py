@@ -12,6 +12,11 @@ at every MoE layer, so a step, an evaluation or a forward_backward of one party 
 the others. ``train.train`` is the plain loop over this (logging, evaluation and checkpoint cadence);
 benchmarks, profilers and evaluations drive a Party the same way. A Party writes no files but its checkpoints
 (and its wire log, with train.wire_log).
+
+With ``model.init_from`` a party starts from a transformers checkpoint: its backbone and only its own experts
+are allocated on its device without an init and read from the folder (hf.load_party), and its text is tokenised
+with the folder's tokenizer. Its checkpoints then also carry the folder's config.json and tokenizer files, so a
+party's model can be exported (export.py) without the folder.
 """
 
 import contextlib
@@ -27,7 +32,8 @@ import csrc_triton as ct
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
-from .data import Batches, encode, eval_batches, load_tokenizer, party_texts
+from .data import Batches, encode, eval_batches, party_texts, tokenizer_for
+from .hf import checkpoint_files, load_party
 from .model import Backbone, Loss, compute_loss, count_parameters
 from .nvtx import nvtx_range
 from .protocol import DistributedExperts, ExpertShard, Wire, WireLog
@@ -98,12 +104,14 @@ def _checkpoint_config(cfg: Config) -> dict:
 
 class Party:
     """Party ``rank`` of ``cfg.parties``. Public state: ``cfg``, ``rank``, ``device``, ``autocast`` (the
-    precision context of its forward passes), ``dir`` (its run folder), ``tokenizer``, ``batches``,
-    ``eval_tokens``, ``backbone``, ``shard``, ``wire``, ``experts``, ``optimizer``, ``step_count`` (steps
-    taken) and ``progress`` (losses and timed throughput, checkpointed with the rest)."""
+    precision context of its forward passes), ``dir`` (its run folder), ``tokenizer``, ``hf_files`` (what an
+    export of its model needs beside the weights: name -> text), ``batches``, ``eval_tokens``, ``backbone``,
+    ``shard``, ``wire``, ``experts``, ``optimizer``, ``step_count`` (steps taken), ``progress`` (losses and
+    timed throughput, checkpointed with the rest) and ``setup`` (the seconds and peak memory of building it)."""
 
     def __init__(self, cfg: Config, rank: int, transport: Transport | None = None):
-        t = cfg.train
+        started = time.perf_counter()
+        t, init_from = cfg.train, cfg.model.init_from
         self.cfg, self.rank = cfg, rank
         self.device = party_device(cfg)
         if self.device.type == "cuda":
@@ -112,16 +120,20 @@ class Party:
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         self.dir = cfg.run_dir / f"party{rank}"
 
-        self.tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size)
+        self.tokenizer = tokenizer_for(cfg)
+        self.hf_files = checkpoint_files(init_from) if init_from else {"tokenizer.json": self.tokenizer.to_str()}
         train_text, eval_text = party_texts(cfg, rank)
         self.batches = Batches(encode(self.tokenizer, train_text), cfg.data.seq_len, t.batch_size,
                                seed=(t.seed, "data", rank))
         self.eval_tokens = encode(self.tokenizer, eval_text)
 
-        self.backbone = initial_backbone(cfg, rank).to(self.device)
-        self.shard = ExpertShard(cfg.model, rank, cfg.parties)
-        self.shard.init_weights(t.seed)
-        self.shard.to(self.device)
+        if init_from:
+            self.backbone, self.shard = load_party(init_from, cfg.model, rank, cfg.parties, self.device)
+        else:
+            self.backbone = initial_backbone(cfg, rank).to(self.device)
+            self.shard = ExpertShard(cfg.model, rank, cfg.parties)
+            self.shard.init_weights(t.seed)
+            self.shard.to(self.device)
         wire_log = None
         if t.wire_log:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -132,6 +144,9 @@ class Party:
         self.optimizer = build_optimizer(cfg, (self.backbone, self.shard))
         self.step_count = 0
         self.progress = {"initial_loss": None, "final_loss": None, "timed_tokens": 0, "timed_seconds": 0.0}
+        self.setup = {"seconds": time.perf_counter() - started,
+                      "peak_host_rss_bytes": peak_memory(torch.device("cpu"))[0],
+                      "peak_device_bytes": peak_memory(self.device)[0] if self.device.type == "cuda" else None}
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -233,7 +248,7 @@ class Party:
             "backbone": self.backbone.state_dict(), "experts": self.shard.state_dict(),
             "optimizer": self.optimizer.state_dict(), "data": self.batches.state_dict(),
             "bytes_sent": self.wire.bytes_sent, "bytes_received": self.wire.bytes_received,
-            "progress": self.progress}, self.cfg.train.keep_checkpoints)
+            "progress": self.progress, "hf_files": self.hf_files}, self.cfg.train.keep_checkpoints)
 
     def summary(self, eval_loss: float | None = None) -> dict:
         """This party's run so far: losses, throughput, peak memory and what holds it, traffic."""
@@ -251,7 +266,7 @@ class Party:
             "bytes_sent": wire.total_sent, "bytes_received": wire.total_received,
             "bytes_sent_by_kind": wire.bytes_sent, "bytes_received_by_kind": wire.bytes_received,
             "parameters": {"backbone": count_parameters(self.backbone), "local_experts": count_parameters(self.shard)},
-            "expert_ids": self.shard.expert_ids,
+            "expert_ids": self.shard.expert_ids, "setup": self.setup,
             "memory": {"backbone_params_bytes": _bytes(self.backbone), "expert_params_bytes": _bytes(self.shard),
                        "optimizer_state_bytes": optimizer_bytes},
         }

@@ -45,17 +45,23 @@ from .nvtx import nvtx_range, stage
 from .rng import seeded
 from .transport import Transport, TorchTransport, Work
 
-__all__ = ["WIRE_KINDS", "owner_of", "owned_experts", "ExpertShard", "WireEntry", "WireLog", "Wire", "Observer",
-           "Transfer", "DistributedExperts", "clip_and_noise"]
+__all__ = ["WIRE_KINDS", "TRAINING_KINDS", "EXPORT_KINDS", "owner_of", "owned_experts", "ExpertShard", "WireEntry",
+           "WireLog", "Wire", "Observer", "Transfer", "DistributedExperts", "clip_and_noise"]
 
-# What may cross between parties, and nothing else.
-WIRE_KINDS = (
+# What crosses between parties in training (and evaluation).
+TRAINING_KINDS = (
     "splits",  # per (origin, owner-local expert) pair counts: the all_to_all split sizes
     "hidden",  # dispatched hidden states, origin -> owner
     "output",  # expert outputs, owner -> origin
     "output_grad",  # gradients of the expert outputs, origin -> owner
     "hidden_grad",  # gradients of the dispatched hidden states, owner -> origin
 )
+# What crosses only when the parties opt in to pool their experts at export (`pcmoe export --pool`, export.py).
+EXPORT_KINDS = (
+    "expert_weights",  # a party's routed experts' weights, one row per expert and MoE layer, to every other party
+)
+# What may cross between parties, and nothing else.
+WIRE_KINDS = TRAINING_KINDS + EXPORT_KINDS
 
 
 def owner_of(expert: int, parties: int) -> int:

@@ -22,3 +22,27 @@ def poisoned_empty(real_empty):
         return t.fill_(float("nan") if t.is_floating_point() else -1)
 
     return empty
+
+
+# Tiny transformers checkpoints of each family the engine reproduces (pcmoe_engine/hf_config.py), with the options
+# each may use: tied embeddings, dense layers (by list and by step), an explicit head size, attention biases.
+BASE = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            num_experts_per_tok=2)
+FAMILIES = {
+    "olmoe": dict(num_experts=8, intermediate_size=24, norm_topk_prob=False, tie_word_embeddings=True),
+    "qwen2_moe": dict(num_experts=8, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                      intermediate_size=40, num_hidden_layers=3, mlp_only_layers=[1], norm_topk_prob=True),
+    "qwen3_moe": dict(num_experts=8, moe_intermediate_size=16, intermediate_size=40, num_hidden_layers=4,
+                      decoder_sparse_step=2, head_dim=12, attention_bias=True),
+    "mixtral": dict(num_local_experts=8, intermediate_size=24, head_dim=12),
+}
+
+
+def make_checkpoint(family: str, directory, **overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM  # only the tests that make checkpoints pay for it
+
+    torch.manual_seed(len(family))
+    config = AutoConfig.for_model(family, **{**BASE, **FAMILIES[family], **overrides})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(directory)
+    return model

@@ -17,10 +17,10 @@ import torch.multiprocessing as mp
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 import pcmoe_engine.hf as hf
-from helpers import rel_err
+from helpers import FAMILIES, make_checkpoint, rel_err
 from pcmoe_engine.cli import free_port
 from pcmoe_engine.config import PRESETS, ModelConfig, load_config
 from pcmoe_engine.hf import CheckpointReader, load_hf_tokenizer, load_hf_weights, save_hf_checkpoint
@@ -28,27 +28,7 @@ from pcmoe_engine.hf_config import config_from_hf, hf_config, read_config
 from pcmoe_engine.model import Backbone
 from pcmoe_engine.protocol import DistributedExperts, ExpertShard, Wire, owned_experts
 
-BASE = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            num_experts_per_tok=2)
-# Each family with the options it may use: tied embeddings, dense layers (by list and by step), an explicit
-# head size, attention biases.
-FAMILIES = {
-    "olmoe": dict(num_experts=8, intermediate_size=24, norm_topk_prob=False, tie_word_embeddings=True),
-    "qwen2_moe": dict(num_experts=8, moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                      intermediate_size=40, num_hidden_layers=3, mlp_only_layers=[1], norm_topk_prob=True),
-    "qwen3_moe": dict(num_experts=8, moe_intermediate_size=16, intermediate_size=40, num_hidden_layers=4,
-                      decoder_sparse_step=2, head_dim=12, attention_bias=True),
-    "mixtral": dict(num_local_experts=8, intermediate_size=24, head_dim=12),
-}
 TOKENS = torch.randint(0, 300, (2, 13), generator=torch.Generator().manual_seed(0))
-
-
-def make_checkpoint(family: str, directory, **overrides):
-    torch.manual_seed(len(family))
-    config = AutoConfig.for_model(family, **{**BASE, **FAMILIES[family], **overrides})
-    model = AutoModelForCausalLM.from_config(config).eval()
-    model.save_pretrained(directory)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Privacy: the wire audit of a real 2-party training run, the defences on the wire, and the attack harness."""
+"""Privacy: the wire audit of a real 2-party training run and of pooling the experts at export, the defences on
+the wire, and the attack harness."""
 
 import json
 import math
@@ -18,10 +19,11 @@ import csrc_triton as ct
 from bench import privacy
 from bench.tls import make_pki
 from pcmoe_engine.cli import free_port
-from pcmoe_engine.config import PrivacyConfig, load_config
+from pcmoe_engine.config import ModelConfig, PrivacyConfig, load_config
 from pcmoe_engine.data import encode, load_tokenizer, party_texts
+from pcmoe_engine.export import pool_experts
 from pcmoe_engine.party import Party
-from pcmoe_engine.protocol import WIRE_KINDS, ExpertShard, Wire, clip_and_noise
+from pcmoe_engine.protocol import TRAINING_KINDS, WIRE_KINDS, ExpertShard, Wire, WireLog, clip_and_noise
 from pcmoe_engine.tls import ACCEPTED, FRAME, HELLO, TLSMesh
 from pcmoe_engine.train import train
 from pcmoe_engine.transport import TorchTransport
@@ -43,11 +45,10 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PCMOE_CACHE", str(tmp_path_factory.getbasetemp() / "pcmoe-cache"))
 
 
-def _audited_party(rank, out_dir, ports, pki):
-    """Train as one party with every collective wrapped: record each call, and the exchange it came from. With
-    ``pki``, over the TLS transport (no process group), every write to a socket is counted too."""
-    torch.set_num_threads(1)
-    calls, inside, written, plaintext = [], [], [], []
+def _record_collectives():
+    """Wrap every collective (in this process) to record each call, and the Wire.exchange kind it came from.
+    Returns the calls recorded and the wrapper (for other transports' all_to_all_single)."""
+    calls, inside = [], []
     exchange = Wire.exchange
 
     def logged_exchange(self, kind, *args, **kwargs):
@@ -67,6 +68,20 @@ def _audited_party(rank, out_dir, ports, pki):
             return collective(*args, **kwargs)
         return audited
 
+    Wire.exchange = logged_exchange
+    for name in COLLECTIVES:
+        if hasattr(dist, name):
+            setattr(dist, name, wrap("dist", name, getattr(dist, name)))
+    return calls, wrap
+
+
+def _audited_party(rank, out_dir, ports, pki):
+    """Train as one party with every collective wrapped: record each call, and the exchange it came from. With
+    ``pki``, over the TLS transport (no process group), every write to a socket is counted too."""
+    torch.set_num_threads(1)
+    calls, wrap = _record_collectives()
+    written, plaintext = [], []
+
     def counted(into, write):
         def audited(self, data, *args, **kwargs):
             n = write(self, data, *args, **kwargs)
@@ -74,10 +89,6 @@ def _audited_party(rank, out_dir, ports, pki):
             return n
         return audited
 
-    Wire.exchange = logged_exchange
-    for name in COLLECTIVES:
-        if hasattr(dist, name):
-            setattr(dist, name, wrap("dist", name, getattr(dist, name)))
     cfg = load_config(None, AUDIT + [f"train.out_dir={out_dir}", "train.name=audit"])
     if pki is None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=rank, world_size=2)
@@ -125,7 +136,7 @@ def test_wire_audit_of_a_two_party_training_run(transport, tmp_path, monkeypatch
         if pki is not None:  # every byte written to a connection is a hello or a frame of those calls; none in clear
             assert sum(record["written"]) == HELLO.size + len(ACCEPTED) + _frame_bytes(calls, party)
             assert record["plaintext"] == []
-        assert {c["kind"] for c in calls} == set(WIRE_KINDS)
+        assert {c["kind"] for c in calls} == set(TRAINING_KINDS)
         for c in calls:
             send = c["send"]
             if c["kind"] == "splits":  # pair counts per expert, one row each: no ids, no positions
@@ -146,9 +157,51 @@ def test_wire_audit_of_a_two_party_training_run(transport, tmp_path, monkeypatch
         lines = (tmp_path / "audit" / f"party{party}" / "wire.jsonl").read_text().splitlines()
         entries = [json.loads(line) for line in lines]
         assert len(entries) == 2 * len(calls)  # one entry per exchange and direction
-        assert {e["kind"] for e in entries} == set(WIRE_KINDS)
+        assert {e["kind"] for e in entries} == set(TRAINING_KINDS)
         assert all(e["shape"][1:] == ([] if e["kind"] == "splits" else [hidden]) for e in entries)
         assert all(e["dtype"] == ("int64" if e["kind"] == "splits" else "float32") for e in entries)
+
+
+POOL_MODEL = ModelConfig(hidden_size=32, num_layers=3, num_experts=6, expert_intermediate_size=16, dense_layers=[1],
+                         dense_intermediate_size=16)
+
+
+def _pooling_party(rank, out_dir, port):
+    """Pool the experts as `pcmoe export --pool` does, with every collective recorded."""
+    torch.set_num_threads(1)
+    calls, _ = _record_collectives()
+    shard = ExpertShard(POOL_MODEL, rank, 2)
+    shard.init_weights(seed=0)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        wire = Wire(rank, 2, dist.group.WORLD, WireLog())
+        shards = pool_experts(POOL_MODEL, shard, wire, torch.float32)
+    finally:
+        dist.destroy_process_group()
+    torch.save({"calls": calls, "shards": [s.state_dict() for s in shards], "log": wire.log.entries},
+               os.path.join(out_dir, f"pool{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_wire_audit_of_pooling_the_experts(tmp_path, monkeypatch):
+    """What `pcmoe export --pool` sends: in every MoE layer one exchange of kind expert_weights, through
+    Wire.exchange, carrying exactly the sender's own experts' weights to the other party (and nothing to
+    itself); each party ends with every party's shard."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_pooling_party, args=(str(tmp_path), free_port()), nprocs=2)
+    expected = [ExpertShard(POOL_MODEL, p, 2) for p in range(2)]
+    for shard in expected:
+        shard.init_weights(seed=0)
+    for party in range(2):
+        record = torch.load(tmp_path / f"pool{party}.pt", weights_only=False)
+        calls, own = record["calls"], expected[party]
+        assert [(c["name"], c["kind"]) for c in calls] == [("all_to_all_single", "expert_weights")] * 2  # MoE layers
+        for layer, call in enumerate(calls):
+            rows = torch.cat([own.w_gate_up[layer].flatten(1), own.w_down[layer].flatten(1)], dim=1)
+            assert torch.equal(call["send"], rows) and call["send_splits"] == ([0, 3] if party == 0 else [3, 0])
+        assert {e.kind for e in record["log"]} == {"expert_weights"}
+        for got, want in zip(record["shards"], expected, strict=True):
+            assert all(torch.equal(t, want.state_dict()[k]) for k, t in got.items())
 
 
 def test_disallowed_kinds_never_cross():
