@@ -43,7 +43,8 @@ from .wire import (WIRE_KINDS, ExchangeTimer, Observer, Tape, Transfer, Wire, Wi
                    pack_fp8, unpack_fp8)
 
 __all__ = ["WIRE_KINDS", "owner_of", "owned_experts", "ExpertShard", "WireEntry", "WireLog", "Wire", "Observer",
-           "Transfer", "Tape", "ExchangeTimer", "DistributedExperts", "clip_and_noise", "pack_fp8", "unpack_fp8"]
+           "Transfer", "Tape", "ExchangeTimer", "DistributedExperts", "kinds_sent", "clip_and_noise", "pack_fp8",
+           "unpack_fp8"]
 
 
 def owner_of(expert: int, parties: int) -> int:
@@ -134,6 +135,14 @@ class _Route(NamedTuple):
     pairs_from: list[int]
 
 
+def kinds_sent(options: WireConfig) -> set[str]:
+    """The kinds a training run with these wire options sends (evaluation sends the forward ones only)."""
+    kinds = {"splits", "expert_mask", "output", "hidden_grad",
+             "hidden_fp8" if options.hidden_dtype == "fp8" else "hidden",
+             "output_grad_fp8" if options.grad_dtype == "fp8" else "output_grad"}
+    return kinds | ({"routing_weights", "routing_weights_grad"} if options.combine == "host" else set())
+
+
 def _away(splits: list[int], party: int) -> list[int]:
     """The splits with the party's own share removed: its own rows never go through the wire."""
     return [0 if p == party else s for p, s in enumerate(splits)]
@@ -215,15 +224,18 @@ class DistributedExperts:
             own = slice(row_start, row_start + route.rows_to[me])
             own_pairs = slice(pair_start, pair_start + route.pairs_to[me])
             pair_weights = weights.reshape(-1)[plan.sorted_pair.long()] if self.combine_at_host else None
-            x_own = s.output(gather(x, rows.token[own]))
-        if n > 1:
-            with nvtx_range("dispatch"):
+            x_own = s.output(gather(x, rows.token[own]))  # the rows for this party's own experts never cross
+            if n > 1:
                 away_token = torch.cat([rows.token[:own.start], rows.token[own.stop:]])
+                x_away = s.output(gather(x, away_token))
+        with stage("dispatch") as s:
+            x_own = s.output(s.input(x_own))  # straight to this party's experts (a mark: the range of the stage)
+            if n > 1:
                 away_mask = torch.cat([rows.mask[:own.start], rows.mask[own.stop:]])
                 rows_to, rows_from = _away(route.rows_to, me), _away(route.rows_from, me)
                 pairs_to, pairs_from = _away(route.pairs_to, me), _away(route.pairs_from, me)
                 pending = []  # the hidden_grad exchange, from _Arrive's backward to _AwaitGrad's
-                x_away = _AwaitGrad.apply(gather(x, away_token), pending)
+                x_away = _AwaitGrad.apply(x_away, pending)
                 hidden = wire.exchange(self.hidden_kind, layer, x_away.detach(), rows_to, rows_from, async_op=True)
                 masks = wire.exchange("expert_mask", layer, away_mask, rows_to, rows_from, async_op=True)
                 if self.combine_at_host:

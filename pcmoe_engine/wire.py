@@ -255,9 +255,9 @@ class Wire:
             send = self._defend(base, send, send_splits)
         unpack = None
         if kind != base:
-            dtype = send.dtype
+            row_dtype = send.dtype
             send = pack_fp8(send)
-            unpack = lambda packed: unpack_fp8(packed, dtype)  # noqa: E731
+            unpack = lambda packed: unpack_fp8(packed, row_dtype)  # noqa: E731
         row_shape = tuple(send.shape[1:])
         row_bytes = math.prod(row_shape) * send.element_size()
         sent = sum(send_splits[p] for p in range(self.parties) if p != self.party) * row_bytes

@@ -22,7 +22,8 @@ from pcmoe_engine.cli import free_port
 from pcmoe_engine.config import ModelConfig, WireConfig
 from pcmoe_engine.dispatch import mask_bytes
 from pcmoe_engine.model import Backbone, compute_loss
-from pcmoe_engine.protocol import WIRE_KINDS, DistributedExperts, ExpertShard, Wire, WireLog, owned_experts
+from pcmoe_engine.protocol import (WIRE_KINDS, DistributedExperts, ExpertShard, Wire, WireLog, kinds_sent,
+                                   owned_experts)
 
 CFG = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=8,
                   top_k=2, expert_intermediate_size=48, shared_intermediate_size=40, shared_expert_gate=True)
@@ -155,9 +156,7 @@ def test_parties_equal_single_process(parties, checkpointing, mode, tmp_path, mo
     sent = sum(r["wire"]["sent"] for r in results)
     assert sent == sum(r["wire"]["received"] for r in results)
     assert (sent > 0) == (parties > 1)
-    kinds = {"splits", "hidden", "expert_mask", "output", "output_grad", "hidden_grad"}
-    if options.combine == "host":
-        kinds |= {"routing_weights", "routing_weights_grad"}
+    kinds = kinds_sent(options)
     dtypes = {"splits": "int64", "expert_mask": "uint8"}
     for p, r in enumerate(results):
         entries = r["wire"]["entries"]
