@@ -51,10 +51,11 @@ FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 def pack_fp8(rows: torch.Tensor) -> torch.Tensor:
     """[R, H] float rows -> [R, H + 4] uint8: each row in e4m3 scaled so its largest magnitude is 448, then the
     row's fp32 scale as 4 bytes. Relative error per element <= 2^-4, plus 2^-10 of the scale near zero."""
-    rows32 = rows.float()
+    rows32 = rows.float().contiguous()  # (a gradient may arrive expanded: viewing it as bytes needs real strides)
     scale = rows32.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / FP8_MAX
     quantized = (rows32 / scale).to(torch.float8_e4m3fn)
-    return torch.cat([quantized.view(torch.uint8), scale.view(torch.uint8)], dim=1)
+    scale_bytes = scale.reshape(-1).contiguous().view(torch.uint8).view(-1, 4)  # [R, 1] may have stride 0 there
+    return torch.cat([quantized.view(torch.uint8), scale_bytes], dim=1)
 
 
 def unpack_fp8(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
