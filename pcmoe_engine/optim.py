@@ -52,10 +52,17 @@ class StepInBackward:
         self.clip = clip
         self._total = sum(p.numel() for group in groups for p in group["params"])
         self._squares: list[torch.Tensor] = []
+        self._hooks = []
         for group in groups:
             for p in group["params"]:
                 self.optimizers[p] = make([{**group, "params": [p]}])
-                p.register_post_accumulate_grad_hook(self._step)
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._step))
+
+    def close(self) -> None:
+        """Stop stepping in backward (e.g. before another optimizer takes over these parameters)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def _step(self, p: torch.nn.Parameter) -> None:
         norm = p.grad.float().norm()
