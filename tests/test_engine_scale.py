@@ -229,3 +229,16 @@ def test_plan_pairs_unpermutes_like_the_expert_order_plan():
         y_sorted = per_pair[plan.sorted_pair.long()]
         results.append(ct.unpermute(y_sorted, plan, weights))
     torch.testing.assert_close(*results)
+
+
+def test_eight_bit_optimizer_trains_with_a_quarter_of_the_state(tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    base = [*TINY, f"train.out_dir={tmp_path}", "model.hidden_size=64", "model.expert_intermediate_size=64"]
+    plain, small = (Party(load_config(None, base + extra), 0) for extra in ([], ["train.optimizer_8bit=true"]))
+    for party in (plain, small):
+        losses = [party.step()["loss"] for _ in range(8)]
+        assert losses[-1] < losses[0]
+    state = {name: party.summary()["memory"]["optimizer_state_bytes"] for name, party in (("fp32", plain),
+                                                                                         ("8bit", small))}
+    assert state["8bit"] < 0.4 * state["fp32"]  # 2 of 8 bytes per element, plus scales and the small tensors
