@@ -81,7 +81,7 @@ def test_wire_audit_of_a_two_party_training_run(tmp_path, monkeypatch, wire_opti
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     mp.spawn(_audited_party, args=(str(tmp_path), free_port(), wire_options), nprocs=2)
     cfg = load_config(None, AUDIT + wire_options)
-    hidden, local_experts = cfg.model.hidden_size, cfg.model.num_experts // 2
+    hidden = cfg.model.hidden_size
     tokens_per_pass = cfg.train.batch_size * cfg.data.seq_len
     pairs_per_pass = tokens_per_pass * cfg.model.top_k
     kinds = kinds_sent(cfg.wire)
