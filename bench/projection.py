@@ -1,6 +1,7 @@
-"""Parties on separate sites: the step time at slower links, projected from what bench/engine_e2e.py measured.
+"""Parties on separate sites: the step time at slower links, projected from what bench/engine_e2e.py measured;
+and the README's section on issue 13's variants (measured, then projected).
 
-    python bench/projection.py bench/results/scale_h100_4p_<commit>_*.json             # print the table
+    python bench/projection.py bench/results/scale_h100_4p_<commit>_*.json             # print the section
     python bench/projection.py bench/results/scale_h100_4p_<commit>_*.json --readme README.md  # and write it
 
 Each results file holds, per party, one timed step's exchanges: the bytes it sent and received, the compute
@@ -26,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-START, END = "<!-- projection:start -->", "<!-- projection:end -->"
+START, END = "<!-- scale:start -->", "<!-- scale:end -->"
 LINKS_GBIT = (400.0, 100.0, 25.0)
 
 
@@ -69,18 +70,37 @@ def table(reports: list[dict], links=LINKS_GBIT, latency_s: float = 0.0) -> str:
     return "\n".join(rows)
 
 
+def measured(reports: list[dict]) -> str:
+    """What each variant measured, per party: the worst party's step, the mean of the rest."""
+    rows = ["| variant | tokens/s per party | MFU | exposed comm share | GiB sent per party and step | peak GiB per "
+            "party | step ms (slowest party) |", "|---|---|---|---|---|---|---|"]
+    for rep in reports:
+        parties = rep["per_party"]
+        mean = {k: sum(p[k] for p in parties) / len(parties) for k in ("tokens_per_s", "mfu", "exposed_comm_share")}
+        rows.append(f"| {rep.get('variant') or '-'} | {mean['tokens_per_s']:,.0f} | {100 * mean['mfu']:.1f}% | "
+                    f"{100 * mean['exposed_comm_share']:.1f}% | "
+                    f"{max(p['bytes_sent_per_step'] for p in parties) / 2**30:.2f} | "
+                    f"{max(p['peak_memory_bytes'] for p in parties) / 2**30:.1f} | "
+                    f"{max(p['step_ms'] for p in parties):.0f} |")
+    return "\n".join(rows)
+
+
 def section(reports: list[dict], paths: list[Path], links=LINKS_GBIT, latency_s: float = 0.0) -> str:
     first = reports[0]
+    setting = (f"{first['parties']} x {first['device']} at {first['commit']}, {first['total_parameters'] / 1e9:.2f} B "
+               f"parameters, {first['config']['train']['batch_size']} x {first['config']['data']['seq_len']} tokens "
+               "per party and step")
     return "\n".join([
         START,
-        f"**Parties on separate sites** (projected by `bench/projection.py` from the exchanges measured on "
-        f"{first['parties']} x {first['device']} at {first['commit']}, "
-        f"{first['total_parameters'] / 1e9:.2f} B parameters, {first['config']['train']['batch_size']} x "
-        f"{first['config']['data']['seq_len']} tokens per party and step; the slowest party's step, and its "
-        f"tokens/s; latency {latency_s * 1e3:g} ms per exchange). Without overlap every transfer adds to the step; "
-        "with it, only what the compute queued meanwhile does not cover. `pair`: the protocol before issue 13 "
-        "(one row per (token, expert)); `token`: dispatch once per (token, host); `_host`: combined at the host; "
-        "`_fp8`: fp8 dispatch and output gradients.", "",
+        f"**Issue 13's variants** ({setting}; `bench/run_device.sh scale`, `bench/engine_e2e.py --variants`, one "
+        "model trained through each variant in turn). `pair`: the protocol before issue 13 (one row per (token, "
+        "expert), foreach AdamW); `token`: dispatch once per (token, host), fused AdamW; `_host`: combined at the "
+        "host; `_fp8`: fp8 dispatch and output gradients; `ac`: activation checkpointing that replays what "
+        "crossed; `_8bit`: bitsandbytes' AdamW8bit; `_release`: each parameter stepped in backward.", "",
+        measured(reports), "",
+        f"**Parties on separate sites** (projected by `bench/projection.py` from the same runs: the slowest "
+        f"party's step and its tokens/s; latency {latency_s * 1e3:g} ms per exchange). Without overlap every "
+        "transfer adds to the step; with it, only what the compute queued meanwhile does not cover.", "",
         table(reports, links, latency_s), "",
         "From " + ", ".join(f"`{p.name}`" for p in paths) + ".",
         END])

@@ -474,5 +474,5 @@ def test_projection_adds_what_the_window_does_not_cover():
     assert at100["step_s"] == pytest.approx(0.115) and at100["tokens_per_s"] == pytest.approx(100 / 0.115)
     text = "a\n" + projection.START + "\nold\n" + projection.END + "\nb"
     assert projection.replace_section(text, "NEW") == "a\nNEW\nb"
-    with pytest.raises(ValueError, match="no <!-- projection:start -->"):
+    with pytest.raises(ValueError, match="no <!-- scale:start -->"):
         projection.replace_section("no markers", "NEW")
