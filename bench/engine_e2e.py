@@ -172,9 +172,7 @@ def main(argv=None):
         parser.error(f"unknown variant(s) {', '.join(unknown)}: choose among {', '.join(VARIANTS)}")
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     base = [*MODEL, f"train.steps={args.steps}", *args.overrides]
-    configs = [(v, load_config(None, base + VARIANTS[v], parties=world)) for v in variants] or \
-        [(None, load_config(None, base, parties=world))]
-    cfg = configs[0][1]
+    cfg = load_config(None, base + VARIANTS[variants[0]] if variants else base, parties=world)
     device = party_device(cfg)
     cuda = device.type == "cuda"
     if cuda:
@@ -189,7 +187,8 @@ def main(argv=None):
     env = environment() if rank == 0 else None
     try:
         party = Party(cfg, rank)
-        for variant, variant_cfg in configs:
+        for variant in variants or [None]:  # each variant's config read as it starts: one that fails leaves the rest
+            variant_cfg = load_config(None, base + VARIANTS[variant], parties=world) if variant else cfg
             use_variant(party, variant_cfg)
             result = run(party, variant_cfg, args, ceiling, world, nccl)
             results = [None] * world
