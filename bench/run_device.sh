@@ -26,9 +26,10 @@
 #                                protocol before issue 13 (pair), dispatch once (token), + combine at the host,
 #                                + fp8, then the memory options (replaying checkpoints, 8-bit AdamW, step in
 #                                backward); (2) 500-step loss runs of the 4-layer olmoe shape at 4 parties: bf16,
-#                                fp8 dispatch, fp8 dispatch and gradients, the memory options; (3) the 4-layer
-#                                end to end launched twice back to back, then once without CPU pinning
-#                                (run-to-run variance). Carry .whl/scale (bitsandbytes, bench/fetch_wheels.sh).
+#                                fp8 dispatch and gradients, the memory options; (3) the 4-layer end to end
+#                                launched twice back to back, then once without CPU pinning (run-to-run
+#                                variance); (4) fp8 dispatch alone, if time is left. Carry .whl/scale
+#                                (bitsandbytes, bench/fetch_wheels.sh).
 #   bench/run_device.sh central  the centralized baseline on one big GPU (nvidia-h200, needs_h200): 6.9 B at 1 party,
 #                                8 x 1024 tokens, the optimizer before issue 13, today's default, the memory options
 #
@@ -192,7 +193,7 @@ LOSS=(--set model.preset=olmoe-1b-7b --set model.num_layers=4 --set data.seq_len
 loss_run() {  # loss_run NAME [--set ...]: LOSS at 4 parties; loss_NAME.json: its summary, losses and evaluations
     local name=$1
     shift
-    phase "loss over 500 steps, $name" 100 50 torchrun --standalone --nproc-per-node 4 -m pcmoe_engine.train \
+    phase "loss over 500 steps, $name" 90 50 torchrun --standalone --nproc-per-node 4 -m pcmoe_engine.train \
         "${LOSS[@]}" --set train.name="$name" "$@"
     python3 - "$name" "$OUT/loss_$name.json" <<'PY' 2>&1 | tee -a "$LOG"
 import json, sys
@@ -214,7 +215,6 @@ scale() {
         --out "$OUT" --variants pair,token,token_host,token_host_fp8,ac,ac_8bit,ac_8bit_release
     clocks
     loss_run bf16
-    loss_run fp8_hidden --set wire.hidden_dtype=fp8
     loss_run fp8 --set wire.hidden_dtype=fp8 --set wire.grad_dtype=fp8
     loss_run memory --set train.activation_checkpointing=true --set train.optimizer_8bit=true \
         --set train.optimizer_in_backward=true
@@ -225,6 +225,7 @@ scale() {
     done
     phase "variance: 4 layers, 4 parties, without CPU pinning" 45 30 torchrun --standalone --nproc-per-node 4 \
         bench/engine_e2e.py --steps 12 --profiled 0 --set train.pin_cpus=false --out "$OUT/variance_unpinned.json"
+    loss_run fp8_hidden --set wire.hidden_dtype=fp8  # if time is left: fp8 dispatch alone
     clocks
 }
 
