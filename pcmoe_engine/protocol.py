@@ -189,11 +189,11 @@ class DistributedExperts:
     def _route(self, layer: int, expert_ids: torch.Tensor, plan: ct.RoutingPlan) -> _Route:
         """Tell each owner how many rows and pairs it will get: one host sync for both directions."""
         wire, n = self.wire, self.wire.parties
-        rows = rows_per_owner(expert_ids, n, self.once)
-        if n == 1:
+        if n == 1:  # every token goes to this party's experts: the sizes are the routing's shape
             pairs = expert_ids.numel()
             rows = expert_ids.shape[0] if self.once else pairs
             return _Route([rows], [pairs], [rows], [pairs])
+        rows = rows_per_owner(expert_ids, n, self.once)
         send = torch.stack([rows, plan.tokens_per_expert.long()], dim=1).flatten()
         recv = wire.exchange("splits", layer, send, [2] * n, [2] * n).wait()
         counts = torch.cat([send, recv]).tolist()

@@ -248,7 +248,10 @@ class Wire:
         Inside a checkpointed block's recompute, returns what the forward received."""
         if kind not in WIRE_KINDS:
             raise ValueError(f"{kind!r} may not cross between parties; allowed: {', '.join(WIRE_KINDS)}")
-        return self.kept(lambda: self._exchange(kind, layer, send, send_splits, recv_splits, async_op))
+        replaying = self.tape is not None and self.tape.replaying
+        transfer = self.kept(lambda: self._exchange(kind, layer, send, send_splits, recv_splits, async_op))
+        # A replay hands out a new tensor object on the same memory: the forward's tensor keeps its autograd history.
+        return Transfer(transfer.wait().detach()) if replaying else transfer
 
     def _exchange(self, kind, layer, send, send_splits, recv_splits, async_op) -> Transfer:
         base = kind.removesuffix("_fp8")

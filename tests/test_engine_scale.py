@@ -95,7 +95,8 @@ def test_tape_replays_in_order_and_refuses_extra_exchanges(monkeypatch):
     assert len(sends) == 2 and len(tape.items) == 2  # the splits inside the kept route are part of that item
     sent_bytes = wire.total_sent
     tape.replaying = True
-    assert wire.exchange("hidden", 0, rows + 1, [1, 2], [1, 2]).wait() is first  # not sent, what arrived then
+    replayed = wire.exchange("hidden", 0, rows + 1, [1, 2], [1, 2]).wait()  # not sent: what arrived then
+    assert torch.equal(replayed, first) and replayed.data_ptr() == first.data_ptr() and replayed is not first
     assert wire.kept(lambda: pytest.fail("a replay runs nothing")) is route
     assert len(sends) == 2 and wire.total_sent == sent_bytes and tape.items == []  # freed once replayed
     with pytest.raises(RuntimeError, match="recompute exchanged more than its forward"):
