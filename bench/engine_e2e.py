@@ -63,6 +63,7 @@ VARIANTS = {
     "ac": _MEMORY[:1],  # activation checkpointing that replays what crossed
     "ac_8bit": _MEMORY[:2],
     "ac_8bit_release": _MEMORY,
+    "ac_8bit_release_host": [*_MEMORY, "wire.combine=host"],  # what crossed and is kept: one row per (token, host)
     "8bit_release": _MEMORY[1:],
 }
 

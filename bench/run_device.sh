@@ -212,7 +212,7 @@ scale() {
     clocks
     phase "16 layers (6.9 B), 4 parties: protocol and memory variants" 210 120 torchrun --standalone \
         --nproc-per-node 4 bench/engine_e2e.py --set model.num_layers=16 --steps 8 --warmup 3 --profiled 0 \
-        --out "$OUT" --variants pair,token,token_host,token_host_fp8,ac,ac_8bit,ac_8bit_release
+        --out "$OUT" --variants pair,token,token_host,token_host_fp8,ac,ac_8bit,ac_8bit_release,ac_8bit_release_host
     clocks
     loss_run bf16
     loss_run fp8 --set wire.hidden_dtype=fp8 --set wire.grad_dtype=fp8

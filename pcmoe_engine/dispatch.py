@@ -9,6 +9,8 @@ Both sides order the (token, expert) pairs the same way, so no per-pair ids trav
 - with each row, a bitmask of the host's local experts it picked (the "expert_mask" kind); the host expands
   its rows into pairs row by row, local experts ascending (``expand``): exactly the origin's wire order.
 
+A token's k experts are distinct (a top-k routing): the mask has one bit per expert it picked.
+
 Outputs return per pair in that order (the origin's ``unpermute`` combines them with its routing weights), or,
 combined at the host, per row (the origin sums a token's rows). Nothing here syncs the device with the host,
 given the row and pair counts, which the splits exchange brings to the host once per layer.
