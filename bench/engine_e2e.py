@@ -151,7 +151,8 @@ def write(out: Path, report: dict) -> None:
     out.write_text(json.dumps(report, indent=1) + "\n")
     for r in report["per_party"]:
         print(f"{report.get('variant') or 'party'} {r['party']}/{report['parties']}: "
-              f"{r['tokens_per_s']:,.0f} tokens/s, step {r['step_ms']:.1f} ms, MFU {r['mfu']:.1%}, peak {r['peak_memory_bytes'] / 2**30:.1f} GiB "
+              f"{r['tokens_per_s']:,.0f} tokens/s, step {r['step_ms']:.1f} ms, MFU {r['mfu']:.1%}, "
+              f"peak {r['peak_memory_bytes'] / 2**30:.1f} GiB "
               f"({', '.join(f'{k} {v:.0%}' for k, v in r['memory_share'].items())}), exposed comm "
               f"{r['exposed_comm_share']:.1%}, sent {r['bytes_sent_per_step'] / 2**30:.2f} GiB/step", flush=True)
     print(f"total parameters {report['total_parameters'] / 1e9:.2f} B; results: {out}", flush=True)

@@ -176,8 +176,9 @@ def _or_dash(value, fmt) -> str:
 
 
 def e2e_table(reports: list[dict]) -> str:
-    out = ["| parties | device | tokens/s (all parties) | MFU | step ms | peak GiB per party | backbone / local experts "
-           "/ gradients / optimizer / activations | comm share of step | exposed comm share | GiB sent per step |",
+    out = ["| parties | device | tokens/s (all parties) | MFU | step ms | peak GiB per party | backbone / local "
+           "experts / gradients / optimizer / activations | comm share of step | exposed comm share | GiB sent per "
+           "step |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for rep in sorted(reports, key=lambda r: r["parties"]):
         for p in rep["per_party"]:

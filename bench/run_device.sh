@@ -181,8 +181,8 @@ peers() {  # the peer suites twice: one GPU after the other, or both GPUs at onc
 }
 
 clocks() {  # the GPUs' clocks, power and temperature now (run-to-run variance: are the clocks the same?)
-    nvidia-smi --query-gpu=index,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu,pstate --format=csv,noheader \
-        2>&1 | sed 's/^/clocks: /' | tee -a "$LOG"
+    nvidia-smi --query-gpu=index,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu,pstate \
+        --format=csv,noheader 2>&1 | sed 's/^/clocks: /' | tee -a "$LOG"
 }
 
 LOSS=(--set model.preset=olmoe-1b-7b --set model.num_layers=4 --set data.seq_len=256 --set train.batch_size=4

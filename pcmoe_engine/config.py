@@ -1,7 +1,7 @@
 """Every option of a run, in one place: a TOML file and ``--set section.key=value`` overrides into dataclasses.
 
-A run is ``Config(parties, model, data, train, privacy, wire)``. ``model.preset`` picks the model's sizes; any size set
-explicitly (in the TOML's [model] table or with --set) wins over the preset. ``validate`` rejects nonsense
+A run is ``Config(parties, model, data, train, privacy, wire)``. ``model.preset`` picks the model's sizes; any size
+set explicitly (in the TOML's [model] table or with --set) wins over the preset. ``validate`` rejects nonsense
 with a one-line ValueError that says what was wrong and what to do.
 """
 
@@ -12,8 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "PrivacyConfig", "WireConfig", "Config", "PRESETS", "FAMILIES", "load_config",
-           "validate", "BUILTIN_CORPORA", "DEFAULT_CONFIG", "corpus_path"]
+__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "PrivacyConfig", "WireConfig", "Config", "PRESETS", "FAMILIES",
+           "load_config", "validate", "BUILTIN_CORPORA", "DEFAULT_CONFIG", "corpus_path"]
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.toml"
 # transformers model_types the engine reproduces exactly (pcmoe_engine/hf.py maps their checkpoints).

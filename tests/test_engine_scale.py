@@ -126,7 +126,8 @@ def test_step_in_backward_equals_adamw_without_clipping(tmp_path, monkeypatch):
     """Stepping each parameter in backward gives the same parameters as AdamW after the whole backward."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     base = [*TINY, f"train.out_dir={tmp_path}", "train.grad_clip=0"]
-    plain, released = (Party(load_config(None, base + extra), 0) for extra in ([], ["train.optimizer_in_backward=true"]))
+    plain, released = (Party(load_config(None, base + extra), 0)
+                       for extra in ([], ["train.optimizer_in_backward=true"]))
     assert isinstance(released.optimizer, StepInBackward)
     for _ in range(3):
         records = [plain.step(), released.step()]
@@ -215,7 +216,8 @@ def test_eight_bit_optimizer_needs_bitsandbytes(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ValueError, match="train.optimizer_8bit needs bitsandbytes: pip install bitsandbytes"):
         load_config(None, ["train.optimizer_8bit=true"])
 
