@@ -148,24 +148,24 @@ class ExchangeTimer:
 
 
 class Transfer:
-    """A tensor on its way in: ``wait()`` returns it once it has arrived (unpacked, and shown to ``arrived``)."""
+    """A tensor on its way in: ``wait()`` returns it once it has arrived, unpacked (the first wait shows it to
+    ``arrived``). What crossed stays packed here: a tape that keeps the transfer keeps fp8 bytes, and each wait
+    unpacks them again, bitwise the same."""
 
     def __init__(self, tensor: torch.Tensor, work=None, unpack: Callable | None = None,
                  arrived: Callable | None = None, timer: ExchangeTimer | None = None, record: dict | None = None):
         self.tensor, self.work, self.unpack, self.arrived, self.timer, self.record = (
             tensor, work, unpack, arrived, timer, record)
-        self.done = work is None and unpack is None and arrived is None
+        self.done = work is None and arrived is None
 
     def wait(self) -> torch.Tensor:
         if not self.done:
             if self.work is not None:
                 self.timer.wait(self.record, self.work) if self.timer is not None else self.work.wait()
-            if self.unpack is not None:
-                self.tensor = self.unpack(self.tensor)
             if self.arrived is not None:
-                self.arrived(self.tensor)
+                self.arrived(self.unpack(self.tensor) if self.unpack is not None else self.tensor)
             self.done = True
-        return self.tensor
+        return self.unpack(self.tensor) if self.unpack is not None else self.tensor
 
 
 class Tape:
@@ -250,7 +250,8 @@ class Wire:
             raise ValueError(f"{kind!r} may not cross between parties; allowed: {', '.join(WIRE_KINDS)}")
         replaying = self.tape is not None and self.tape.replaying
         transfer = self.kept(lambda: self._exchange(kind, layer, send, send_splits, recv_splits, async_op))
-        # A replay hands out a new tensor object on the same memory: the forward's tensor keeps its autograd history.
+        # A replay hands out a new tensor object (on the same memory, or unpacked anew from the same bytes): the
+        # forward's tensor keeps its autograd history.
         return Transfer(transfer.wait().detach()) if replaying else transfer
 
     def _exchange(self, kind, layer, send, send_splits, recv_splits, async_op) -> Transfer:
