@@ -164,7 +164,8 @@ class Party:
         """One micro-batch through the model and back: its gradients add to the parameters' (scaled by
         1 / train.grad_accum). Returns the loss and each MoE layer's routing."""
         t = self.cfg.train
-        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        # Without waiting for the device: a blocking copy would drain its queue at every micro-batch.
+        inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
         with self.autocast:
             logits, routings = self.backbone(inputs, self.experts, t.activation_checkpointing)
             loss = compute_loss(logits, targets, routings, t.aux_loss_coef, t.z_loss_coef)
