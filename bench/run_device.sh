@@ -195,6 +195,7 @@ loss_run() {  # loss_run NAME [--set ...]: LOSS at 4 parties; loss_NAME.json: it
     shift
     phase "loss over 500 steps, $name" 90 50 torchrun --standalone --nproc-per-node 4 -m pcmoe_engine.train \
         "${LOSS[@]}" --set train.name="$name" "$@"
+    [ -f "/tmp/pcmoe-loss/$name/summary.json" ] || return 0  # not run, or cut short: nothing to keep
     python3 - "$name" "$OUT/loss_$name.json" <<'PY' 2>&1 | tee -a "$LOG"
 import json, sys
 from pathlib import Path
