@@ -14,6 +14,8 @@
 #                              call may carry, so unpacked here and repacked as .tar.xz (about 51 MiB), which
 #                              run_device.sh unpacks into /tmp/site
 #     apache-tvm-ffi 0.1.10    quack's call path; the last release before sonic-moe 0.1.2.post1
+#   .whl/scale/              `run_device.sh scale` and `central` (about 43 MiB, carried alone):
+#     bitsandbytes 0.50.2      AdamW8bit (train.optimizer_8bit); its wheel holds the CUDA 13.0 library
 #   Not fetched: torch-c-dlpack-ext (torch >= 2.10 has the DLPack exchange API it adds, and tvm-ffi then skips it),
 #   cuda-python (the image has cuda-bindings, which is what CUTLASS DSL imports).
 # grouped_gemm (megablocks' "grouped" back end) is not fetched: it is a source distribution whose setup.py
@@ -22,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP=${PIP:-python3 -m pip}
-mkdir -p .whl/peers
+mkdir -p .whl/peers .whl/scale
 download() {  # download DIR NAME==VERSION...: binary wheels for the GPU machine's Python and platform
     local dir=$1
     shift
@@ -54,6 +56,8 @@ if [ ! -f "$libs" ]; then
     XZ_OPT="-9e -T0" tar -C "$tmp/site" -cJf "$libs.partial" . && mv "$libs.partial" "$libs"  # a few minutes
     rm -rf "$tmp"
 fi
-ls -la .whl .whl/peers
+$PIP download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 -d .whl/scale \
+    bitsandbytes==0.50.2  # py3-none-manylinux_2_24: no cp tag to match, and older than the peers' platforms
+ls -la .whl .whl/peers .whl/scale
 du -sh .whl/peers  # what `run_device.sh peers` carries (64 MiB per call with the working tree)
 du -sh .whl        # everything, for the other modes

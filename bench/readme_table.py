@@ -171,9 +171,16 @@ def peers_section(path: Path, readme: Path) -> list[str]:
     ]
 
 
+def _or_dash(value, fmt) -> str:
+    """A field older results files do not have: '-' there."""
+    return "-" if value is None else fmt(value)
+
+
 def e2e_table(reports: list[dict]) -> str:
-    out = ["| parties | device | tokens/s (all parties) | MFU | step ms | peak GiB per party | backbone / local experts "
-           "/ gradients / optimizer / activations | comm share of step |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| parties | device | tokens/s (all parties) | MFU | step ms | peak GiB per party | backbone / local "
+           "experts / gradients / optimizer / activations | comm share of step | exposed comm share | GiB sent per "
+           "step |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for rep in sorted(reports, key=lambda r: r["parties"]):
         for p in rep["per_party"]:
             share = " / ".join(f"{100 * v:.0f}%" for v in p["memory_share"].values())
@@ -183,7 +190,8 @@ def e2e_table(reports: list[dict]) -> str:
                 f"{gpus} x {rep['device']}{' (shared)' if gpus < rep['parties'] else ''}, {rep['backend']}"
             out.append(f"| {rep['parties']} (party {p['party']}) | {device} | {rep['tokens_per_s_total']:,.0f} | "
                        f"{100 * p['mfu']:.1f}% | {p['step_ms']:.1f} | {p['peak_memory_bytes'] / GiB:.1f} | {share} | "
-                       f"{comm} |")
+                       f"{comm} | {_or_dash(p.get('exposed_comm_share'), lambda v: f'{100 * v:.1f}%')} | "
+                       f"{_or_dash(p.get('bytes_sent_per_step'), lambda v: f'{v / GiB:.2f}')} |")
     return "\n".join(out)
 
 

@@ -24,6 +24,18 @@
 #                                transformers checkpoint written to /tmp, export it with --pool, and transformers and
 #                                `pcmoe eval` on the export (bench/finetune_proof.py; nvidia-h100-x4, ~6 of 9.5 min,
 #                                ~130 GB of local disk; carry .corpora for the four domains, else Tiny Shakespeare)
+#   bench/run_device.sh scale    issue 13 on four GPUs (nvidia-h100-x4), < 570 s, each phase's JSON written as it
+#                                ends: (1) full OLMoE-1B-7B (16 layers, 6.9 B), 4 parties, 8 x 1024 tokens per party
+#                                and step, 8 steps of each variant on one model (bench/engine_e2e.py VARIANTS): the
+#                                protocol before issue 13 (pair), dispatch once (token), + combine at the host,
+#                                + fp8, then the memory options (replaying checkpoints, 8-bit AdamW, step in
+#                                backward); (2) 500-step loss runs of the 4-layer olmoe shape at 4 parties: bf16,
+#                                fp8 dispatch and gradients, the memory options; (3) the 4-layer end to end
+#                                launched twice back to back, then once without CPU pinning (run-to-run
+#                                variance); (4) fp8 dispatch alone, if time is left. Carry .whl/scale
+#                                (bitsandbytes, bench/fetch_wheels.sh).
+#   bench/run_device.sh central  the centralized baseline on one big GPU (nvidia-h200, needs_h200): 6.9 B at 1 party,
+#                                8 x 1024 tokens, the optimizer before issue 13, today's default, the memory options
 #
 # Writes into $OUT (the device tool's folder; default bench/results/device): bench_*.json, e2e_*.json,
 # small_<n>p.json, engine_profile.json, engine_trace.json.gz, engine_memory.pickle.gz, ncu.txt,
@@ -66,7 +78,7 @@ phase() {  # phase NAME CAP_SECONDS MIN_SECONDS COMMAND...: run COMMAND for at m
 GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 
 shopt -s nullglob
-wheels=(.whl/*.whl .whl/peers/*.whl)
+wheels=(.whl/*.whl .whl/peers/*.whl .whl/scale/*.whl)
 if (( ${#wheels[@]} )); then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         "${wheels[@]}" 2>&1 | tee -a "$LOG"
@@ -172,9 +184,66 @@ peers() {  # the peer suites twice: one GPU after the other, or both GPUs at onc
     fi
 }
 
+clocks() {  # the GPUs' clocks, power and temperature now (run-to-run variance: are the clocks the same?)
+    nvidia-smi --query-gpu=index,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu,pstate \
+        --format=csv,noheader 2>&1 | sed 's/^/clocks: /' | tee -a "$LOG"
+}
+
+LOSS=(--set model.preset=olmoe-1b-7b --set model.num_layers=4 --set data.seq_len=256 --set train.batch_size=4
+      --set train.steps=500 --set train.warmup_steps=50 --set train.lr=1e-3 --set train.min_lr=1e-4
+      --set train.eval_every=100 --set train.eval_batches=8 --set train.log_every=100 --set train.checkpoints=false
+      --set train.out_dir=/tmp/pcmoe-loss)
+
+loss_run() {  # loss_run NAME [--set ...]: LOSS at 4 parties; loss_NAME.json: its summary, losses and evaluations
+    local name=$1
+    shift
+    phase "loss over 500 steps, $name" 90 50 torchrun --standalone --nproc-per-node 4 -m pcmoe_engine.train \
+        "${LOSS[@]}" --set train.name="$name" "$@"
+    [ -f "/tmp/pcmoe-loss/$name/summary.json" ] || return 0  # not run, or cut short: nothing to keep
+    python3 - "$name" "$OUT/loss_$name.json" <<'PY' 2>&1 | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+run = Path("/tmp/pcmoe-loss") / sys.argv[1]
+records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+out = {"summary": json.loads((run / "summary.json").read_text()),
+       "loss": [[r["step"], r["party"], r["loss"]] for r in records if "loss" in r],
+       "eval": [[r["step"], r["party"], r["eval_loss"]] for r in records if "eval_loss" in r]}
+Path(sys.argv[2]).write_text(json.dumps(out) + "\n")
+print(sys.argv[1], "eval loss per party:", out["summary"]["eval_loss"])
+PY
+}
+
+scale() {
+    clocks
+    phase "16 layers (6.9 B), 4 parties: protocol and memory variants" 210 120 torchrun --standalone \
+        --nproc-per-node 4 bench/engine_e2e.py --set model.num_layers=16 --steps 8 --warmup 3 --profiled 0 \
+        --out "$OUT" --variants pair,token,token_host,token_host_fp8,ac,ac_8bit,ac_8bit_release,ac_8bit_release_host
+    clocks
+    loss_run bf16
+    loss_run fp8 --set wire.hidden_dtype=fp8 --set wire.grad_dtype=fp8
+    loss_run memory --set train.activation_checkpointing=true --set train.optimizer_8bit=true \
+        --set train.optimizer_in_backward=true
+    for run in 1 2; do  # the same configuration twice, back to back
+        clocks
+        phase "variance: 4 layers, 4 parties, run $run" 45 30 torchrun --standalone --nproc-per-node 4 \
+            bench/engine_e2e.py --steps 12 --profiled 0 --out "$OUT/variance_$run.json"
+    done
+    phase "variance: 4 layers, 4 parties, without CPU pinning" 45 30 torchrun --standalone --nproc-per-node 4 \
+        bench/engine_e2e.py --steps 12 --profiled 0 --set train.pin_cpus=false --out "$OUT/variance_unpinned.json"
+    loss_run fp8_hidden --set wire.hidden_dtype=fp8  # if time is left: fp8 dispatch alone
+    clocks
+}
+
 case $MODE in
 e2e) e2e ;;
 tests) gpu_tests 9999 ;;
+scale) scale ;;
+central)
+    clocks
+    phase "centralized 6.9 B, 1 party: the optimizer before issue 13, the default, the memory options" 560 120 \
+        python3 bench/engine_e2e.py --set model.num_layers=16 --steps 8 --warmup 3 --profiled 0 --out "$OUT" \
+        --variants token,ac,ac_8bit,ac_8bit_release,pair  # pair (foreach AdamW) last: 129.7 GiB before, the most
+    ;;
 small) (( GPUS >= 2 )) && small_run 2; small_run 1 ;;
 finetune) phase "fine-tune a pretrained MoE together" 9999 300 python3 bench/finetune_proof.py --out "$OUT" \
     --budget $(( BUDGET_S - SECONDS - 20 )) ;;
@@ -211,6 +280,7 @@ all)
         gpu_tests 9999
     fi
     ;;
-*) echo "usage: bench/run_device.sh [all|suites|peers|e2e|small|tests|finetune] [pytest args for the suites]"; exit 2 ;;
+*) echo "usage: bench/run_device.sh [all|suites|peers|e2e|small|tests|finetune|scale|central] [pytest args for the suites]"
+   exit 2 ;;
 esac
 echo "== done at ${SECONDS} s" | tee -a "$LOG"

@@ -224,15 +224,16 @@ def expert_mlp(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
 
 
 def grouped_mlp(x: torch.Tensor, expert_of_row: torch.Tensor, w_gate_up: torch.Tensor,
-                w_down: torch.Tensor) -> torch.Tensor:
+                w_down: torch.Tensor, validate: bool = True) -> torch.Tensor:
     """One expert per row, unweighted: y[r] = MLP_{expert_of_row[r]}(x[r]) -> [R, H].
 
-    This is what an expert owner runs on the hidden states it received from all parties.
+    This is what an expert owner runs on the hidden states it received from all parties. ``validate`` checks
+    the ids' range (one device sync); pass False only for ids in range by construction.
     """
     _check_experts("grouped_mlp", x, w_gate_up, w_down)
     check(expert_of_row.shape == (x.shape[0],),
           f"grouped_mlp: expert_of_row must be [{x.shape[0]}], got {tuple(expert_of_row.shape)}")
     if not use_triton(x):
         return grouped_mlp_reference(x, expert_of_row, w_gate_up, w_down)
-    plan = plan_routing(expert_of_row.view(-1, 1), w_down.shape[0])
+    plan = plan_routing(expert_of_row.view(-1, 1), w_down.shape[0], validate=validate)
     return _RoutedExpertsFunction.apply(_rowmajor(x), None, w_gate_up, w_down, None, plan)

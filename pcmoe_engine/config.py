@@ -1,6 +1,6 @@
 """Every option of a run, in one place: a TOML file and ``--set section.key=value`` overrides into dataclasses.
 
-A run is ``Config(parties, model, data, train, privacy)``. ``model.preset`` picks the model's sizes; any size set
+A run is ``Config(parties, model, data, train, privacy, transport, wire)``. ``model.preset`` picks the model's sizes; any size set
 explicitly (in the TOML's [model] table or with --set) wins over the preset. ``model.init_from`` (a local
 transformers checkpoint folder) instead takes the whole model section from the folder's config.json: the preset
 is bypassed, and a size set explicitly must agree with it. ``validate`` rejects nonsense with a one-line
@@ -14,8 +14,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "PrivacyConfig", "TransportConfig", "Config", "PRESETS",
-           "FAMILIES", "load_config", "validate", "BUILTIN_CORPORA", "DEFAULT_CONFIG", "corpus_path", "parse_address"]
+__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "PrivacyConfig", "TransportConfig", "WireConfig", "Config",
+           "PRESETS", "FAMILIES", "load_config", "validate", "BUILTIN_CORPORA", "DEFAULT_CONFIG", "corpus_path",
+           "parse_address"]
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.toml"
 # transformers model_types the engine reproduces exactly (pcmoe_engine/hf.py maps their checkpoints).
@@ -108,7 +109,19 @@ class TrainConfig:
     grad_clip: float = 1.0  # on the norm of this party's own gradients (backbone + expert shard); 0: off
     aux_loss_coef: float = 0.01  # load-balancing loss
     z_loss_coef: float = 0.001  # router z-loss
-    activation_checkpointing: bool = False  # recompute each block (exchanges included) in backward
+    # Recompute each block in backward from what its forward received: the exchanges replay, nothing crosses
+    # again (protocol.DistributedExperts.recomputable); less memory for about a third more forward compute.
+    activation_checkpointing: bool = False
+    fused_optimizer: bool = True  # on GPUs, AdamW's fused kernel: one launch, no parameter-sized temporaries
+    # bitsandbytes' AdamW8bit: both moments in 8 bits (blockwise scales), 1/4 of AdamW's state (GPU only;
+    # `pip install bitsandbytes`); tensors under 4096 elements keep 32-bit state
+    optimizer_8bit: bool = False
+    # Step each parameter as soon as its gradient is complete, then free the gradient: no gradient memory. A
+    # global gradient norm is then unknown when the first parameter steps, so train.grad_clip clips each
+    # parameter's gradient to grad_clip * sqrt(its share of the parameters) (the global norm stays <= grad_clip).
+    # Needs grad_accum = 1.
+    optimizer_in_backward: bool = False
+    pin_cpus: bool = True  # on GPUs: run each party's process on the CPU cores of its GPU's NUMA node
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate at the end only
@@ -151,6 +164,21 @@ class TransportConfig:
 
 
 @dataclass
+class WireConfig:
+    """What crosses between parties at each MoE layer, and in what precision (protocol.py; docs/privacy.md says
+    what each choice reveals)."""
+    # token: a token's hidden state crosses to a host once, however many of its experts it picked (with a
+    # bitmask of which); pair: once per (token, expert), as before issue 13
+    dispatch: str = "token"
+    # origin: outputs return per (token, expert) and the origin combines them with its routing weights, which
+    # never leave it; host: the origin sends the host its routing weights for the host's experts and gets one
+    # combined row per (token, host) back (fewer bytes; the host learns the weights)
+    combine: str = "origin"
+    hidden_dtype: str = "auto"  # dispatched rows: auto, the activations' dtype (bf16 on GPU); fp8: e4m3, per-row scale
+    grad_dtype: str = "auto"  # output gradients sent to the hosts: auto or fp8, as hidden_dtype
+
+
+@dataclass
 class Config:
     parties: int = 2
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -158,6 +186,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -168,7 +197,7 @@ class Config:
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "privacy": PrivacyConfig,
-             "transport": TransportConfig}
+             "transport": TransportConfig, "wire": WireConfig}
 
 
 def _parse_value(text: str):
@@ -361,6 +390,19 @@ def validate(cfg: Config) -> Config:
         _require(noise == 0 or clip > 0, f"privacy.{what}_noise={noise} needs privacy.{what}_clip > 0: the noise "
                  f"std is noise * clip")
     _validate_transport(cfg)
+    w = cfg.wire
+    _require(w.dispatch in ("token", "pair"), f"wire.dispatch={w.dispatch!r}: choose token or pair")
+    _require(w.combine in ("origin", "host"), f"wire.combine={w.combine!r}: choose origin or host")
+    for name in ("hidden_dtype", "grad_dtype"):
+        _require(getattr(w, name) in ("auto", "fp8"), f"wire.{name}={getattr(w, name)!r}: choose auto or fp8")
+    _require(not t.optimizer_in_backward or t.grad_accum == 1,
+             f"train.optimizer_in_backward steps each parameter during backward, so it needs train.grad_accum=1 "
+             f"(got {t.grad_accum}): raise train.batch_size instead")
+    if t.optimizer_8bit:
+        import importlib.util
+
+        _require(importlib.util.find_spec("bitsandbytes") is not None,
+                 "train.optimizer_8bit needs bitsandbytes: pip install bitsandbytes (or set it to false)")
     if t.device == "cuda":
         import torch
 

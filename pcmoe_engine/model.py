@@ -1,6 +1,7 @@
 """A decoder-only MoE transformer, split the PC-MoE way: a party's private Backbone (embeddings, RoPE attention,
 RMSNorms, each MoE layer's router and shared expert, LM head) and the routed experts, reached through an
-``experts`` callable (``protocol.DistributedExperts``) so the Backbone never holds another party's experts.
+``experts`` callable (``protocol.DistributedExperts``) so the Backbone never holds another party's experts; with
+activation checkpointing, ``experts.recomputable(block)`` is what the checkpoint recomputes.
 """
 
 import math
@@ -179,10 +180,10 @@ class Backbone(nn.Module):
         routings = []
         for block in self.blocks:
             if activation_checkpointing and torch.is_grad_enabled():
-                # Without early stop the recomputation replays the whole block, so every party repeats the
-                # same exchanges in the same order.
+                # The recompute replays what the block's exchanges received (experts.recomputable): only local
+                # work runs again. Without early stop it runs the whole block, so the replay is consumed in full.
                 with set_checkpoint_early_stop(False):
-                    x, routing = checkpoint(block, x, cos, sin, experts, use_reentrant=False)
+                    x, routing = checkpoint(experts.recomputable(block), x, cos, sin, experts, use_reentrant=False)
             else:
                 x, routing = block(x, cos, sin, experts)
             if routing is not None:  # a dense layer routes nothing

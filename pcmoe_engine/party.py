@@ -36,6 +36,8 @@ from .data import Batches, encode, eval_batches, party_texts, tokenizer_for
 from .hf import checkpoint_files, load_party
 from .model import Backbone, Loss, compute_loss, count_parameters
 from .nvtx import nvtx_range
+from .optim import StepInBackward, build_optimizer
+from .placement import pin_to_gpu
 from .protocol import DistributedExperts, ExpertShard, Wire, WireLog
 from .rng import seeded
 from .transport import Transport
@@ -84,15 +86,6 @@ def initial_backbone(cfg: Config, rank: int) -> Backbone:
     return backbone
 
 
-def build_optimizer(cfg: Config, modules) -> torch.optim.AdamW:
-    """AdamW over this party's own parameters; no weight decay on norms and biases."""
-    params = [p for m in modules for p in m.parameters()]
-    t = cfg.train
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
-
-
 def _bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -116,6 +109,8 @@ class Party:
         self.device = party_device(cfg)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            if t.pin_cpus:
+                pin_to_gpu(self.device)
         bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         self.dir = cfg.run_dir / f"party{rank}"
@@ -140,8 +135,8 @@ class Party:
             wire_log = WireLog(self.dir / "wire.jsonl")
         # The rows travel over ``transport``; by default torch.distributed's default process group.
         self.wire = Wire(rank, cfg.parties, log=wire_log, privacy=cfg.privacy, seed=t.seed, transport=transport)
-        self.experts = DistributedExperts(self.shard, self.wire)
-        self.optimizer = build_optimizer(cfg, (self.backbone, self.shard))
+        self.experts = DistributedExperts(self.shard, self.wire, cfg.wire)
+        self.optimizer = build_optimizer(cfg, (self.backbone, self.shard), self.device)
         self.step_count = 0
         self.progress = {"initial_loss": None, "final_loss": None, "timed_tokens": 0, "timed_seconds": 0.0}
         self.setup = {"seconds": time.perf_counter() - started,
@@ -183,7 +178,8 @@ class Party:
         """One micro-batch through the model and back: its gradients add to the parameters' (scaled by
         1 / train.grad_accum). Returns the loss and each MoE layer's routing."""
         t = self.cfg.train
-        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        # Without waiting for the device: a blocking copy would drain its queue at every micro-batch.
+        inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
         with self.autocast:
             logits, routings = self.backbone(inputs, self.experts, t.activation_checkpointing)
             loss = compute_loss(logits, targets, routings, t.aux_loss_coef, t.z_loss_coef)
@@ -199,21 +195,24 @@ class Party:
         lr = lr_at(self.step_count, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        sums = torch.zeros(3)
-        load = torch.zeros(len(model.moe_layers), model.num_experts, dtype=torch.int64)
+        # The step's metrics stay on the device until its end: one device->host sync per step, not per micro-batch.
+        sums = torch.zeros(3, device=self.device)
+        load = torch.zeros(len(model.moe_layers), model.num_experts, dtype=torch.int64, device=self.device)
         for _ in range(t.grad_accum):
             loss, routings = self.forward_backward(*self.batches.next())
-            sums += torch.stack([loss.ce, loss.load_balancing, loss.z]).detach().float().cpu()
-            load += torch.stack([r.tokens_per_expert for r in routings]).cpu()
+            sums += torch.stack([loss.ce, loss.load_balancing, loss.z]).detach().float()
+            load += torch.stack([r.tokens_per_expert for r in routings])
         with nvtx_range("optimizer"):
-            params = [*self.backbone.parameters(), *self.shard.parameters()]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            if isinstance(self.optimizer, StepInBackward):  # backward has stepped every parameter already
+                grad_norm = self.optimizer.grad_norm()
+            else:
+                params = [*self.backbone.parameters(), *self.shard.parameters()]
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        ce, balance, z, grad_norm = torch.cat([sums / t.grad_accum, grad_norm.float().reshape(1).to(sums.device)]
+                                              ).tolist()
         seconds = time.perf_counter() - started
-        ce, balance, z = (sums / t.grad_accum).tolist()
         progress = self.progress
         progress["final_loss"] = ce
         if progress["initial_loss"] is None:
@@ -222,7 +221,7 @@ class Party:
             progress["timed_tokens"] += self.tokens_per_step
             progress["timed_seconds"] += seconds
         return {"step": self.step_count, "loss": ce, "load_balancing_loss": balance, "z_loss": z, "lr": lr,
-                "grad_norm": grad_norm.item(), "step_time_s": seconds, "tokens_per_s": self.tokens_per_step / seconds,
+                "grad_norm": grad_norm, "step_time_s": seconds, "tokens_per_s": self.tokens_per_step / seconds,
                 "peak_memory_bytes": peak_memory(self.device)[0], "bytes_sent": self.wire.total_sent,
                 "bytes_received": self.wire.total_received, "expert_load": load.tolist()}
 

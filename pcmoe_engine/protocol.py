@@ -1,71 +1,54 @@
-"""The PC-MoE protocol: what each party holds, and the only tensors that cross between parties.
+"""The PC-MoE protocol: what each party holds, and how one MoE layer's routed experts are reached across parties.
 
 n parties train one MoE model. Party i keeps private its data, its Backbone (embeddings, attention, norms,
 every MoE layer's router and shared expert, LM head) and its optimizer state, and holds an ExpertShard: in
 every MoE layer, the routed experts e with e mod n == i. At each MoE layer (``DistributedExperts``):
 
-1. party i routes its tokens with its own router and sorts its (token, expert) pairs by the expert's owner,
-   then by the owner's local expert index;
-2. the per-expert pair counts go to each owner ("splits"), then the pairs' hidden states ("hidden"), with
-   uneven splits over all_to_all_single;
-3. each owner runs its local experts on the rows received from all parties with one grouped GEMM;
-4. the outputs return to their origin ("output"), which combines them with its top-k weights.
+1. party i routes its tokens with its own router and orders its (token, expert) pairs by owner, token and the
+   owner's local expert (dispatch.py: the wire order both sides compute);
+2. "splits": each owner learns how many rows and pairs it will get (the only device->host sync of the layer);
+3. "hidden": a token's hidden state crosses to a host once however many of the host's experts it picked
+   (``wire.dispatch=token``; or once per pair, ``pair``), with an "expert_mask" row saying which;
+4. each host runs its local experts on the rows of every party with one grouped GEMM per source: its own
+   rows (which never cross) while the others' are in flight, then theirs;
+5. "output": one row per pair back to the origin, which combines them with its top-k weights; or, with
+   ``wire.combine=host``, the origin sends the host its "routing_weights" and gets one combined row per
+   (token, host).
 
-The origin computes its shared expert while its hidden states are in flight (the dispatch is asynchronous).
-Owner-local expert ids never travel row by row: rows arrive sorted by local expert, so the counts suffice.
+Backward retraces the route: "output_grad" to the hosts, whose expert gradients thus sum every party's
+contributions, "hidden_grad" back, one row per dispatched row (the host sums a row's per-expert gradients
+first); with combine at host also "routing_weights_grad". The hidden_grad exchange is launched and left in
+flight while autograd runs the host's own rows and the shared expert; its wait sits on the origin's rows
+(``_AwaitGrad``). Nothing else crosses: no token ids, labels, positions, masks, backbone parameters or their
+gradients. Every transfer goes through ``Wire.exchange`` (wire.py: the kinds, counters, log, defences, fp8
+packing, the observer, and the tape that replays a checkpointed block's forward in its recompute).
 
-Backward retraces the route: output gradients go to the owners ("output_grad"), input gradients come back
-("hidden_grad"). An owner's expert gradients thus sum the contributions of every party's tokens. Nothing else
-crosses: no token ids, labels, positions, masks, routing weights, backbone parameters or their gradients.
-Every transfer goes through ``Wire.exchange``, which counts its bytes, can log it to a ``WireLog`` and can show
-what arrived to an observer (``Wire.observer``: e.g. an evaluation recording what a host receives).
-
-Defences (``PrivacyConfig``, off by default): before "hidden" and "output_grad" rows leave for another party,
-each row is clipped to an L2 norm and Gaussian noise is added (``clip_and_noise``). The receiver computes on
-the noisy rows; the sender's backward passes their gradients straight through to the clean rows.
-
-With one party the exchanges are local no-ops: centralized training through the same code.
+With one party nothing crosses: centralized training through the same code.
 """
 
-import itertools
-import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import csrc_triton as ct
 
-from .config import ModelConfig, PrivacyConfig
-from .nvtx import nvtx_range, stage
+from .config import ModelConfig, WireConfig
+from .dispatch import dispatch_rows, expand, gather, plan_pairs, rows_per_owner, scatter_add
+from .nvtx import stage
 from .rng import seeded
-from .transport import Transport, TorchTransport, Work
+from .wire import (EXPORT_KINDS, TRAINING_KINDS, WIRE_KINDS, ExchangeTimer, Observer, Tape, Transfer, Wire,
+                   WireEntry, WireLog, clip_and_noise, pack_fp8, unpack_fp8)
 
 __all__ = ["WIRE_KINDS", "TRAINING_KINDS", "EXPORT_KINDS", "owner_of", "owned_experts", "ExpertShard", "WireEntry",
-           "WireLog", "Wire", "Observer", "Transfer", "DistributedExperts", "clip_and_noise"]
-
-# What crosses between parties in training (and evaluation).
-TRAINING_KINDS = (
-    "splits",  # per (origin, owner-local expert) pair counts: the all_to_all split sizes
-    "hidden",  # dispatched hidden states, origin -> owner
-    "output",  # expert outputs, owner -> origin
-    "output_grad",  # gradients of the expert outputs, origin -> owner
-    "hidden_grad",  # gradients of the dispatched hidden states, owner -> origin
-)
-# What crosses only when the parties opt in to pool their experts at export (`pcmoe export --pool`, export.py).
-EXPORT_KINDS = (
-    "expert_weights",  # a party's routed experts' weights, one row per expert and MoE layer, to every other party
-)
-# What may cross between parties, and nothing else.
-WIRE_KINDS = TRAINING_KINDS + EXPORT_KINDS
+           "WireLog", "Wire", "Observer", "Transfer", "Tape", "ExchangeTimer", "DistributedExperts", "kinds_sent",
+           "clip_and_noise", "pack_fp8", "unpack_fp8"]
 
 
 def owner_of(expert: int, parties: int) -> int:
-    """Round-robin ownership: expert e lives with party e mod n."""
+    """Round-robin ownership: expert e lives with party e mod n (as its local expert e // n)."""
     return expert % parties
 
 
@@ -105,225 +88,191 @@ class ExpertShard(nn.Module):
                 w_down.copy_(torch.randn(w_down.shape, generator=gen) * (std / math.sqrt(2 * num_layers)))
 
 
-@dataclass
-class WireEntry:
-    """One transfer between two parties, as the audit sees it."""
-    kind: str
-    layer: int
-    shape: tuple[int, ...]
-    dtype: str
-    bytes: int
-    src: int
-    dst: int
-
-
-class WireLog:
-    """Every transfer a party sends or receives (one entry per other party and direction, empty ones
-    included); kept in memory, or written as JSON lines to ``path``."""
-
-    def __init__(self, path=None):
-        self.entries: list[WireEntry] = []
-        self._file = open(path, "a", buffering=1) if path is not None else None
-
-    def record(self, entry: WireEntry) -> None:
-        if self._file is None:
-            self.entries.append(entry)
-        else:
-            self._file.write(json.dumps(asdict(entry)) + "\n")
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
-def clip_and_noise(rows: torch.Tensor, clip: float, noise: float, generator: torch.Generator) -> torch.Tensor:
-    """Each row scaled to L2 norm <= clip, plus N(0, (noise * clip)^2) per coordinate (the Gaussian mechanism
-    on rows of bounded norm), in the rows' dtype."""
-    rows32 = rows.float()
-    scale = (clip / rows32.norm(dim=-1, keepdim=True)).clamp(max=1.0)  # a zero row's inf clamps to 1
-    noisy = rows32 * scale
-    if noise > 0:
-        noisy = noisy + torch.randn(rows.shape, generator=generator, device=rows.device) * (noise * clip)
-    return noisy.to(rows.dtype)
-
-
-# observer(kind, layer, received, recv_splits): the rows that arrived, from each party in party order.
-Observer = Callable[[str, int, torch.Tensor, list[int]], None]
-
-
-class Transfer(NamedTuple):
-    """A tensor on its way in: ``wait()`` returns it once it has arrived (and shows it to ``arrived``)."""
-    tensor: torch.Tensor
-    work: "Work | dist.Work | None"
-    arrived: Callable[[torch.Tensor], None] | None = None
-
-    def wait(self) -> torch.Tensor:
-        if self.work is not None:
-            self.work.wait()
-        if self.arrived is not None:
-            self.arrived(self.tensor)
-        return self.tensor
-
-
-class Wire:
-    """A party's link to the others: the transport that carries the rows (default: torch.distributed over
-    ``group``, None for the default process group; transport.py), its traffic counters, an optional WireLog, the
-    defences on what it sends (``privacy``; ``seed`` draws this party's noise) and an optional ``observer``
-    shown every tensor that arrives from the other parties, as it arrived."""
-
-    def __init__(self, party: int = 0, parties: int = 1, group=None, log: WireLog | None = None,
-                 privacy: PrivacyConfig | None = None, seed: int = 0, observer: Observer | None = None,
-                 transport: Transport | None = None):
-        self.party, self.parties, self.log, self.observer = party, parties, log, observer
-        self.transport = transport if transport is not None else TorchTransport(group)
-        self.bytes_sent = dict.fromkeys(WIRE_KINDS, 0)
-        self.bytes_received = dict.fromkeys(WIRE_KINDS, 0)
-        privacy = privacy or PrivacyConfig()
-        self.defences = {kind: (clip, noise) for kind, clip, noise in (
-            ("hidden", privacy.hidden_clip, privacy.hidden_noise),
-            ("output_grad", privacy.grad_clip, privacy.grad_noise)) if clip > 0}
-        self._noise_seed = seeded(seed, "privacy", party).initial_seed()
-        self._generators: dict[torch.device, torch.Generator] = {}
-
-    def _defend(self, kind: str, send: torch.Tensor, send_splits: list[int]) -> torch.Tensor:
-        """The rows bound for other parties, clipped and noised; the party's own rows as they are."""
-        clip, noise = self.defences[kind]
-        if send.device not in self._generators:
-            self._generators[send.device] = torch.Generator(send.device).manual_seed(self._noise_seed)
-        start = sum(send_splits[:self.party])
-        away = torch.ones(send.shape[0], dtype=torch.bool, device=send.device)
-        away[start:start + send_splits[self.party]] = False
-        defended = send.clone()
-        defended[away] = clip_and_noise(send[away], clip, noise, self._generators[send.device])
-        return defended
-
-    def exchange(self, kind: str, layer: int, send: torch.Tensor, send_splits: list[int],
-                 recv_splits: list[int], async_op: bool = False) -> Transfer:
-        """THE crossing point: rows ``send[sum(send_splits[:p]):...]`` go to party p, rows from each party
-        arrive in party order. Rows a party keeps for itself are copied locally and count as no traffic."""
-        if kind not in WIRE_KINDS:
-            raise ValueError(f"{kind!r} may not cross between parties; allowed: {', '.join(WIRE_KINDS)}")
-        row_shape = tuple(send.shape[1:])
-        row_bytes = math.prod(row_shape) * send.element_size()
-        for other in range(self.parties):
-            if other == self.party:
-                continue
-            self.bytes_sent[kind] += send_splits[other] * row_bytes
-            self.bytes_received[kind] += recv_splits[other] * row_bytes
-            if self.log is not None:
-                dtype = str(send.dtype).removeprefix("torch.")
-                self.log.record(WireEntry(kind, layer, (send_splits[other], *row_shape), dtype,
-                                          send_splits[other] * row_bytes, self.party, other))
-                self.log.record(WireEntry(kind, layer, (recv_splits[other], *row_shape), dtype,
-                                          recv_splits[other] * row_bytes, other, self.party))
-        if self.parties == 1:
-            return Transfer(send, None)
-        if kind in self.defences:
-            send = self._defend(kind, send, send_splits)
-        send = send.contiguous()
-        recv = send.new_empty((sum(recv_splits), *row_shape))
-        work = self.transport.all_to_all_single(recv, send, recv_splits, send_splits, async_op=async_op)
-        observer = self.observer
-        arrived = (lambda rows: observer(kind, layer, rows, recv_splits)) if observer is not None else None
-        return Transfer(recv, work, arrived)
-
-    @property
-    def total_sent(self) -> int:
-        return sum(self.bytes_sent.values())
-
-    @property
-    def total_received(self) -> int:
-        return sum(self.bytes_received.values())
-
-
-class _AllToAll(torch.autograd.Function):
-    """Rows in flight between parties; backward sends their gradients back along the reverse route.
-
-    Forward only waits: the caller launched the transfer, so it can compute while the rows travel. The
-    splits given are the backward's (each received row's gradient returns to where the row came from).
-    """
+class _Arrive(torch.autograd.Function):
+    """Rows in flight between parties: forward waits for them (the caller launched the transfer, so it could
+    compute meanwhile); backward sends their gradients back along the reverse route (the splits given are the
+    backward's). With a ``pending`` list, backward only launches that exchange and leaves it there for the
+    sender's ``_AwaitGrad``, so that what autograd runs in between overlaps it."""
 
     @staticmethod
     def forward(ctx, send, transfer: Transfer, wire: Wire, grad_kind: str, layer: int, grad_send_splits,
-                grad_recv_splits):
-        ctx.backward_route = wire, grad_kind, layer, grad_send_splits, grad_recv_splits
+                grad_recv_splits, pending: list | None):
+        ctx.backward_route = wire, grad_kind, layer, grad_send_splits, grad_recv_splits, pending
+        ctx.send_shape = send.shape
         return transfer.wait()
 
     @staticmethod
     def backward(ctx, grad):
-        wire, grad_kind, layer, grad_send_splits, grad_recv_splits = ctx.backward_route
-        grad_send = wire.exchange(grad_kind, layer, grad, grad_send_splits, grad_recv_splits).wait()
-        return grad_send, None, None, None, None, None, None
+        wire, grad_kind, layer, grad_send_splits, grad_recv_splits, pending = ctx.backward_route
+        transfer = wire.exchange(grad_kind, layer, grad.contiguous(), grad_send_splits, grad_recv_splits,
+                                 async_op=pending is not None)
+        if pending is None:
+            return transfer.wait(), None, None, None, None, None, None, None
+        pending.append(transfer)
+        placeholder = grad.new_zeros(()).expand(ctx.send_shape)  # _AwaitGrad returns the real gradient
+        return placeholder, None, None, None, None, None, None, None
+
+
+class _AwaitGrad(torch.autograd.Function):
+    """Identity on rows about to be sent; backward waits for their gradient, launched by ``_Arrive``."""
+
+    @staticmethod
+    def forward(ctx, rows, pending: list):
+        ctx.pending = pending
+        return rows.view_as(rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.pending.pop().wait(), None
 
 
 class _Route(NamedTuple):
-    send_splits: list[int]  # rows to each party
-    recv_splits: list[int]  # rows from each party
-    local_expert: torch.Tensor  # [received rows]: the owner-local expert of each received row
+    """One layer's sizes per party, in party order: what this party sends each owner as an origin, and what
+    it receives from each origin as a host (rows and pairs)."""
+    rows_to: list[int]
+    pairs_to: list[int]
+    rows_from: list[int]
+    pairs_from: list[int]
+
+
+def kinds_sent(options: WireConfig) -> set[str]:
+    """The kinds a training run with these wire options sends (evaluation sends the forward ones only)."""
+    kinds = {"splits", "expert_mask", "output", "hidden_grad",
+             "hidden_fp8" if options.hidden_dtype == "fp8" else "hidden",
+             "output_grad_fp8" if options.grad_dtype == "fp8" else "output_grad"}
+    return kinds | ({"routing_weights", "routing_weights_grad"} if options.combine == "host" else set())
+
+
+def _away(splits: list[int], party: int) -> list[int]:
+    """The splits with the party's own share removed: its own rows never go through the wire."""
+    return [0 if p == party else s for p, s in enumerate(splits)]
 
 
 class DistributedExperts:
-    """The routed experts of one MoE model spread over the parties, as party ``wire.party`` reaches them.
+    """The routed experts of one MoE model spread over the parties, as party ``wire.party`` reaches them, with
+    the wire options of ``options`` (config.WireConfig).
 
     ``experts(layer, x, weights, expert_ids, concurrent)`` returns (sum_j weights[t,j] * MLP_{expert_ids[t,j]}(x[t]),
     concurrent()): ``concurrent`` (the shared expert) computes while the hidden states are in flight.
     """
 
-    def __init__(self, shard: ExpertShard, wire: Wire):
+    def __init__(self, shard: ExpertShard, wire: Wire, options: WireConfig | None = None):
+        options = options or WireConfig()
         self.shard, self.wire = shard, wire
-        parties = wire.parties
-        self.local_counts = [len(owned_experts(p, parties, shard.num_experts)) for p in range(parties)]
-        # Position of each global expert in the wire order: grouped by owner, then by owner-local index.
-        order = [e for p in range(parties) for e in owned_experts(p, parties, shard.num_experts)]
-        position = torch.empty(len(order), dtype=torch.int64)
-        position[order] = torch.arange(len(order))
-        self.wire_position = position.to(shard.w_down[0].device)
+        self.once = options.dispatch == "token"
+        self.combine_at_host = options.combine == "host"
+        self.hidden_kind = "hidden_fp8" if options.hidden_dtype == "fp8" else "hidden"
+        self.grad_kind = "output_grad_fp8" if options.grad_dtype == "fp8" else "output_grad"
+        self.local_counts = [len(owned_experts(p, wire.parties, shard.num_experts)) for p in range(wire.parties)]
 
     def plan(self, expert_ids: torch.Tensor) -> ct.RoutingPlan:
-        """The wire order of this party's (token, expert) pairs: grouped by the expert's owner, then by the
-        owner-local expert, tokens in order within an expert. The rows for party p are the slots
-        ``plan.offsets[sum(local_counts[:p])]`` up to ``plan.offsets[sum(local_counts[:p + 1])]``."""
-        return ct.plan_routing(self.wire_position[expert_ids.long()], self.shard.num_experts, validate=False)
+        """The wire order of this party's (token, expert) pairs: by owner, token, owner-local expert. The pairs
+        for party p are the slots ``plan.offsets[p]`` up to ``plan.offsets[p + 1]``; outputs return per pair in
+        this order (dispatch.py)."""
+        return plan_pairs(expert_ids, self.wire.parties, self.shard.num_experts)
 
-    def _route(self, layer: int, pairs_per_expert: torch.Tensor) -> _Route:
-        """Exchange the split sizes: per owner-local expert counts, so each owner knows what it will receive."""
-        wire, mine = self.wire, self.local_counts[self.wire.party]
-        send_counts = pairs_per_expert.to(torch.int64)
-        recv_counts = wire.exchange("splits", layer, send_counts, self.local_counts, [mine] * wire.parties).wait()
-        counts = torch.cat([send_counts, recv_counts]).tolist()  # one host sync for both
-        sent, received = counts[:len(send_counts)], counts[len(send_counts):]
-        starts = [0, *itertools.accumulate(self.local_counts)]
-        send_splits = [sum(sent[starts[p]:starts[p + 1]]) for p in range(wire.parties)]
-        recv_splits = [sum(received[p * mine:(p + 1) * mine]) for p in range(wire.parties)]
-        local_expert = torch.arange(mine, device=recv_counts.device).repeat(wire.parties)
-        return _Route(send_splits, recv_splits, local_expert.repeat_interleave(recv_counts))
+    def recomputable(self, block: Callable) -> Callable:
+        """``block`` for torch.utils.checkpoint: the first call records what its exchanges received on a tape,
+        the recompute replays it, so nothing crosses twice and the recompute is local work only."""
+        tape, wire = Tape(), self.wire
+
+        def run(*args):
+            outer, wire.tape = wire.tape, tape
+            try:
+                return block(*args)
+            finally:
+                wire.tape = outer
+                tape.replaying = True  # every later call is the recompute
+
+        return run
+
+    def _route(self, layer: int, expert_ids: torch.Tensor, plan: ct.RoutingPlan) -> _Route:
+        """Tell each owner how many rows and pairs it will get: one host sync for both directions."""
+        wire, n = self.wire, self.wire.parties
+        if n == 1:  # every token goes to this party's experts: the sizes are the routing's shape
+            pairs = expert_ids.numel()
+            rows = expert_ids.shape[0] if self.once else pairs
+            return _Route([rows], [pairs], [rows], [pairs])
+        rows = rows_per_owner(expert_ids, n, self.once)
+        send = torch.stack([rows, plan.tokens_per_expert.long()], dim=1).flatten()
+        recv = wire.exchange("splits", layer, send, [2] * n, [2] * n).wait()
+        counts = torch.cat([send, recv]).tolist()
+        return _Route(counts[0:2 * n:2], counts[1:2 * n:2], counts[2 * n::2], counts[2 * n + 1::2])
+
+    def _host(self, layer: int, rows: torch.Tensor, mask: torch.Tensor, pairs: int, weights: torch.Tensor | None,
+              w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        """A host's local experts on received rows: one output per pair (row by row, local experts ascending),
+        or per row, its pairs' outputs combined with the origin's ``weights``."""
+        local = self.local_counts[self.wire.party]
+        pair_row, pair_expert = expand(mask, local, pairs)
+        expanded = gather(rows, pair_row) if self.once else rows  # dispatched per pair: already one per pair
+        if not pairs:  # nothing to run, but the empty output must stay on the graph: its backward exchanges too
+            y = expanded * 0
+        else:
+            y = ct.grouped_mlp(expanded, pair_expert, w_gate_up, w_down, validate=False)  # < local by construction
+        return scatter_add(y, pair_row, rows.shape[0], weights) if self.combine_at_host else y
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
                  concurrent: Callable[[], torch.Tensor] | None = None):
-        wire, shard = self.wire, self.shard
+        wire, shard, me, n = self.wire, self.shard, self.wire.party, self.wire.parties
         with stage("permute") as s:
+            x = s.input(x)
             plan = self.plan(expert_ids)
-            x_sorted = s.output(ct.permute(s.input(x), plan))
-        with nvtx_range("dispatch"):
-            route = self._route(layer, plan.tokens_per_expert)
-            transfer = wire.exchange("hidden", layer, x_sorted.detach(), route.send_splits, route.recv_splits,
-                                     async_op=True)
-        side = concurrent() if concurrent is not None else None
+            route = wire.kept(lambda: self._route(layer, expert_ids, plan))
+            rows = dispatch_rows(expert_ids, plan, n, shard.num_experts, self.once, sum(route.rows_to))
+            row_start, pair_start = sum(route.rows_to[:me]), sum(route.pairs_to[:me])
+            own = slice(row_start, row_start + route.rows_to[me])
+            own_pairs = slice(pair_start, pair_start + route.pairs_to[me])
+            pair_weights = weights.reshape(-1)[plan.sorted_pair.long()] if self.combine_at_host else None
+            x_own = s.output(gather(x, rows.token[own]))  # the rows for this party's own experts never cross
+            if n > 1:
+                away_token = torch.cat([rows.token[:own.start], rows.token[own.stop:]])
+                x_away = s.output(gather(x, away_token))
         with stage("dispatch") as s:
-            received = s.output(_AllToAll.apply(s.input(x_sorted), transfer, wire, "hidden_grad", layer,
-                                                route.recv_splits, route.send_splits))
+            x_own = s.output(s.input(x_own))  # straight to this party's experts (a mark: the range of the stage)
+            if n > 1:
+                away_mask = torch.cat([rows.mask[:own.start], rows.mask[own.stop:]])
+                rows_to, rows_from = _away(route.rows_to, me), _away(route.rows_from, me)
+                pairs_to, pairs_from = _away(route.pairs_to, me), _away(route.pairs_from, me)
+                pending = []  # the hidden_grad exchange, from _Arrive's backward to _AwaitGrad's
+                x_away = _AwaitGrad.apply(x_away, pending)
+                hidden = wire.exchange(self.hidden_kind, layer, x_away.detach(), rows_to, rows_from, async_op=True)
+                masks = wire.exchange("expert_mask", layer, away_mask, rows_to, rows_from, async_op=True)
+                if self.combine_at_host:
+                    w_away = torch.cat([pair_weights[:own_pairs.start], pair_weights[own_pairs.stop:]]).float()
+                    w_sent = wire.exchange("routing_weights", layer, w_away.detach(), pairs_to, pairs_from,
+                                           async_op=True)
+        side = concurrent() if concurrent is not None else None
         with stage("experts") as s:
-            rows = s.input(received)
-            if rows.shape[0]:
-                y = ct.grouped_mlp(rows, route.local_expert, shard.w_gate_up[layer].to(rows.dtype),
-                                   shard.w_down[layer].to(rows.dtype))
-            else:  # nothing to run, but the empty output must stay on the graph: its backward exchanges too
-                y = rows * 0
-            y = s.output(y)
+            w_gate_up, w_down = shard.w_gate_up[layer].to(x.dtype), shard.w_down[layer].to(x.dtype)
+            own_weights = pair_weights[own_pairs] if self.combine_at_host else None
+            y_own = s.output(self._host(layer, s.input(x_own), rows.mask[own], route.pairs_to[me], own_weights,
+                                        w_gate_up, w_down))
+        if n == 1:
+            y_all = y_own
+        else:
+            with stage("dispatch") as s:
+                received = s.output(_Arrive.apply(s.input(x_away), hidden, wire, "hidden_grad", layer, rows_from,
+                                                  rows_to, pending))
+                w_received = None
+                if self.combine_at_host:
+                    w_received = _Arrive.apply(w_away, w_sent, wire, "routing_weights_grad", layer, pairs_from,
+                                               pairs_to, None)
+            with stage("experts") as s:
+                y = s.output(self._host(layer, s.input(received), masks.wait(), sum(pairs_from), w_received,
+                                        w_gate_up, w_down))
+            with stage("combine") as s:
+                back_to, back_from = (rows_from, rows_to) if self.combine_at_host else (pairs_from, pairs_to)
+                y = s.input(y)
+                transfer = wire.exchange("output", layer, y.detach(), back_to, back_from)
+                y_back = _Arrive.apply(y, transfer, wire, self.grad_kind, layer, back_from, back_to, None)
+                start = row_start if self.combine_at_host else pair_start
+                y_all = s.output(torch.cat([y_back[:start], y_own, y_back[start:]]))
         with stage("combine") as s:
-            y = s.input(y)
-            transfer = wire.exchange("output", layer, y.detach(), route.recv_splits, route.send_splits)
-            y_sorted = _AllToAll.apply(y, transfer, wire, "output_grad", layer, route.send_splits,
-                                       route.recv_splits)
-            out = s.output(ct.unpermute(y_sorted, plan, weights))
+            y_all = s.input(y_all)
+            if self.combine_at_host:
+                out = scatter_add(y_all, rows.token, x.shape[0])
+            else:
+                out = ct.unpermute(y_all, plan, weights)
+            out = s.output(out)
         return out, side

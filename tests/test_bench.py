@@ -383,11 +383,13 @@ def test_e2e_accounting():
     summary = dict(party=0, peak_memory_bytes=100, parameters={"backbone": 3, "local_experts": 4}, bytes_sent=0,
                    final_loss=1.0, memory=dict(backbone_params_bytes=10, expert_params_bytes=20,
                                                optimizer_state_bytes=40))
-    steps = [dict(step_time_s=1.0)] * 4
-    r = party_result(summary, steps, slice(1, None), 0.0, cfg, {"bf16_matmul_tflops": 1.0})
+    steps = [dict(step_time_s=1.0, bytes_sent=100 * i, loss=2.0) for i in range(1, 5)]
+    r = party_result(summary, steps, slice(1, None), 0.0, cfg, {"bf16_matmul_tflops": 1.0}, [0.25, 0.25, 0.1])
     assert r["memory"]["gradients"] == 30 and r["memory"]["activations_and_workspace"] == 0
     assert sum(r["memory_share"].values()) == pytest.approx(1.0)
     assert r["tokens_per_s"] == pytest.approx(cfg.train.batch_size * cfg.data.seq_len)
+    assert r["exposed_comm_share"] == pytest.approx(0.6 / 3) and r["bytes_sent_per_step"] == 100
+    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["model_flops_per_token"] / 1e12)
 
 
 def test_engine_step_has_named_ranges_forward_and_backward(profiling):
@@ -453,3 +455,24 @@ def test_experts_suite_runs_on_the_cpu(tmp_path):
         assert rows["experts_fwd", "sonicmoe"]["error"].startswith("sonic-moe does not import")
     assert [a["name"] for a in rep["anchors"]] == [a.name for a in shapes.ANCHORS]
     assert set(rep["peer_settings"]) == {"liger", "sonicmoe"} and "liger-kernel" in rep["peers"]
+
+
+def test_projection_adds_what_the_window_does_not_cover():
+    from bench import projection
+
+    exchange = {"bytes_sent": 125_000_000, "bytes_received": 50_000_000, "window_s": 0.005, "exposed_s": 0.01}
+    party = {"party": 0, "step_ms": 100.0, "exchanges": [exchange], "bytes_sent_per_step": 125_000_000}
+    # compute 0.1 - 0.01 s; at 100 Gbit/s the larger direction takes 125e6 * 8 / 1e11 = 0.01 s
+    assert projection.party_step_s(party, 100.0, overlap=False) == pytest.approx(0.1)
+    assert projection.party_step_s(party, 100.0) == pytest.approx(0.095)
+    assert projection.party_step_s(party, 400.0) == pytest.approx(0.09)  # 2.5 ms, hidden in the 5 ms window
+    assert projection.party_step_s(party, 100.0, latency_s=0.001) == pytest.approx(0.096)
+    slow = dict(party, party=1, step_ms=120.0)
+    report = {"per_party": [party, slow], "variant": "token", "config": {"train": {"batch_size": 2, "grad_accum": 1},
+                                                                          "data": {"seq_len": 50}}}
+    (at100,) = projection.project(report, (100.0,)).values()
+    assert at100["step_s"] == pytest.approx(0.115) and at100["tokens_per_s"] == pytest.approx(100 / 0.115)
+    text = "a\n" + projection.START + "\nold\n" + projection.END + "\nb"
+    assert projection.replace_section(text, "NEW") == "a\nNEW\nb"
+    with pytest.raises(ValueError, match="no <!-- scale:start -->"):
+        projection.replace_section("no markers", "NEW")

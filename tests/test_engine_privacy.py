@@ -23,7 +23,8 @@ from pcmoe_engine.config import ModelConfig, PrivacyConfig, load_config
 from pcmoe_engine.data import encode, load_tokenizer, party_texts
 from pcmoe_engine.export import pool_experts
 from pcmoe_engine.party import Party
-from pcmoe_engine.protocol import TRAINING_KINDS, WIRE_KINDS, ExpertShard, Wire, WireLog, clip_and_noise
+from pcmoe_engine.protocol import (TRAINING_KINDS, WIRE_KINDS, ExpertShard, Wire, WireLog, clip_and_noise, kinds_sent,
+                                   unpack_fp8)
 from pcmoe_engine.tls import ACCEPTED, FRAME, HELLO, TLSMesh
 from pcmoe_engine.train import train
 from pcmoe_engine.transport import TorchTransport
@@ -75,7 +76,7 @@ def _record_collectives():
     return calls, wrap
 
 
-def _audited_party(rank, out_dir, ports, pki):
+def _audited_party(rank, out_dir, ports, pki, wire_options):
     """Train as one party with every collective wrapped: record each call, and the exchange it came from. With
     ``pki``, over the TLS transport (no process group), every write to a socket is counted too."""
     torch.set_num_threads(1)
@@ -89,7 +90,7 @@ def _audited_party(rank, out_dir, ports, pki):
             return n
         return audited
 
-    cfg = load_config(None, AUDIT + [f"train.out_dir={out_dir}", "train.name=audit"])
+    cfg = load_config(None, AUDIT + wire_options + [f"train.out_dir={out_dir}", "train.name=audit"])
     if pki is None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=rank, world_size=2)
         transport = TorchTransport()
@@ -116,17 +117,22 @@ def _frame_bytes(calls, party):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["torch", "tls"])
-def test_wire_audit_of_a_two_party_training_run(transport, tmp_path, monkeypatch):
+@pytest.mark.parametrize("transport,wire_options", [
+    ("torch", []), ("torch", ["wire.combine=host", "wire.hidden_dtype=fp8", "wire.grad_dtype=fp8"]), ("tls", [])],
+    ids=["default", "host-combine-fp8", "tls"])
+def test_wire_audit_of_a_two_party_training_run(transport, wire_options, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     if transport == "tls" and shutil.which("openssl") is None:
         pytest.skip("needs the openssl command")
     pki = str(make_pki(tmp_path / "pki", 2, "audit")) if transport == "tls" else None
-    mp.spawn(_audited_party, args=(str(tmp_path), [free_port(), free_port()], pki), nprocs=2)
-    cfg = load_config(None, AUDIT)
-    hidden, local_experts = cfg.model.hidden_size, cfg.model.num_experts // 2
-    pairs_per_pass = cfg.train.batch_size * cfg.data.seq_len * cfg.model.top_k
+    mp.spawn(_audited_party, args=(str(tmp_path), [free_port(), free_port()], pki, wire_options), nprocs=2)
+    cfg = load_config(None, AUDIT + wire_options)
+    hidden = cfg.model.hidden_size
+    tokens_per_pass = cfg.train.batch_size * cfg.data.seq_len
+    pairs_per_pass = tokens_per_pass * cfg.model.top_k
+    kinds = kinds_sent(cfg.wire)
+    combine_at_host = cfg.wire.combine == "host"
     for party in range(2):
         record = torch.load(tmp_path / f"calls{party}.pt", weights_only=False)
         calls = record["calls"]
@@ -136,30 +142,43 @@ def test_wire_audit_of_a_two_party_training_run(transport, tmp_path, monkeypatch
         if pki is not None:  # every byte written to a connection is a hello or a frame of those calls; none in clear
             assert sum(record["written"]) == HELLO.size + len(ACCEPTED) + _frame_bytes(calls, party)
             assert record["plaintext"] == []
-        assert {c["kind"] for c in calls} == set(TRAINING_KINDS)
+        assert {c["kind"] for c in calls} == kinds <= set(TRAINING_KINDS)
+        sizes = None  # the last splits this party sent: [rows, pairs] for each owner
         for c in calls:
-            send = c["send"]
-            if c["kind"] == "splits":  # pair counts per expert, one row each: no ids, no positions
-                assert send.dtype == torch.int64 and send.shape == (2 * local_experts,)
-                assert c["send_splits"] == [local_experts, local_experts]
-                assert send.sum() == pairs_per_pass
-            else:  # hidden-state-wide float rows: one per routed pair (the origin's, or both parties' at an owner)
+            send, splits = c["send"], c["send_splits"]
+            if c["kind"] == "splits":  # rows and pairs per owner, one pair of counts each: no ids, no positions
+                assert send.dtype == torch.int64 and send.shape == (4,) and splits == [2, 2]
+                assert send[1::2].sum() == pairs_per_pass and (send[0::2] <= tokens_per_pass).all()
+                sizes = send.view(2, 2)
+                continue
+            assert splits[party] == 0  # a party's rows for its own experts never go through the wire
+            assert send.shape[0] == sum(splits)
+            if c["kind"] == "expert_mask":  # one byte per row (4 local experts): which of them the row picked
+                assert send.dtype == torch.uint8 and send.shape[1:] == (1,)
+                assert ((send > 0) & (send < 16)).all()
+            elif c["kind"].startswith("routing_weights"):  # one fp32 weight per pair
+                assert combine_at_host and send.dtype == torch.float32 and send.dim() == 1
+            elif c["kind"].endswith("_fp8"):  # e4m3 bytes and a 4-byte scale per row
+                assert send.dtype == torch.uint8 and send.shape[1:] == (hidden + 4,)
+            else:
                 assert send.dtype == torch.float32 and send.shape[1:] == (hidden,)
-                assert send.shape[0] == sum(c["send_splits"])
-                assert send.shape[0] == pairs_per_pass if c["kind"] in ("hidden", "output_grad") else \
-                    send.shape[0] <= 2 * pairs_per_pass
-            other = slice(c["send_splits"][0], None) if party == 0 else slice(0, c["send_splits"][0])
-            if c["kind"] == "hidden":  # the defence runs on the wire: rows bound for the other party are clipped
-                assert (send[other].norm(dim=1) <= 1.0 + 1e-5).all()
-            if c["kind"] == "output_grad":
-                assert (send[other].norm(dim=1) <= 1e-4 * (1 + 1e-5)).all()
+            if c["kind"] in ("hidden", "hidden_fp8", "expert_mask", "routing_weights"):  # as announced in the splits
+                assert send.shape[0] == sizes[1 - party, 1 if c["kind"] == "routing_weights" else 0]
+            rows = unpack_fp8(send, torch.float32) if c["kind"].endswith("_fp8") else send
+            if c["kind"].startswith("hidden") and c["kind"] != "hidden_grad":  # the defence runs on the wire
+                assert (rows.norm(dim=1) <= 1.0 * (1 + 2**-3)).all()
+            if c["kind"].startswith("output_grad"):
+                assert (rows.norm(dim=1) <= 1e-4 * (1 + 2**-3)).all()
         # The party's wire log holds the same traffic, entry by entry, in the allowed kinds only.
         lines = (tmp_path / "audit" / f"party{party}" / "wire.jsonl").read_text().splitlines()
         entries = [json.loads(line) for line in lines]
         assert len(entries) == 2 * len(calls)  # one entry per exchange and direction
-        assert {e["kind"] for e in entries} == set(TRAINING_KINDS)
-        assert all(e["shape"][1:] == ([] if e["kind"] == "splits" else [hidden]) for e in entries)
-        assert all(e["dtype"] == ("int64" if e["kind"] == "splits" else "float32") for e in entries)
+        assert {e["kind"] for e in entries} == kinds
+        widths = {"splits": [], "expert_mask": [1], "hidden_fp8": [hidden + 4], "output_grad_fp8": [hidden + 4],
+                  "routing_weights": [], "routing_weights_grad": []}
+        assert all(e["shape"][1:] == widths.get(e["kind"], [hidden]) for e in entries)
+        dtypes = {"splits": "int64", "expert_mask": "uint8", "hidden_fp8": "uint8", "output_grad_fp8": "uint8"}
+        assert all(e["dtype"] == dtypes.get(e["kind"], "float32") for e in entries)
 
 
 POOL_MODEL = ModelConfig(hidden_size=32, num_layers=3, num_experts=6, expert_intermediate_size=16, dense_layers=[1],
@@ -234,7 +253,7 @@ def _rows(n=400, width=64, seed=0):
     return torch.randn(n, width, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-@pytest.mark.parametrize("kind", WIRE_KINDS[1:])
+@pytest.mark.parametrize("kind", [k for k in WIRE_KINDS[1:] if not k.endswith("_fp8")])
 def test_default_wire_is_bitwise_unchanged(loopback, kind):
     rows = _rows()
     received = Wire(0, 2).exchange(kind, 0, rows, [100, 300], [100, 300]).wait()
@@ -325,7 +344,7 @@ def test_harness_all_experts_equal_the_engine(monkeypatch):
         s.init_weights(5)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(10, cfg.hidden_size, generator=gen)
-    ids = torch.randint(0, cfg.num_experts, (10, cfg.top_k), generator=gen)
+    ids = torch.rand(10, cfg.num_experts, generator=gen).argsort(1)[:, :cfg.top_k]  # distinct, as top-k routes
     weights = torch.rand(10, cfg.top_k, generator=gen)
     out, _ = privacy.all_experts(shards, cfg)(1, x, weights, ids)
     torch.testing.assert_close(out, ct.expert_mlp(x, weights, ids, whole.w_gate_up[1], whole.w_down[1]))

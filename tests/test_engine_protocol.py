@@ -1,9 +1,12 @@
-"""The n-party forward and backward equal a single-process model built from the same weights.
+"""The n-party forward and backward equal a single-process model built from the same weights, in every wire mode.
 
 Each party (a process, gloo over 127.0.0.1) runs its own backbone on its own batch through the protocol,
 then the same backbone with ALL experts in-process (csrc_triton.expert_mlp, no protocol) on the same batch.
 Per party: logits and every backbone gradient match. Per owner: each local expert's gradient matches the
-SUM over parties of that expert's single-process gradients. n = 3 with 8 experts is the uneven split.
+SUM over parties of that expert's single-process gradients. n = 3 with 8 experts is the uneven split. Every
+mode (dispatch once per (token, host) or per pair, combine at the origin or the host) and activation
+checkpointing; the bytes of each kind are exactly what the routing implies, and a checkpointed run's
+recompute sends nothing.
 """
 
 import copy
@@ -16,9 +19,11 @@ import torch.multiprocessing as mp
 
 import csrc_triton as ct
 from pcmoe_engine.cli import free_port
-from pcmoe_engine.config import ModelConfig
+from pcmoe_engine.config import ModelConfig, WireConfig
+from pcmoe_engine.dispatch import mask_bytes
 from pcmoe_engine.model import Backbone, compute_loss
-from pcmoe_engine.protocol import TRAINING_KINDS, DistributedExperts, ExpertShard, Wire, WireLog, owned_experts
+from pcmoe_engine.protocol import (TRAINING_KINDS, DistributedExperts, ExpertShard, Wire, WireLog, kinds_sent,
+                                   owned_experts)
 
 CFG = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=8,
                   top_k=2, expert_intermediate_size=48, shared_intermediate_size=40, shared_expert_gate=True)
@@ -35,13 +40,16 @@ class LocalExperts:
         out = ct.expert_mlp(x, weights, expert_ids, self.shard.w_gate_up[layer], self.shard.w_down[layer])
         return out, concurrent() if concurrent is not None else None
 
+    def recomputable(self, block):
+        return block
+
 
 def _grads(module):
     return {name: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
             for name, p in module.named_parameters()}
 
 
-def _party(rank, parties, port, out_dir, checkpointing):
+def _party(rank, parties, port, out_dir, checkpointing, options):
     torch.set_num_threads(1)
     if parties > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=parties)
@@ -56,21 +64,24 @@ def _party(rank, parties, port, out_dir, checkpointing):
     oracle_shard.init_weights(SEED)
 
     result = {}
-    for tag, net, experts in (("dist", backbone, DistributedExperts(shard, wire)),
+    for tag, net, experts in (("dist", backbone, DistributedExperts(shard, wire, options)),
                               ("oracle", oracle_backbone, LocalExperts(oracle_shard))):
         logits, routings = net(tokens[:, :-1], experts, activation_checkpointing=checkpointing)
+        forward_bytes = dict(wire.bytes_sent)
         compute_loss(logits, tokens[:, 1:], routings, 0.1, 0.01).total.backward()
-        result[tag] = {"logits": logits.detach(), "backbone": _grads(net)}
+        result[tag] = {"logits": logits.detach(), "backbone": _grads(net), "forward_bytes": forward_bytes,
+                       "bytes": dict(wire.bytes_sent), "expert_ids": [r.expert_ids for r in routings]}
     result["dist"]["experts"] = _grads(shard)
     result["oracle"]["experts"] = _grads(oracle_shard)
 
     # Skewed routing straight into the protocol: every pair goes to party 0, so the others receive nothing
-    # and must still take part in every exchange, forward and backward.
+    # and must still take part in every exchange, forward and backward. Each token picks two distinct experts of
+    # party 0 (a top-k routing never picks an expert twice), in random order.
     gen = torch.Generator().manual_seed(300 + rank)
     x = torch.randn(5, CFG.hidden_size, generator=gen)
-    ids = torch.tensor(owned_experts(0, parties, CFG.num_experts))[torch.randint(0, 2, (5, 2), generator=gen)]
+    ids = torch.tensor(owned_experts(0, parties, CFG.num_experts))[torch.rand(5, 2, generator=gen).argsort(1)]
     weights = torch.rand(5, 2, generator=gen)
-    for tag, experts, expert_shard in (("dist", DistributedExperts(shard, wire), shard),
+    for tag, experts, expert_shard in (("dist", DistributedExperts(shard, wire, options), shard),
                                        ("oracle", LocalExperts(oracle_shard), oracle_shard)):
         expert_shard.zero_grad()
         xs = x.clone().requires_grad_()
@@ -89,12 +100,37 @@ def _close(a, b, what):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
 
 
+def _expected_sent(expert_ids, party, parties, options):
+    """What one party sends as an origin in one forward and backward, by kind, from its routing alone."""
+    hidden, width = CFG.hidden_size * 4, mask_bytes(CFG.num_experts, parties)  # fp32 rows
+    sent = dict.fromkeys(("splits", "hidden", "expert_mask", "output_grad", "routing_weights"), 0)
+    for ids in expert_ids:
+        owner = ids.long() % parties
+        pairs = sum(int((owner == p).sum()) for p in range(parties) if p != party)
+        rows = sum(int((owner == p).any(1).sum()) for p in range(parties) if p != party)
+        rows = rows if options.dispatch == "token" else pairs
+        sent["splits"] += 2 * 8 * (parties - 1)
+        sent["hidden"] += rows * hidden
+        sent["expert_mask"] += rows * width
+        sent["output_grad"] += (rows if options.combine == "host" else pairs) * hidden
+        sent["routing_weights"] += pairs * 4 if options.combine == "host" else 0
+    return sent
+
+
+MODES = {"token": WireConfig(), "pair": WireConfig(dispatch="pair"), "token+host": WireConfig(combine="host"),
+         "pair+host": WireConfig(dispatch="pair", combine="host")}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("parties,checkpointing", [(1, False), (2, False), (3, False), (4, False), (2, True)])
-def test_parties_equal_single_process(parties, checkpointing, tmp_path, monkeypatch):
+@pytest.mark.parametrize("parties,checkpointing,mode", [
+    (1, False, "token"), (2, False, "token"), (3, False, "token"), (4, False, "token"), (2, True, "token"),
+    (1, False, "pair+host"), (2, False, "pair"), (3, False, "token+host"), (4, False, "pair+host"),
+    (3, True, "token+host"), (2, True, "pair")])
+def test_parties_equal_single_process(parties, checkpointing, mode, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # spawned parties run csrc_triton's CPU references
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_party, args=(parties, free_port(), str(tmp_path), checkpointing), nprocs=parties)
+    options = MODES[mode]
+    mp.spawn(_party, args=(parties, free_port(), str(tmp_path), checkpointing, options), nprocs=parties)
     results = [torch.load(tmp_path / f"party{p}.pt", weights_only=False) for p in range(parties)]
 
     for p, r in enumerate(results):
@@ -116,13 +152,28 @@ def test_parties_equal_single_process(parties, checkpointing, tmp_path, monkeypa
                                       q["oracle"]["skewed"]["experts"])[key][expert] for q in results)
                         _close(local[key][j], summed, f"{phase}: owner {owner} expert {expert} {key}")
 
-    # Only the allowed kinds crossed, and every byte sent was received.
+    # Only the allowed kinds of this mode crossed, and every byte sent was received.
     sent = sum(r["wire"]["sent"] for r in results)
     assert sent == sum(r["wire"]["received"] for r in results)
     assert (sent > 0) == (parties > 1)
+    kinds = kinds_sent(options)
+    dtypes = {"splits": "int64", "expert_mask": "uint8"}
     for p, r in enumerate(results):
         entries = r["wire"]["entries"]
-        assert {e.kind for e in entries} == (set(TRAINING_KINDS) if parties > 1 else set())
+        assert {e.kind for e in entries} == (kinds if parties > 1 else set()) and kinds <= set(TRAINING_KINDS)
         assert all(e.src != e.dst and p in (e.src, e.dst) for e in entries)
-        assert all(e.dtype == ("int64" if e.kind == "splits" else "float32") for e in entries)
+        assert all(e.dtype == dtypes.get(e.kind, "float32") for e in entries)
         assert sum(e.bytes for e in entries if e.src == p) == r["wire"]["sent"]
+
+    # The bytes of the full model's forward and backward are exactly what each party's routing implies; with
+    # checkpointing the recompute sent nothing: the forward's bytes are all the forward kinds ever sent.
+    if parties > 1:
+        for p, r in enumerate(results):
+            dist_run = r["dist"]
+            expected = _expected_sent(dist_run["expert_ids"], p, parties, options)
+            assert {k: dist_run["bytes"][k] for k in expected} == expected
+            for kind in ("splits", "hidden", "expert_mask", "output", "routing_weights"):
+                assert dist_run["bytes"][kind] == dist_run["forward_bytes"][kind], kind
+        for back, forth in (("hidden_grad", "hidden"), ("output", "output_grad"),
+                            ("routing_weights_grad", "routing_weights")):
+            assert sum(r["dist"]["bytes"][back] for r in results) == sum(r["dist"]["bytes"][forth] for r in results)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pcmoe_engine.cli import main as pcmoe
-from pcmoe_engine.protocol import TRAINING_KINDS
+from pcmoe_engine.config import WireConfig
+from pcmoe_engine.protocol import TRAINING_KINDS, kinds_sent
 
 # A very small model, so a run takes seconds on two cores.
 SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.expert_intermediate_size=64",
@@ -52,7 +53,7 @@ def test_two_party_tiny_run_lowers_the_loss(tmp_path):
     # The wire carried only the protocol's kinds; a party's checkpoint holds only what it owns.
     for p in range(2):
         entries = [json.loads(line) for line in (run / f"party{p}" / "wire.jsonl").read_text().splitlines()]
-        assert {e["kind"] for e in entries} == set(TRAINING_KINDS)
+        assert {e["kind"] for e in entries} == kinds_sent(WireConfig()) and kinds_sent(WireConfig()) < set(TRAINING_KINDS)
         assert sum(e["bytes"] for e in entries if e["src"] == p) == summary["bytes_sent"][p]
         (ckpt,) = (run / f"party{p}" / "checkpoints").glob("step_*.pt")
         state = torch.load(ckpt, weights_only=False)

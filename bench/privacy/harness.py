@@ -8,9 +8,11 @@ and in one process autograd's single worker thread per device would run both par
 
 After training, ``observe``: the victim processes held-out text as a training batch (forward and backward,
 no update) while the attacker processes a batch of its own, and records through its wire's observer what
-it receives from the victim ("hidden" rows, and "output_grad" rows in backward). The victim knows which of
-its (token, expert) pairs each row it sent to the attacker is (its wire order, ``DistributedExperts.plan``);
-``join`` pairs the two records row by row, offline. Nothing of the victim's but what crossed the wire
+it receives from the victim ("hidden" rows with their "expert_mask", and "output_grad" rows in backward). A
+hidden row comes once per (token, host) and its mask says which of the host's experts it went to, so the
+host expands it into one row per (token, expert) pair, as its experts ran it. The victim knows which of its
+(token, expert) pairs each pair row is (its wire order, ``DistributedExperts.plan``); ``join`` pairs the two
+records row by row, offline. Nothing of the victim's but what crossed the wire
 reaches the attacks, except where a report row says so (the FedSGD baseline, which shares the whole model).
 """
 
@@ -26,6 +28,7 @@ import torch.multiprocessing as mp
 from pcmoe_engine.cli import free_port
 from pcmoe_engine.config import Config, DataConfig, ModelConfig, PrivacyConfig, TrainConfig, validate
 from pcmoe_engine.data import eval_batches
+from pcmoe_engine.dispatch import expand
 from pcmoe_engine.model import Backbone
 from pcmoe_engine.party import Party, initial_backbone
 from pcmoe_engine.protocol import DistributedExperts, ExpertShard, Wire
@@ -34,7 +37,7 @@ __all__ = ["VICTIM", "ATTACKER", "Preset", "PRESETS", "config", "windows", "Coll
            "observe", "join", "all_experts"]
 
 VICTIM, ATTACKER = 0, 1
-OBSERVED_KINDS = ("hidden", "output_grad")  # what the victim sends a host about its tokens
+OBSERVED_KINDS = ("hidden", "expert_mask", "output_grad")  # what the victim sends a host about its tokens
 
 
 @dataclass
@@ -117,21 +120,22 @@ def observe(party: Party, observed: torch.Tensor) -> dict:
     party.optimizer.zero_grad(set_to_none=True)
     if party.rank == ATTACKER:
         return {"received": received}
-    counts = party.experts.local_counts
-    first, last = sum(counts[:ATTACKER]), sum(counts[:ATTACKER + 1])  # the attacker's experts in wire order
     sent = []
-    for routing in routings:
+    for routing in routings:  # the pairs hosted by the attacker, in wire order
         plan = party.experts.plan(routing.expert_ids)
-        sent.append(plan.sorted_pair[plan.offsets[first]:plan.offsets[last]].long())
+        sent.append(plan.sorted_pair[plan.offsets[ATTACKER]:plan.offsets[ATTACKER + 1]].long())
     return {"sent": sent}
 
 
 def join(sent: list[torch.Tensor], received: dict, top_k: int) -> list[dict]:
     """The attacker's view of the victim's batch: per MoE layer that hosted any of its pairs, the pair and the
-    token (flat position) of each row, the hidden row received and the output gradient received for it."""
+    token (flat position) of each pair row, the hidden row received for it and the output gradient."""
     watch = []
     for layer, pairs in enumerate(sent):
-        hidden, grad = received["hidden", layer], received["output_grad", layer]
+        rows, grad, mask = received["hidden", layer], received["output_grad", layer], received["expert_mask", layer]
+        local_experts = max(1, mask.shape[1] * 8)  # an upper bound suffices: bits past the host's experts are 0
+        pair_row, _ = expand(mask, local_experts, grad.shape[0])
+        hidden = rows[pair_row]
         if not hidden.shape[0] == grad.shape[0] == pairs.numel():
             raise RuntimeError(f"layer {layer}: the victim sent {pairs.numel()} rows, the attacker received "
                                f"{hidden.shape[0]} hidden and {grad.shape[0]} gradient rows")
