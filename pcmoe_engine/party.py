@@ -28,7 +28,7 @@ import csrc_triton as ct
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
-from .data import Batches, encode, eval_batches, load_tokenizer, party_texts
+from .data import Batches, eval_batches, party_tokens, tokenizer_for
 from .model import Backbone, Loss, compute_loss, count_parameters
 from .nvtx import nvtx_range
 from .protocol import DistributedExperts, ExpertShard, Wire, WireLog
@@ -39,12 +39,12 @@ __all__ = ["Party", "initial_backbone", "build_optimizer", "lr_at", "party_devic
 
 
 def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup to lr, then cosine down to min_lr at the last step (steps count from 1)."""
+    """Linear warmup to lr, then cosine down to min_lr (lr / 10 unset) at the last step (steps count from 1)."""
     t = cfg.train
     if step <= t.warmup_steps:
         return t.lr * step / t.warmup_steps
     progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+    return t.lr_floor + 0.5 * (t.lr - t.lr_floor) * (1 + math.cos(math.pi * progress))
 
 
 def party_device(cfg: Config) -> torch.device:
@@ -112,11 +112,9 @@ class Party:
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         self.dir = cfg.run_dir / f"party{rank}"
 
-        self.tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size)
-        train_text, eval_text = party_texts(cfg, rank)
-        self.batches = Batches(encode(self.tokenizer, train_text), cfg.data.seq_len, t.batch_size,
-                               seed=(t.seed, "data", rank))
-        self.eval_tokens = encode(self.tokenizer, eval_text)
+        self.tokenizer = tokenizer_for(cfg)
+        train_tokens, self.eval_tokens = party_tokens(cfg, rank, self.tokenizer)
+        self.batches = Batches(train_tokens, cfg.data.seq_len, t.batch_size, seed=(t.seed, "data", rank))
 
         self.backbone = initial_backbone(cfg, rank).to(self.device)
         self.shard = ExpertShard(cfg.model, rank, cfg.parties)
@@ -207,8 +205,9 @@ class Party:
         else:  # the first step pays for warm-up (allocator, caches): leave it out of the throughput
             progress["timed_tokens"] += self.tokens_per_step
             progress["timed_seconds"] += seconds
-        return {"step": self.step_count, "loss": ce, "load_balancing_loss": balance, "z_loss": z, "lr": lr,
-                "grad_norm": grad_norm.item(), "step_time_s": seconds, "tokens_per_s": self.tokens_per_step / seconds,
+        return {"step": self.step_count, "tokens": self.step_count * self.tokens_per_step, "loss": ce,
+                "load_balancing_loss": balance, "z_loss": z, "lr": lr, "grad_norm": grad_norm.item(),
+                "step_time_s": seconds, "tokens_per_s": self.tokens_per_step / seconds,
                 "peak_memory_bytes": peak_memory(self.device)[0], "bytes_sent": self.wire.total_sent,
                 "bytes_received": self.wire.total_received, "expert_load": load.tolist()}
 

@@ -16,34 +16,31 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from .config import Config, load_config
-from .metrics import MetricsLog, merge_run, say, write_summary
+from .config import add_config_arguments
+from .metrics import MetricsLog, merge_run, say, start_line, summary_text, write_summary
 from .party import Party, peak_memory, process_group_backend
 
 __all__ = ["main", "train"]
 
 
-def train(cfg: Config, rank: int) -> dict:
-    """Train as party ``rank`` of ``cfg.parties`` (the process group, if any, is already up). Returns its
-    summary."""
+def train(cfg: Config, rank: int, quiet: bool = False) -> dict:
+    """Train as party ``rank`` of ``cfg.parties`` (the process group, if any, is already up); ``quiet``: print
+    nothing (`pcmoe train` shows the parties' progress from their metrics files). Returns its summary."""
     t = cfg.train
     party = Party(cfg, rank)
-    if t.resume and (checkpoint := party.resume()) is not None:
+    if t.resume and (checkpoint := party.resume()) is not None and not quiet:
         say(f"party {rank} | resumed from {checkpoint} at step {party.step_count}")
-    log = MetricsLog(party.dir / "metrics.jsonl", rank, party.step_count)
-    memory_kind = peak_memory(party.device)[1]
+    log = MetricsLog(party.dir / "metrics.jsonl", rank, cfg, peak_memory(party.device)[1], party.step_count, quiet)
     while party.step_count < t.steps:
         record = party.step()
         step = record["step"]
         log.write(record)
-        if step == 1 or step % t.log_every == 0 or step == t.steps:
-            log.print_step(record, t.steps, memory_kind)
         if t.eval_every and step % t.eval_every == 0 and step < t.steps:
             log.write({"step": step, "eval_loss": party.evaluate()})
         if t.checkpoints and ((t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps):
             party.save()
     eval_loss = party.evaluate()
     log.write({"step": party.step_count, "eval_loss": eval_loss})
-    say(f"party {rank} | eval loss {eval_loss:.4f}")
     summary = party.summary(eval_loss)
     write_summary(party.dir / "summary.json", summary)
     log.close()
@@ -53,13 +50,14 @@ def train(cfg: Config, rank: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pcmoe_engine.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="TOML file (default: the packaged configs/tiny.toml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_config_arguments(parser)
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors (pcmoe train's parties)")
     args = parser.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     try:
-        cfg = load_config(args.config, args.overrides, parties=world if "WORLD_SIZE" in os.environ else None)
+        cfg = load_config(args.config, args.overrides, parties=world if "WORLD_SIZE" in os.environ else None,
+                          preset=args.preset)
     except ValueError as e:
         sys.exit(f"pcmoe: error: {e}")
     if cfg.parties != world:
@@ -67,12 +65,16 @@ def main(argv: list[str] | None = None) -> None:
                  f"{cfg.parties}` or `torchrun --nproc-per-node {cfg.parties} -m pcmoe_engine.train`")
     if world > 1:
         dist.init_process_group(process_group_backend(cfg), rank=rank, world_size=world, timeout=timedelta(minutes=10))
+    if rank == 0 and not args.quiet:
+        say(start_line(cfg))
     try:
-        train(cfg, rank)
+        train(cfg, rank, args.quiet)
         if world > 1:
             dist.barrier()  # carries no data: it only waits for every party's files
         if rank == 0:
-            merge_run(cfg)
+            summary = merge_run(cfg)
+            if not args.quiet:
+                say(summary_text(summary, cfg.run_dir))
     except ValueError as e:
         sys.exit(f"pcmoe: error (party {rank}): {e}")
     finally:
