@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     width = min(120, shutil.get_terminal_size().columns - 2)
     train = commands.add_parser(
         "train", help="train with N local parties (one process each)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, description="Train with N local parties, one process each (on CPU over gloo, or one GPU per party over NCCL).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train with N local parties, one process each (on CPU over gloo, or one GPU per party over NCCL).",
         epilog="Options of a run: in a TOML file (--config; `pcmoe config show` prints one to start from), or --set "
                "SECTION.KEY=VALUE.\nThe values below are the default run's (configs/tiny.toml); `pcmoe config show "
                "--preset small` prints another's.\n\n" + options_help(load_config(), width))

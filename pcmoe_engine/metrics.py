@@ -11,7 +11,7 @@ from collections import deque
 from pathlib import Path
 
 from .config import Config, TrainConfig
-from .party import party_device, process_group_backend
+from .party import Party, party_device, peak_memory, process_group_backend
 
 __all__ = ["MetricsLog", "PartyProgress", "say", "start_line", "duration", "summary_text", "write_summary",
            "merge_run"]
@@ -70,7 +70,7 @@ class PartyProgress:
 
     @property
     def eta_s(self) -> float | None:
-        if not self.step_times or self.last is None:
+        if not self.step_times or self.last is None or self.last["step"] == self.steps:
             return None
         return (self.steps - self.last["step"]) * sum(self.step_times) / len(self.step_times)
 
@@ -88,20 +88,22 @@ class PartyProgress:
 
 
 class MetricsLog:
-    """This party's metrics (JSON lines, and TensorBoard scalars with ``tensorboard``) and, unless ``quiet``, its
-    progress lines. Resuming at ``resume_step`` drops what was logged after that step's checkpoint, so the file
-    reads as if the run had never stopped."""
+    """A party's metrics (party<i>/metrics.jsonl, each step's record with the tokens the party has trained on;
+    with train.tensorboard, TensorBoard scalars too) and, unless ``quiet``, its progress lines. Made after
+    ``party.resume()``: what was logged after the checkpoint resumed from is dropped, so the file reads as if the
+    run had never stopped."""
 
-    def __init__(self, path: Path, party: int, cfg: Config, memory_kind: str, resume_step: int = 0,
-                 quiet: bool = False):
+    def __init__(self, party: Party, quiet: bool = False):
+        path, resume_step, cfg = party.dir / "metrics.jsonl", party.step_count, party.cfg
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step and path.is_file():
             kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
         path.write_text("".join(line + "\n" for line in kept))
         self.file = open(path, "a", buffering=1)
-        self.party, self.quiet = party, quiet
-        self.progress = PartyProgress(party, cfg.train, "rss" if memory_kind == "cpu_max_rss" else "gpu")
+        self.party, self.tokens_per_step, self.quiet = party.rank, party.tokens_per_step, quiet
+        memory_kind = "rss" if peak_memory(party.device)[1] == "cpu_max_rss" else "gpu"
+        self.progress = PartyProgress(party.rank, cfg.train, memory_kind)
         self.tensorboard = None
         if cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -111,6 +113,8 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         """Append a step's or an evaluation's record; print the step's progress line on log steps."""
+        if "loss" in record:
+            record = {"step": record["step"], "tokens": record["step"] * self.tokens_per_step, **record}
         self.file.write(json.dumps({"party": self.party, **record}) + "\n")
         line = self.progress.add(record)
         if line and not self.quiet:

@@ -205,9 +205,8 @@ class Party:
         else:  # the first step pays for warm-up (allocator, caches): leave it out of the throughput
             progress["timed_tokens"] += self.tokens_per_step
             progress["timed_seconds"] += seconds
-        return {"step": self.step_count, "tokens": self.step_count * self.tokens_per_step, "loss": ce,
-                "load_balancing_loss": balance, "z_loss": z, "lr": lr, "grad_norm": grad_norm.item(),
-                "step_time_s": seconds, "tokens_per_s": self.tokens_per_step / seconds,
+        return {"step": self.step_count, "loss": ce, "load_balancing_loss": balance, "z_loss": z, "lr": lr,
+                "grad_norm": grad_norm.item(), "step_time_s": seconds, "tokens_per_s": self.tokens_per_step / seconds,
                 "peak_memory_bytes": peak_memory(self.device)[0], "bytes_sent": self.wire.total_sent,
                 "bytes_received": self.wire.total_received, "expert_load": load.tolist()}
 

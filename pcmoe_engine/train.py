@@ -15,10 +15,9 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from .config import Config, load_config
-from .config import add_config_arguments
+from .config import Config, add_config_arguments, load_config
 from .metrics import MetricsLog, merge_run, say, start_line, summary_text, write_summary
-from .party import Party, peak_memory, process_group_backend
+from .party import Party, process_group_backend
 
 __all__ = ["main", "train"]
 
@@ -30,7 +29,7 @@ def train(cfg: Config, rank: int, quiet: bool = False) -> dict:
     party = Party(cfg, rank)
     if t.resume and (checkpoint := party.resume()) is not None and not quiet:
         say(f"party {rank} | resumed from {checkpoint} at step {party.step_count}")
-    log = MetricsLog(party.dir / "metrics.jsonl", rank, cfg, peak_memory(party.device)[1], party.step_count, quiet)
+    log = MetricsLog(party, quiet)
     while party.step_count < t.steps:
         record = party.step()
         step = record["step"]
