@@ -10,6 +10,8 @@ import sys
 from collections import deque
 from pathlib import Path
 
+import torch
+
 from .config import Config, TrainConfig
 from .party import Party, party_device, peak_memory, process_group_backend
 
@@ -28,10 +30,15 @@ def say(line: str) -> None:
 def start_line(cfg: Config) -> str:
     """What a run is about to do: parties, model, backend and devices, tokens per step, steps, run folder."""
     t, m = cfg.train, cfg.model
-    device = party_device(cfg)
-    where = "CPU" if device.type == "cpu" else ("one GPU per party" if process_group_backend(cfg) == "nccl"
-                                                else f"GPUs shared by the parties, from {device}")
-    backend = f" over {process_group_backend(cfg)}" if cfg.parties > 1 else ""
+    backend = process_group_backend(cfg)
+    if party_device(cfg).type == "cpu":
+        where = "CPU"
+    elif backend == "nccl":
+        where = "one GPU per party"
+    else:
+        gpus = torch.cuda.device_count()
+        where = f"{gpus} GPU{'s' if gpus > 1 else ''} shared by the parties"
+    backend = f" over {backend}" if cfg.parties > 1 else ""
     per_step = t.batch_size * t.grad_accum * cfg.data.seq_len
     sequences = f"{t.batch_size} x {t.grad_accum}" if t.grad_accum > 1 else f"{t.batch_size}"
     return (f"pcmoe: {cfg.parties} part{'y' if cfg.parties == 1 else 'ies'} train {m.preset} ({m.num_experts} "

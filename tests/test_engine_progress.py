@@ -6,8 +6,10 @@ import importlib.util
 import json
 import os
 import re
+import sys
 
 import pytest
+import torch
 
 from pcmoe_engine.cli import launch
 from pcmoe_engine.cli import main as pcmoe
@@ -40,6 +42,16 @@ def test_start_line_says_what_the_run_does():
     cfg = load_config(None, ["train.grad_accum=2"])
     assert start_line(cfg) == ("pcmoe: 2 parties train tiny (8 experts) on CPU over gloo | 2,048 tokens per party "
                                "and step (8 x 2 x 128), 300 steps | run folder runs/tiny-2p")
+
+
+@pytest.mark.parametrize("device,gpus,where", [("auto", 2, "one GPU per party over nccl"),
+                                               ("cuda", 1, "1 GPU shared by the parties over gloo")])
+def test_start_line_names_the_gpus(monkeypatch, device, gpus, where):
+    cfg = load_config(None, ["train.device=auto"])  # validated without GPUs; the placement below is what is tested
+    cfg.train.device = device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert f"train tiny (8 experts) on {where} | " in start_line(cfg)
 
 
 def test_plain_progress_comes_from_the_metrics_files(tmp_path, capsys):
@@ -104,6 +116,15 @@ def test_plot_draws_every_party_of_every_run(tmp_path):
     assert out == runs[0] / "loss.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):
         pcmoe(["plot", str(tmp_path / "missing")])
+
+
+def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    _append(tmp_path / "run" / "party0" / "metrics.jsonl", _record(1))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    with pytest.raises(SystemExit) as info:
+        pcmoe(["plot", str(tmp_path / "run")])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == "pcmoe: error: pcmoe plot needs matplotlib: pip install 'pcmoe[plot]'\n"
 
 
 @pytest.mark.slow
