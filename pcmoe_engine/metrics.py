@@ -81,17 +81,13 @@ class PartyProgress:
             return None
         return (self.steps - self.last["step"]) * sum(self.step_times) / len(self.step_times)
 
-    def status(self) -> str:
-        """The last step's loss, learning rate, speed, memory and traffic, and the time left."""
+    def line(self) -> str:
+        """The last step's progress line: loss, learning rate, speed, memory, traffic and the time left."""
         r = self.last
         eta = "" if self.eta_s is None else f" | ETA {duration(self.eta_s)}"
-        return (f"loss {r['loss']:.4f} | lr {r['lr']:.2e} | {r['tokens_per_s']:,.0f} tok/s | peak mem "
-                f"{r['peak_memory_bytes'] / MiB:,.0f} MiB ({self.memory_kind}) | sent {r['bytes_sent'] / MiB:,.1f} "
-                f"MiB{eta}")
-
-    def line(self) -> str:
-        """The progress line of the last step."""
-        return f"party {self.party} | step {self.last['step']:>{len(str(self.steps))}}/{self.steps} | {self.status()}"
+        return (f"party {self.party} | step {r['step']:>{len(str(self.steps))}}/{self.steps} | loss {r['loss']:.4f} | "
+                f"lr {r['lr']:.2e} | {r['tokens_per_s']:,.0f} tok/s | peak mem {r['peak_memory_bytes'] / MiB:,.0f} "
+                f"MiB ({self.memory_kind}) | sent {r['bytes_sent'] / MiB:,.1f} MiB{eta}")
 
 
 class MetricsLog:
@@ -119,7 +115,7 @@ class MetricsLog:
             self.tensorboard = SummaryWriter(str(path.parent), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: dict) -> None:
-        """Append a step's or an evaluation's record; print the step's progress line on log steps."""
+        """Append a step's or an evaluation's record, and print its line (PartyProgress.add) unless quiet."""
         if "loss" in record:
             record = {"step": record["step"], "tokens": record["step"] * self.tokens_per_step, **record}
         self.file.write(json.dumps({"party": self.party, **record}) + "\n")
