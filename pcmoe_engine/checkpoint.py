@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "checkpoint_steps", "load_checkpoint"]
+__all__ = ["save_checkpoint", "latest_checkpoint", "latest_step", "checkpoint_steps", "load_checkpoint"]
 
 _NAME = re.compile(r"step_(\d+)\.pt")
 
@@ -33,6 +33,12 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> Path:
 def latest_checkpoint(directory: Path) -> Path | None:
     steps = _steps(directory)
     return steps[-1][1] if steps else None
+
+
+def latest_step(directory: Path) -> int:
+    """The step of the latest checkpoint in ``directory``; 0 when there is none."""
+    steps = _steps(directory)
+    return steps[-1][0] if steps else 0
 
 
 def checkpoint_steps(directory: Path) -> dict[int, Path]:

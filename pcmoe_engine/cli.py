@@ -1,35 +1,41 @@
 """The ``pcmoe`` command.
 
-    pcmoe train [--parties N] [--config f.toml] [--set section.key=value ...]
-
-launches one training process per party on this machine (what torchrun would, with a free port on
-127.0.0.1): one GPU per party with NCCL when there are enough GPUs, else CPU processes over gloo
-(`--set train.device=cuda` puts more parties than GPUs on shared GPUs, over gloo). With no arguments: 2 parties train the `tiny` model on Tiny Shakespeare for a few minutes.
-
-    pcmoe party --rank I --parties N (--rendezvous HOST:PORT | --peers HOST:PORT,...) [--config f.toml] [--set ...]
-
-runs party I alone, one party per host (multihost.py, docs/multihost.md).
-
+    pcmoe train [--parties N] [--config FILE | --preset NAME] [--set SECTION.KEY=VALUE ...]
+    pcmoe config show [--parties N] [--config FILE | --preset NAME] [--set SECTION.KEY=VALUE ...]
+    pcmoe plot RUN_DIR [RUN_DIR ...] [--out PNG]
+    pcmoe party --rank I --parties N (--rendezvous HOST:PORT | --peers HOST:PORT,...) [--config FILE] [--set ...]
     pcmoe export RUN_DIR --party I --out DIR [--pool [--rendezvous HOST:PORT]]   (export.py)
     pcmoe eval PATH [--party I] --text FILE                                       (inference.py)
     pcmoe generate PATH [--party I] --prompt TEXT
 
-write party I's model as a transformers checkpoint folder (with --pool the parties pool their experts: a
-complete model), print one JSON object with a model's mean next-token loss on FILE, and sample from a model;
-PATH is a run folder or a transformers checkpoint folder.
+`pcmoe train` launches one training process per party on this machine (what torchrun would, with a free port on
+127.0.0.1): one GPU per party with NCCL when there are enough GPUs, else CPU processes over gloo
+(`--set train.device=cuda` puts more parties than GPUs on shared GPUs, over gloo). With no arguments: 2 parties
+train the `tiny` model on Tiny Shakespeare for a few minutes. It prints a start line, the parties' progress (drawn
+from their metrics files, live in a terminal: progress.py) and the run's summary. `pcmoe train --help` lists every
+option (config_text.py); `pcmoe config show` prints a run's whole configuration as TOML; `pcmoe plot` draws runs'
+losses (plot.py).
+
+`pcmoe party` runs party I alone, one party per host (multihost.py, docs/multihost.md). `pcmoe export` writes party
+I's model as a transformers checkpoint folder (with --pool the parties pool their experts: a complete model),
+`pcmoe eval` prints one JSON object with a model's mean next-token loss on FILE, `pcmoe generate` samples from a
+model; PATH is a run folder or a transformers checkpoint folder.
 """
 
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from .config import load_config
+from .config import add_config_arguments, load_config
+from .config_text import options_help, to_toml
 
 __all__ = ["main", "launch", "free_port"]
 
@@ -42,10 +48,11 @@ def free_port() -> int:
 
 
 def launch(parties: int, args: list[str], env: dict | None = None, module: str = "pcmoe_engine.train",
-           ranks: list[int] | None = None, rendezvous: tuple[str, int] | None = None) -> int:
+           ranks: list[int] | None = None, rendezvous: tuple[str, int] | None = None,
+           watch: Callable[[], None] | None = None) -> int:
     """Run ``python -m module *args`` once per party; the first failure stops them all. By default every
     party runs here and they meet on a free port of 127.0.0.1; ``ranks`` and ``rendezvous`` (party 0's host and
-    port) run some of them here, the others elsewhere."""
+    port) run some of them here, the others elsewhere. ``watch`` is called while they run, every 0.2 s."""
     ranks = list(range(parties)) if ranks is None else ranks
     base = dict(os.environ if env is None else env)
     # On CPU the engine runs csrc_triton's PyTorch references, never Triton's (slow) interpreter.
@@ -66,6 +73,8 @@ def launch(parties: int, args: list[str], env: dict | None = None, module: str =
             failed = [c for c in codes if c not in (None, 0)]
             if failed or all(c == 0 for c in codes):
                 break
+            if watch is not None:
+                watch()
             time.sleep(0.2)
     except KeyboardInterrupt:
         failed = [130]
@@ -77,22 +86,49 @@ def launch(parties: int, args: list[str], env: dict | None = None, module: str =
     return failed[0] if failed else 0
 
 
-def _report(run_dir: Path) -> None:
-    s = json.loads((run_dir / "summary.json").read_text())
-    mib = 2**20
-    print(f"\n{run_dir}: {s['parties']} part{'y' if s['parties'] == 1 else 'ies'}, preset {s['preset']}, "
-          f"{s['steps']} steps")
-    for i in range(s["parties"]):
-        if i in s["parties_missing"]:
-            continue
-        print(f"  party {i}: loss {s['initial_loss'][i]:.3f} -> {s['final_loss'][i]:.3f}, eval {s['eval_loss'][i]:.3f}"
-              f" | {s['tokens_per_s'][i] or 0:,.0f} tok/s | peak mem {s['peak_memory_bytes'][i] / mib:,.0f} MiB "
-              f"({s['peak_memory_kind']}) | sent {s['bytes_sent'][i] / mib:,.1f} MiB, received "
-              f"{s['bytes_received'][i] / mib:,.1f} MiB")
-    if missing := s["parties_missing"]:
-        print(f"  part{'y' if len(missing) == 1 else 'ies'} {', '.join(map(str, missing))}: no files here (on "
-              "other hosts, each party's party<i>/ is in its own train.out_dir)")
-    print(f"  total {s['tokens_per_s_total']:,.0f} tok/s; summary.json and metrics.jsonl are in {run_dir}")
+def _overrides(args: argparse.Namespace) -> list[str]:
+    return args.overrides + ([f"parties={args.parties}"] if args.parties is not None else [])
+
+
+def _config_args(args: argparse.Namespace) -> list[str]:
+    """The config arguments as given (--config or --preset, then --set), for the party processes."""
+    source = ["--config", args.config] if args.config else ["--preset", args.preset] if args.preset else []
+    return source + [a for o in _overrides(args) for a in ("--set", o)]
+
+
+def _load(args: argparse.Namespace):
+    return load_config(args.config, _overrides(args), preset=args.preset)
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if cfg.transport.kind != "torch":
+        raise ValueError(f"transport.kind={cfg.transport.kind} connects parties on separate hosts: start each with "
+                         "`pcmoe party` (docs/multihost.md)")
+    from .metrics import say, start_line, summary_text  # torch: only for a run
+    from .progress import RunProgress
+
+    say(start_line(cfg))
+    with RunProgress(cfg) as progress:
+        code = launch(cfg.parties, [*_config_args(args), "--quiet"], watch=progress.poll)
+    if not code:
+        say(summary_text(json.loads((cfg.run_dir / "summary.json").read_text()), cfg.run_dir))
+    return code
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    given = " ".join(_config_args(args))
+    sys.stdout.write(to_toml(cfg, f"pcmoe config show{' ' + given if given else ''}: the resolved configuration.\n"
+                                  "Save it to a file and run it: pcmoe train --config FILE"))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .plot import plot_runs
+
+    print(f"wrote {plot_runs(args.run_dirs, args.out)}")
+    return 0
 
 
 def _export(args) -> None:
@@ -182,54 +218,49 @@ def _model_commands(commands) -> dict:
     return {"export": _export, "eval": _eval, "generate": _generate}
 
 
+def _party(args: argparse.Namespace) -> int:
+    from .multihost import run_party  # imports torch: not for `pcmoe train`'s launcher
+
+    run_party(args.rank, args.parties, args.rendezvous, args.peers, args.config, args.overrides, args.preset)
+    return 0  # party 0 printed the run's summary (train.main)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pcmoe", description="PC-MoE: collaborative training of MoE LLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
-    config = argparse.ArgumentParser(add_help=False)
-    config.add_argument("--config", help="TOML file (default: the packaged configs/tiny.toml)")
-    config.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override an option, e.g. --set train.steps=50 (repeatable)")
-    train = commands.add_parser("train", parents=[config], help="train with N local parties (one process each)")
-    train.add_argument("--parties", type=int, help="number of parties (default: the config's, 2 for tiny)")
-    party = commands.add_parser("party", parents=[config], help="run one party of a multi-host run (one per host)")
+    width = min(120, shutil.get_terminal_size().columns - 2)
+    train = commands.add_parser(
+        "train", help="train with N local parties (one process each)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train with N local parties, one process each (on CPU over gloo, or one GPU per party over NCCL).",
+        epilog="Options of a run: in a TOML file (--config; `pcmoe config show` prints one to start from), or --set "
+               "SECTION.KEY=VALUE.\nThe values below are the default run's (configs/tiny.toml); `pcmoe config show "
+               "--preset small` prints another's.\n\n" + options_help(load_config(), width))
+    show = commands.add_parser("config", help="print a run's resolved configuration").add_subparsers(
+        dest="config_command", required=True).add_parser(
+        "show", help="print the resolved configuration as TOML (pcmoe train --config reads it back)")
+    for command in (train, show):
+        command.add_argument("--parties", type=int, help="number of parties (default: the config's, 2 for tiny)")
+        add_config_arguments(command)
+    plot = commands.add_parser("plot", help="draw runs' training and held-out losses against tokens into a PNG")
+    plot.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders, e.g. runs/tiny-2p")
+    plot.add_argument("--out", type=Path, metavar="PNG", help="the figure (default: loss.png in the first RUN_DIR)")
+    party = commands.add_parser("party", help="run one party of a multi-host run (one per host)")
+    add_config_arguments(party)
     party.add_argument("--rank", type=int, required=True, help="this party's rank, 0 .. N-1")
     party.add_argument("--parties", type=int, required=True, help="number of parties N")
     party.add_argument("--rendezvous", metavar="HOST:PORT",
                        help="transport torch: party 0's host and a free port there, the same for every party")
     party.add_argument("--peers", metavar="HOST:PORT,...",
                        help="transport tls (implied): every party's host:port in rank order, the same for every party")
-    model_commands = _model_commands(commands)
+    run = {"train": _train, "config": _config_show, "plot": _plot, "party": _party, **_model_commands(commands)}
     args = parser.parse_args(argv)
-    if args.command in model_commands:
-        try:
-            model_commands[args.command](args)
-        except ValueError as e:
-            parser.exit(2, f"pcmoe: error: {e}\n")
-        return
-
-    if args.command == "party":
-        from .multihost import run_party  # imports torch: not for `pcmoe train`'s launcher
-
-        try:
-            cfg = run_party(args.rank, args.parties, args.rendezvous, args.peers, args.config, args.overrides)
-        except ValueError as e:
-            parser.exit(2, f"pcmoe: error: {e}\n")
-        if args.rank == 0:
-            _report(cfg.run_dir)
-        return
-    overrides = args.overrides + ([f"parties={args.parties}"] if args.parties is not None else [])
     try:
-        cfg = load_config(args.config, overrides)
+        code = run[args.command](args)
     except ValueError as e:
         parser.exit(2, f"pcmoe: error: {e}\n")
-    if cfg.transport.kind != "torch":
-        parser.exit(2, f"pcmoe: error: transport.kind={cfg.transport.kind} connects parties on separate hosts: start "
-                    "each with `pcmoe party` (docs/multihost.md)\n")
-    train_args = (["--config", args.config] if args.config else []) + [a for o in overrides for a in ("--set", o)]
-    code = launch(cfg.parties, train_args)
     if code:
         parser.exit(code, f"pcmoe: training failed (exit code {code})\n")
-    _report(cfg.run_dir)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
 """Every option of a run, in one place: a TOML file and ``--set section.key=value`` overrides into dataclasses.
 
-A run is ``Config(parties, model, data, train, privacy, transport, wire)``. ``model.preset`` picks the model's sizes; any size set
-explicitly (in the TOML's [model] table or with --set) wins over the preset. ``model.init_from`` (a local
-transformers checkpoint folder) instead takes the whole model section from the folder's config.json: the preset
-is bypassed, and a size set explicitly must agree with it. ``validate`` rejects nonsense with a one-line
+A run is ``Config(parties, model, data, train, privacy, transport, wire)``. ``model.preset`` picks the model's
+sizes; any size set explicitly (in the TOML's [model] table or with --set) wins over the preset. ``model.init_from``
+(a local transformers checkpoint folder) instead takes the whole model section from the folder's config.json: the
+preset is bypassed, and a size set explicitly must agree with it. A run preset (``--preset NAME``) is a packaged
+configs/NAME.toml, or the default run with that model preset. ``validate`` rejects nonsense with a one-line
 ValueError that says what was wrong and what to do.
+
+An option's documentation is the comment on its line (or the comment lines right above it): `pcmoe train --help`
+and `pcmoe config show` print it (config_text.py), and a test checks that every option has one.
 """
 
+import argparse
 import dataclasses
+import importlib.util
 import os
 import tomllib
 import typing
@@ -15,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["ModelConfig", "DataConfig", "TrainConfig", "PrivacyConfig", "TransportConfig", "WireConfig", "Config",
-           "PRESETS", "FAMILIES", "load_config", "validate", "BUILTIN_CORPORA", "DEFAULT_CONFIG", "corpus_path",
-           "parse_address"]
+           "PRESETS", "FAMILIES", "load_config", "validate", "BUILTIN_CORPORA", "CONFIGS", "DEFAULT_CONFIG", "SECTIONS",
+           "corpus_path", "preset_config", "add_config_arguments", "parse_address"]
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny.toml"
+CONFIGS = Path(__file__).parent / "configs"  # the packaged run presets, installed with the package
+DEFAULT_CONFIG = CONFIGS / "tiny.toml"
 # transformers model_types the engine reproduces exactly (pcmoe_engine/hf.py maps their checkpoints).
 FAMILIES = ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral")
 BUILTIN_CORPORA = {"tinyshakespeare": Path(__file__).parent / "data" / "tinyshakespeare.txt.gz"}
@@ -27,31 +34,31 @@ BUILTIN_CORPORA = {"tinyshakespeare": Path(__file__).parent / "data" / "tinyshak
 @dataclass
 class ModelConfig:
     """A decoder-only MoE transformer. The defaults are the `tiny` preset."""
-    preset: str = "tiny"
-    family: str = ""  # the transformers model_type (one of FAMILIES) its weights map to; "": the engine's own
-    vocab_size: int = 2048
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 4
-    num_experts: int = 8
-    top_k: int = 2
-    expert_intermediate_size: int = 256
-    shared_intermediate_size: int = 0  # 0: no shared expert
+    preset: str = "tiny"  # the sizes to start from (PRESETS below: tiny, small, olmoe-1b-7b, qwen1.5-moe-a2.7b)
+    family: str = ""  # the transformers model_type its weights map to (FAMILIES: olmoe, qwen2_moe, qwen3_moe, mixtral)
+    vocab_size: int = 2048  # token ids 0 .. vocab_size - 1 (at least the tokenizer's vocabulary)
+    hidden_size: int = 128  # width of the residual stream
+    num_layers: int = 4  # transformer blocks
+    num_heads: int = 4  # attention (query) heads
+    num_kv_heads: int = 4  # key/value heads (grouped-query attention when fewer than num_heads)
+    num_experts: int = 8  # routed experts per MoE layer, dealt round-robin: party i owns experts e with e mod n == i
+    top_k: int = 2  # routed experts per token
+    expert_intermediate_size: int = 256  # each routed expert's SwiGLU width
+    shared_intermediate_size: int = 0  # the shared (always-on) expert's SwiGLU width; 0: none
     shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert's output times sigmoid(gate(x))
     norm_topk_prob: bool = True  # renormalise the k routing weights to sum to 1
     qk_norm: bool = False  # OLMoE: RMSNorm on the query and key projections
     qk_norm_per_head: bool = False  # Qwen3-MoE: that RMSNorm over each head rather than the whole projection
     attention_bias: bool = False  # Qwen: biases on the q, k, v projections
     attention_out_bias: bool = False  # a bias on the output projection too (OLMoE, Qwen3-MoE: attention_bias)
-    attention_head_dim: int = 0  # 0: hidden_size // num_heads (Qwen3-MoE and Mixtral checkpoints may set it)
-    rope_theta: float = 10000.0  # the default (unscaled) RoPE
-    norm_eps: float = 1e-6
+    attention_head_dim: int = 0  # per-head width; 0: hidden_size // num_heads (Qwen3-MoE, Mixtral may set it)
+    rope_theta: float = 10000.0  # the base of the default (unscaled) RoPE
+    norm_eps: float = 1e-6  # RMSNorm epsilon
     tie_word_embeddings: bool = False  # the LM head is the embedding matrix
     # Layers with a dense SwiGLU MLP of dense_intermediate_size instead of an MoE (Qwen's mlp_only_layers and
     # decoder_sparse_step); they have no router and no experts.
     dense_layers: list[int] = field(default_factory=list)
-    dense_intermediate_size: int = 0
+    dense_intermediate_size: int = 0  # the dense layers' SwiGLU width
     # A local transformers checkpoint folder (config.json, *.safetensors, tokenizer.json) the parties start from:
     # every field above comes from its config.json, each party loads its backbone and its own experts from it
     # and tokenises its text with its tokenizer. "": random init.
@@ -85,30 +92,35 @@ PRESETS: dict[str, dict] = {
 
 @dataclass
 class DataConfig:
+    """What each party trains on. Text is cut into blocks (paragraphs, and pieces of at most 4,000 characters of
+    longer ones); the last eval_fraction of each party's blocks is held out."""
     corpus: str = "tinyshakespeare"  # a built-in corpus, or a text file or directory, split across the parties
     party_paths: list[str] = field(default_factory=list)  # one file or directory per party: its private data
-    split: str = "iid"  # iid: speaker blocks dealt at random; noniid: contiguous stretches (different plays)
-    eval_fraction: float = 0.05  # held out from each party's shard
-    seq_len: int = 128
-    # The shared byte-level BPE is trained on public text, so no party's private text shapes it.
+    split: str = "iid"  # iid: blocks dealt at random; noniid: contiguous stretches (Tiny Shakespeare: different plays)
+    eval_fraction: float = 0.05  # the share of each party's blocks held out for evaluation (its last ones)
+    seq_len: int = 128  # tokens per training sequence
+    tokenizer: str = ""  # a tokenizers tokenizer.json file; "": the bundled byte-level BPE (tokenizer_corpus)
+    # The bundled byte-level BPE (model.vocab_size entries) is trained on this public text, so no party's private
+    # text shapes it.
     tokenizer_corpus: str = "tinyshakespeare"
     cache_dir: str = ""  # tokenizer cache; default $PCMOE_CACHE or ~/.cache/pcmoe
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
+    """The training loop, its optimizer (AdamW, warmup then cosine), logging and checkpoints."""
+    steps: int = 200  # optimizer steps
     batch_size: int = 8  # sequences per micro-batch, per party
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-3
-    min_lr: float = 3e-4  # the cosine schedule's floor
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    lr: float = 3e-3  # peak learning rate, after the warmup
+    min_lr: float | None = None  # the cosine schedule's floor; unset: lr / 10
+    warmup_steps: int = 20  # linear warmup from 0 to lr
+    weight_decay: float = 0.1  # AdamW's, on matrices only (not on norms and biases)
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
     grad_clip: float = 1.0  # on the norm of this party's own gradients (backbone + expert shard); 0: off
-    aux_loss_coef: float = 0.01  # load-balancing loss
-    z_loss_coef: float = 0.001  # router z-loss
+    aux_loss_coef: float = 0.01  # weight of the load-balancing loss
+    z_loss_coef: float = 0.001  # weight of the router z-loss
     # Recompute each block in backward from what its forward received: the exchanges replay, nothing crosses
     # again (protocol.DistributedExperts.recomputable); less memory for about a third more forward compute.
     activation_checkpointing: bool = False
@@ -122,21 +134,27 @@ class TrainConfig:
     # Needs grad_accum = 1.
     optimizer_in_backward: bool = False
     pin_cpus: bool = True  # on GPUs: run each party's process on the CPU cores of its GPU's NUMA node
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0  # 0: evaluate at the end only
-    eval_batches: int = 4
-    checkpoint_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
-    checkpoints: bool = True  # false: write none (benchmarks, profiling)
+    seed: int = 0  # seeds every random draw (weights, data split and order, noise)
+    log_every: int = 10  # a progress line every this many steps
+    eval_every: int = 0  # evaluate every this many steps; 0: at the end only
+    eval_batches: int = 4  # batches of held-out text per evaluation
+    checkpoint_every: int = 0  # checkpoint every this many steps; 0: only at the end
+    keep_checkpoints: int = 2  # the newest this many checkpoints are kept
+    checkpoints: bool = True  # write checkpoints; false: none (benchmarks, profiling)
     resume: bool = False  # continue from the latest checkpoint in the run directory
     # auto: one GPU per party when there are enough, else CPU; cuda: GPUs, which the parties share round-robin
     # (over gloo) when there are fewer GPUs than parties; cpu
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or bf16 / fp32
-    out_dir: str = "runs"
+    out_dir: str = "runs"  # the folder of run folders
     name: str = ""  # run directory under out_dir; default <preset>-<parties>p
     wire_log: bool = False  # write every cross-party transfer to party<i>/wire.jsonl
+    tensorboard: bool = False  # TensorBoard event files in party<i>/ (pip install 'pcmoe[tensorboard]')
+
+    @property
+    def lr_floor(self) -> float:
+        """min_lr, or lr / 10 when it is unset (so that --set train.lr=... alone keeps the schedule valid)."""
+        return self.lr / 10 if self.min_lr is None else self.min_lr
 
 
 @dataclass
@@ -144,10 +162,10 @@ class PrivacyConfig:
     """Defences on what a party sends to the hosts of its routed experts (docs/privacy.md). Each row is scaled
     to L2 norm <= clip, then N(0, (noise * clip)^2) is added to every coordinate; clip = 0 sends rows as
     they are. Rows a party keeps for its own experts never cross and are left alone."""
-    hidden_clip: float = 0.0  # dispatched hidden states ("hidden")
-    hidden_noise: float = 0.0
-    grad_clip: float = 0.0  # gradients of the expert outputs sent back to the hosts ("output_grad")
-    grad_noise: float = 0.0
+    hidden_clip: float = 0.0  # L2 bound on each dispatched hidden-state row ("hidden"); 0: rows sent as they are
+    hidden_noise: float = 0.0  # noise multiplier on those rows
+    grad_clip: float = 0.0  # the same on the gradients of expert outputs sent back to the hosts ("output_grad")
+    grad_noise: float = 0.0  # noise multiplier on those gradients
 
 
 @dataclass
@@ -180,7 +198,7 @@ class WireConfig:
 
 @dataclass
 class Config:
-    parties: int = 2
+    parties: int = 2  # parties training together, one process each
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -196,8 +214,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "privacy": PrivacyConfig,
-             "transport": TransportConfig, "wire": WireConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "privacy": PrivacyConfig,
+            "transport": TransportConfig, "wire": WireConfig}
 
 
 def _parse_value(text: str):
@@ -208,10 +226,18 @@ def _parse_value(text: str):
         return text
 
 
-def _coerce(where: str, value, default, item: type = str):
-    """Check a value against the type of the field's default (and a list's items against ``item``); ints are
-    accepted for floats."""
-    kind = type(default)
+def _types(f: dataclasses.Field) -> tuple[type, type]:
+    """(value type, list item type) of a field: (int, str) for ``int``, (float, str) for ``float | None``,
+    (list, int) for ``list[int]``."""
+    args = [a for a in typing.get_args(f.type) if a is not type(None)]
+    if typing.get_origin(f.type) is list:
+        return list, args[0]
+    return (args[0] if args else f.type), str
+
+
+def _coerce(where: str, value, kind: type, item: type = str):
+    """Check a value against the field's type (and a list's items against ``item``); ints are accepted for
+    floats."""
     if kind is float and type(value) is int:
         return float(value)
     if type(value) is not kind:
@@ -223,12 +249,39 @@ def _coerce(where: str, value, default, item: type = str):
 
 
 def _known(section: str) -> str:
-    return ", ".join(f.name for f in dataclasses.fields(_SECTIONS[section]))
+    return ", ".join(f.name for f in dataclasses.fields(SECTIONS[section]))
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), parties: int | None = None
-                ) -> Config:
-    """Read a TOML file (default: configs/tiny.toml), apply ``section.key=value`` overrides and validate."""
+def preset_config(name: str) -> tuple[Path, list[str]]:
+    """``--preset NAME``: (TOML file, overrides). The packaged configs/NAME.toml, or the default run with the
+    model preset NAME when no such file is packaged."""
+    if (CONFIGS / f"{name}.toml").is_file():
+        return CONFIGS / f"{name}.toml", []
+    if name in PRESETS:
+        return DEFAULT_CONFIG, [f"model.preset={name}"]
+    raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config FILE or --preset NAME, and --set SECTION.KEY=VALUE: how every command is told a run's config."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", metavar="FILE", help="TOML file (default: the packaged configs/tiny.toml)")
+    source.add_argument("--preset", metavar="NAME", help=f"a packaged run: {', '.join(PRESETS)} (configs/NAME.toml, "
+                        "or the default run with that model preset)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override an option, e.g. --set train.steps=50 (repeatable; a list: --set "
+                             "\"data.party_paths=['a.txt', 'b.txt']\")")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), parties: int | None = None,
+                preset: str | None = None) -> Config:
+    """Read a TOML file (default: configs/tiny.toml) or a run preset, apply ``section.key=value`` overrides and
+    validate."""
+    if preset is not None:
+        if path is not None:
+            raise ValueError("give --config or --preset, not both (--preset NAME is the packaged configs/NAME.toml)")
+        path, preset_overrides = preset_config(preset)
+        overrides = [*preset_overrides, *overrides]
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} not found: pass an existing TOML file to --config")
@@ -244,7 +297,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         if not dot:
             if key.strip() != "parties":
                 raise ValueError(f"--set {item!r}: expected section.key=value with a section among "
-                                 f"{', '.join(_SECTIONS)}, or parties=N")
+                                 f"{', '.join(SECTIONS)}, or parties=N")
             raw["parties"] = _parse_value(text.strip())
             continue
         raw.setdefault(section, {})
@@ -257,28 +310,25 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 
 
 def _build(raw: dict) -> Config:
-    unknown = set(raw) - {"parties", *_SECTIONS}
+    unknown = set(raw) - {"parties", *SECTIONS}
     if unknown:
         raise ValueError(f"unknown config key(s) {sorted(unknown)}: the top level has parties and the sections "
-                         f"{', '.join(_SECTIONS)}")
+                         f"{', '.join(SECTIONS)}")
     sections = {}
-    for section, cls in _SECTIONS.items():
+    for section, cls in SECTIONS.items():
         given = raw.get(section, {})
         if not isinstance(given, dict):
             raise ValueError(f"{section} must be a table ([{section}] in TOML)")
-        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                    for f in dataclasses.fields(cls)}
-        items = {f.name: (typing.get_args(f.type) or (str,))[0] for f in dataclasses.fields(cls)}
+        types = {f.name: _types(f) for f in dataclasses.fields(cls)}
         for name in given:
-            if name not in defaults:
+            if name not in types:
                 raise ValueError(f"unknown option {section}.{name}; {section} has: {_known(section)}")
-        given = {name: _coerce(f"{section}.{name}", value, defaults[name], items[name])
-                 for name, value in given.items()}
+        given = {name: _coerce(f"{section}.{name}", value, *types[name]) for name, value in given.items()}
         if section == "model" and given.get("init_from"):
             sections[section] = _pretrained_model(given)
             continue
         if section == "model":
-            preset = given.get("preset", defaults["preset"])
+            preset = given.get("preset", cls.preset)
             if preset not in PRESETS:
                 raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
             given = {**PRESETS[preset], **given}
@@ -356,6 +406,8 @@ def validate(cfg: Config) -> Config:
 
         CheckpointReader(m.init_from)
         load_hf_tokenizer(m.init_from, m.vocab_size)
+        _require(not d.tokenizer, f"data.tokenizer={d.tokenizer!r} and model.init_from both name the tokenizer: a run "
+                 "that starts from a checkpoint uses the checkpoint's; drop data.tokenizer")
     else:
         _require(m.vocab_size >= 260, f"model.vocab_size={m.vocab_size}: a byte-level BPE needs at least 260")
 
@@ -373,14 +425,17 @@ def validate(cfg: Config) -> Config:
                  "existing file or directory")
     _require(corpus_path(d.tokenizer_corpus).exists(),
              f"data.tokenizer_corpus={d.tokenizer_corpus!r} is neither a built-in corpus nor an existing path")
+    _require(not d.tokenizer or Path(d.tokenizer).expanduser().is_file(),
+             f"data.tokenizer={d.tokenizer!r} is not a file: give a tokenizers tokenizer.json, or \"\" for the "
+             "bundled BPE")
 
     for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep_checkpoints"):
         _require(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)} must be at least 1")
     for name in ("warmup_steps", "eval_every", "checkpoint_every", "weight_decay", "grad_clip", "aux_loss_coef",
                  "z_loss_coef"):
         _require(getattr(t, name) >= 0, f"train.{name}={getattr(t, name)} must not be negative")
-    _require(t.lr > 0 and 0 <= t.min_lr <= t.lr, f"train.lr={t.lr} must be positive and min_lr={t.min_lr} "
-             "between 0 and lr")
+    _require(t.lr > 0 and 0 <= t.lr_floor <= t.lr, f"train.lr={t.lr} must be positive and min_lr={t.lr_floor} "
+             "between 0 and lr: lower train.min_lr, or leave it unset (lr / 10)")
     _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must lie in [0, 1)")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}: choose auto, cpu or cuda")
     _require(t.precision in ("auto", "bf16", "fp32"), f"train.precision={t.precision!r}: choose auto, bf16 or fp32")
@@ -398,11 +453,10 @@ def validate(cfg: Config) -> Config:
     _require(not t.optimizer_in_backward or t.grad_accum == 1,
              f"train.optimizer_in_backward steps each parameter during backward, so it needs train.grad_accum=1 "
              f"(got {t.grad_accum}): raise train.batch_size instead")
-    if t.optimizer_8bit:
-        import importlib.util
-
-        _require(importlib.util.find_spec("bitsandbytes") is not None,
-                 "train.optimizer_8bit needs bitsandbytes: pip install bitsandbytes (or set it to false)")
+    _require(not t.optimizer_8bit or importlib.util.find_spec("bitsandbytes") is not None,
+             "train.optimizer_8bit needs bitsandbytes: pip install 'pcmoe[memory]' (or set it to false)")
+    _require(not t.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+             "train.tensorboard=true needs the tensorboard package: pip install 'pcmoe[tensorboard]'")
     if t.device == "cuda":
         import torch
 

@@ -58,13 +58,13 @@ def interface_towards(host: str) -> tuple[str, str]:
 
 
 def run_party(rank: int, parties: int, rendezvous: str | None, peers: str | None, config: str | None,
-              overrides: list[str]) -> Config:
+              overrides: list[str], preset: str | None = None) -> Config:
     """Train as party ``rank`` of ``parties`` in this process; returns the run's configuration. Bad input: a
     one-line ValueError before anything starts."""
     overrides = [*overrides, f"parties={parties}"]
     if peers:
         overrides += ["transport.kind=tls", f"transport.peers={json.dumps(peers.split(','))}"]
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, preset=preset)
     if not 0 <= rank < parties:
         raise ValueError(f"--rank {rank} must be between 0 and {parties - 1} (--parties {parties})")
     t = cfg.transport
@@ -94,5 +94,6 @@ def run_party(rank: int, parties: int, rendezvous: str | None, peers: str | None
         how = (f"torch.distributed ({process_group_backend(cfg)}) rendezvous at {host}:{port}, gloo on {where}; "
                "unencrypted: use transport.kind=tls across sites")
     say(f"pcmoe party {rank} of {parties} | {how}")
-    train_main((["--config", config] if config else []) + [a for o in overrides for a in ("--set", o)])
+    source = ["--config", config] if config else ["--preset", preset] if preset else []
+    train_main(source + [a for o in overrides for a in ("--set", o)])
     return cfg

@@ -32,7 +32,7 @@ import csrc_triton as ct
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
-from .data import Batches, encode, eval_batches, party_texts, tokenizer_for
+from .data import Batches, eval_batches, party_tokens, tokenizer_for
 from .hf import checkpoint_files, load_party
 from .model import Backbone, Loss, compute_loss, count_parameters
 from .nvtx import nvtx_range
@@ -47,12 +47,12 @@ __all__ = ["Party", "initial_backbone", "build_optimizer", "lr_at", "party_devic
 
 
 def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup to lr, then cosine down to min_lr at the last step (steps count from 1)."""
+    """Linear warmup to lr, then cosine down to min_lr (lr / 10 unset) at the last step (steps count from 1)."""
     t = cfg.train
     if step <= t.warmup_steps:
         return t.lr * step / t.warmup_steps
     progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+    return t.lr_floor + 0.5 * (t.lr - t.lr_floor) * (1 + math.cos(math.pi * progress))
 
 
 def party_device(cfg: Config) -> torch.device:
@@ -117,10 +117,8 @@ class Party:
 
         self.tokenizer = tokenizer_for(cfg)
         self.hf_files = checkpoint_files(init_from) if init_from else {"tokenizer.json": self.tokenizer.to_str()}
-        train_text, eval_text = party_texts(cfg, rank)
-        self.batches = Batches(encode(self.tokenizer, train_text), cfg.data.seq_len, t.batch_size,
-                               seed=(t.seed, "data", rank))
-        self.eval_tokens = encode(self.tokenizer, eval_text)
+        train_tokens, self.eval_tokens = party_tokens(cfg, rank, self.tokenizer)
+        self.batches = Batches(train_tokens, cfg.data.seq_len, t.batch_size, seed=(t.seed, "data", rank))
 
         if init_from:
             self.backbone, self.shard = load_party(init_from, cfg.model, rank, cfg.parties, self.device)

@@ -16,37 +16,34 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from .config import Config, load_config
-from .metrics import MetricsLog, merge_run, say, write_summary
-from .party import Party, peak_memory, process_group_backend
+from .config import Config, add_config_arguments, load_config
+from .metrics import MetricsLog, merge_run, say, start_line, summary_text, write_summary
+from .party import Party, process_group_backend
 from .tls import TLSMesh
 from .transport import PeerFailure, TorchTransport, Transport
 
 __all__ = ["main", "train", "open_transport"]
 
 
-def train(cfg: Config, rank: int, transport: Transport | None = None) -> dict:
+def train(cfg: Config, rank: int, transport: Transport | None = None, quiet: bool = False) -> dict:
     """Train as party ``rank`` of ``cfg.parties`` over ``transport`` (default: the process group, which is
-    already up if there are several parties). Returns its summary."""
+    already up if there are several parties); ``quiet``: print nothing (`pcmoe train` shows the parties'
+    progress from their metrics files). Returns its summary."""
     t = cfg.train
     party = Party(cfg, rank, transport)
-    if t.resume and (checkpoint := party.resume()) is not None:
+    if t.resume and (checkpoint := party.resume()) is not None and not quiet:
         say(f"party {rank} | resumed from {checkpoint} at step {party.step_count}")
-    log = MetricsLog(party.dir / "metrics.jsonl", rank, party.step_count)
-    memory_kind = peak_memory(party.device)[1]
+    log = MetricsLog(party, quiet)
     while party.step_count < t.steps:
         record = party.step()
         step = record["step"]
         log.write(record)
-        if step == 1 or step % t.log_every == 0 or step == t.steps:
-            log.print_step(record, t.steps, memory_kind)
         if t.eval_every and step % t.eval_every == 0 and step < t.steps:
             log.write({"step": step, "eval_loss": party.evaluate()})
         if t.checkpoints and ((t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps):
             party.save()
     eval_loss = party.evaluate()
     log.write({"step": party.step_count, "eval_loss": eval_loss})
-    say(f"party {rank} | eval loss {eval_loss:.4f}")
     summary = party.summary(eval_loss)
     write_summary(party.dir / "summary.json", summary)
     log.close()
@@ -65,27 +62,32 @@ def open_transport(cfg: Config, rank: int, timeout: timedelta) -> Transport:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pcmoe_engine.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="TOML file (default: the packaged configs/tiny.toml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_config_arguments(parser)
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors (pcmoe train's parties)")
     args = parser.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     try:
-        cfg = load_config(args.config, args.overrides, parties=world if "WORLD_SIZE" in os.environ else None)
+        cfg = load_config(args.config, args.overrides, parties=world if "WORLD_SIZE" in os.environ else None,
+                          preset=args.preset)
     except ValueError as e:
         sys.exit(f"pcmoe: error: {e}")
     if cfg.parties != world:
         sys.exit(f"pcmoe: error: parties={cfg.parties} needs one process per party: run `pcmoe train --parties "
                  f"{cfg.parties}` or `torchrun --nproc-per-node {cfg.parties} -m pcmoe_engine.train`")
+    if rank == 0 and not args.quiet:
+        say(start_line(cfg))
     transport = None
     try:
         if world > 1:
             transport = open_transport(cfg, rank, timedelta(minutes=10))
-        train(cfg, rank, transport)
+        train(cfg, rank, transport, args.quiet)
         if transport is not None:
             transport.barrier()  # carries no data: it only waits for every party's files
         if rank == 0:
-            merge_run(cfg)
+            summary = merge_run(cfg)
+            if not args.quiet:
+                say(summary_text(summary, cfg.run_dir))
     except (ValueError, PeerFailure) as e:
         sys.exit(f"pcmoe: error (party {rank}): {e}")
     finally:

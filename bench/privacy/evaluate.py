@@ -26,7 +26,7 @@ import torch
 
 from bench.common import source_commit
 from pcmoe_engine.config import PrivacyConfig
-from pcmoe_engine.data import encode, load_tokenizer, party_texts
+from pcmoe_engine.data import encode, party_texts, tokenizer_for
 
 from .attacks import decoder_attack, fedsgd_attack, gradient_attack, nearest_neighbour_attack
 from .harness import ATTACKER, PRESETS, VICTIM, Collaboration, Preset, collaborate, config, windows
@@ -41,7 +41,7 @@ def run(preset: Preset, log=lambda message: print(message, flush=True), threads:
     run is two party processes of ``threads`` CPU threads each."""
     cfg = config(preset)
     device = torch.device(cfg.train.device)
-    tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size)
+    tokenizer = tokenizer_for(cfg)
     victim_eval, attacker_text = party_texts(cfg, VICTIM)[1], party_texts(cfg, ATTACKER)[0]
     held_out = windows(encode(tokenizer, victim_eval), cfg.data.seq_len, preset.eval_sequences).to(device)
     aux = windows(encode(tokenizer, attacker_text), cfg.data.seq_len, preset.aux_sequences).to(device)
