@@ -110,7 +110,11 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     checkpoints: bool = True  # false: write none (benchmarks, profiling)
-    resume: bool = False  # continue from the latest checkpoint in the run directory
+    resume: bool = False  # continue from the latest checkpoint every party holds intact
+    overwrite: bool = False  # replace a run already in the run directory (else starting there is refused)
+    nonfinite: str = "skip"  # a step with a non-finite loss or gradient at any party: skip it everywhere, or stop
+    nonfinite_patience: int = 5  # with skip: stop (the run diverged) after this many such steps in a row
+    peer_timeout_s: float = 60.0  # a party silent this long (killed, hung, cut off) stops every other party
     # auto: one GPU per party when there are enough, else CPU; cuda: GPUs, which the parties share round-robin
     # (over gloo) when there are fewer GPUs than parties; cpu
     device: str = "auto"
@@ -291,7 +295,8 @@ def validate(cfg: Config) -> Config:
     _require(corpus_path(d.tokenizer_corpus).exists(),
              f"data.tokenizer_corpus={d.tokenizer_corpus!r} is neither a built-in corpus nor an existing path")
 
-    for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep_checkpoints"):
+    for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep_checkpoints",
+                 "nonfinite_patience"):
         _require(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)} must be at least 1")
     for name in ("warmup_steps", "eval_every", "checkpoint_every", "weight_decay", "grad_clip", "aux_loss_coef",
                  "z_loss_coef"):
@@ -301,6 +306,13 @@ def validate(cfg: Config) -> Config:
     _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must lie in [0, 1)")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}: choose auto, cpu or cuda")
     _require(t.precision in ("auto", "bf16", "fp32"), f"train.precision={t.precision!r}: choose auto, bf16 or fp32")
+    _require(t.nonfinite in ("skip", "stop"), f"train.nonfinite={t.nonfinite!r}: choose skip or stop")
+    _require(t.peer_timeout_s > 0, f"train.peer_timeout_s={t.peer_timeout_s} must be positive (seconds)")
+    _require(t.name not in (".", "..") and not any(c in t.name for c in "/\\\0"),
+             f"train.name={t.name!r} must be a plain folder name (no '/', '\\' or '..'): the run's folder under "
+             "train.out_dir")
+    _require(not (t.resume and t.overwrite), "train.resume and train.overwrite are both true: resume the run in "
+             "the run directory, or replace it, not both")
     for what in ("hidden", "grad"):
         clip, noise = getattr(cfg.privacy, f"{what}_clip"), getattr(cfg.privacy, f"{what}_noise")
         _require(clip >= 0 and noise >= 0, f"privacy.{what}_clip and privacy.{what}_noise must not be negative")

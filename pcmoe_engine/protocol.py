@@ -17,6 +17,9 @@ Owner-local expert ids never travel row by row: rows arrive sorted by local expe
 Backward retraces the route: output gradients go to the owners ("output_grad"), input gradients come back
 ("hidden_grad"). An owner's expert gradients thus sum the contributions of every party's tokens. Nothing else
 crosses: no token ids, labels, positions, masks, routing weights, backbone parameters or their gradients.
+Beside the model's traffic, two control kinds carry numbers about the run, never data (lockstep.py): the
+"handshake" when the parties start (protocol version, per-option digests of the configuration, the checkpoint
+steps each holds) and the "health" vote of every step (which values were non-finite, the last step saved).
 Every transfer goes through ``Wire.exchange``, which counts its bytes, can log it to a ``WireLog`` and can show
 what arrived to an observer (``Wire.observer``: e.g. an evaluation recording what a host receives).
 
@@ -44,7 +47,7 @@ from .config import ModelConfig, PrivacyConfig
 from .nvtx import nvtx_range, stage
 from .rng import seeded
 
-__all__ = ["WIRE_KINDS", "owner_of", "owned_experts", "ExpertShard", "WireEntry", "WireLog", "Wire", "Observer",
+__all__ = ["WIRE_KINDS", "CONTROL_KINDS", "owner_of", "owned_experts", "ExpertShard", "WireEntry", "WireLog", "Wire", "Observer",
            "Transfer", "DistributedExperts", "clip_and_noise"]
 
 # What may cross between parties, and nothing else.
@@ -54,7 +57,11 @@ WIRE_KINDS = (
     "output",  # expert outputs, owner -> origin
     "output_grad",  # gradients of the expert outputs, origin -> owner
     "hidden_grad",  # gradients of the dispatched hidden states, owner -> origin
+    # Control rows, int64, the same to every party (Wire.share; lockstep.py):
+    "handshake",  # at start: protocol version, per-option digests of the configuration, checkpoint steps held
+    "health",  # every step: the step, which of loss / backbone / expert gradients are non-finite, last step saved
 )
+CONTROL_KINDS = ("handshake", "health")  # numbers about the run; the others carry the model's traffic
 
 
 def owner_of(expert: int, parties: int) -> int:
@@ -216,6 +223,14 @@ class Wire:
         observer = self.observer
         arrived = (lambda rows: observer(kind, layer, rows, recv_splits)) if observer is not None else None
         return Transfer(recv, work, arrived)
+
+    def share(self, kind: str, row: torch.Tensor, lengths: list[int] | None = None) -> list[torch.Tensor]:
+        """Send the same 1-D control ``row`` to every party; returns every party's row, in party order.
+        ``lengths``: each party's row length, when they differ (default: all as long as this one's)."""
+        n = row.numel()
+        received = self.exchange(kind, -1, row.repeat(self.parties), [n] * self.parties,
+                                 lengths or [n] * self.parties).wait()
+        return list(received.split(lengths or [n] * self.parties))
 
     @property
     def total_sent(self) -> int:

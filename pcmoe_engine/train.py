@@ -4,31 +4,48 @@
 The parties step in lockstep, each on its own batch. Each one's optimizer updates only its own backbone and
 expert shard; the only traffic is the protocol's (see protocol.py). ``train`` is the loop: a ``Party``
 (party.py) steps, and the loop decides when to log, evaluate and checkpoint. Writes, under the run directory:
-party<i>/metrics.jsonl, party<i>/summary.json, party<i>/checkpoints/; party 0 merges the parties' files into
-metrics.jsonl and summary.json at the end (metrics.py).
+party<i>/config.json, party<i>/metrics.jsonl, party<i>/summary.json, party<i>/checkpoints/; party 0 merges the
+parties' files into metrics.jsonl and summary.json at the end (metrics.py).
+
+``main`` is the process around it: it joins the process group, runs the watchdog (faults.py), and turns
+whatever stops the party (bad input, a lost peer, divergence, memory, a stop signal) into one line and an exit
+code (faults.ExitCode).
 """
 
 import argparse
 import os
+import signal
 import sys
+import threading
+import traceback
 from datetime import timedelta
 
 import torch.distributed as dist
 
+from .checkpoint import prepare_party_dir
 from .config import Config, load_config
+from .faults import (STOP_SIGNALS, Diverged, ExitCode, Interrupted, Progress, Watchdog, error_line, out_of_memory,
+                     resume_command)
 from .metrics import MetricsLog, merge_run, say, write_summary
 from .party import Party, peak_memory, process_group_backend
 
 __all__ = ["main", "train"]
 
 
-def train(cfg: Config, rank: int) -> dict:
+def train(cfg: Config, rank: int, progress: Progress | None = None) -> dict:
     """Train as party ``rank`` of ``cfg.parties`` (the process group, if any, is already up). Returns its
-    summary."""
+    summary. ``progress`` learns the Party once built, for the line the party prints if it stops."""
     t = cfg.train
+    prepare_party_dir(cfg, rank)
     party = Party(cfg, rank)
-    if t.resume and (checkpoint := party.resume()) is not None:
-        say(f"party {rank} | resumed from {checkpoint} at step {party.step_count}")
+    if progress is not None:
+        progress.party = party
+    if t.resume:
+        checkpoint = party.resume()
+        say(f"party {rank} | resumed from {checkpoint} at step {party.step_count}" if checkpoint else
+            f"party {rank} | no checkpoint every party holds: starting from step 0")
+    else:
+        party.handshake()
     log = MetricsLog(party.dir / "metrics.jsonl", rank, party.step_count)
     memory_kind = peak_memory(party.device)[1]
     while party.step_count < t.steps:
@@ -41,6 +58,7 @@ def train(cfg: Config, rank: int) -> dict:
             log.write({"step": step, "eval_loss": party.evaluate()})
         if t.checkpoints and ((t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps):
             party.save()
+    party.commit()
     eval_loss = party.evaluate()
     log.write({"step": party.step_count, "eval_loss": eval_loss})
     say(f"party {rank} | eval loss {eval_loss:.4f}")
@@ -51,10 +69,51 @@ def train(cfg: Config, rank: int) -> dict:
     return summary
 
 
+def _stopped(e: BaseException, progress: Progress, watchdog: Watchdog | None) -> tuple[int, str, str]:
+    """(exit code, the line to print, the state the heartbeat ends in) for whatever stopped this party."""
+    if isinstance(e, (Interrupted, KeyboardInterrupt)):
+        signum = getattr(e, "signum", signal.SIGINT)
+        return 128 + signum, f"stopped by {signal.Signals(signum).name} {progress.status()}", "signal"
+    if isinstance(e, Diverged):
+        return ExitCode.DIVERGED, str(e), "fail"
+    if isinstance(e, ValueError):
+        return ExitCode.BAD_INPUT, str(e), "fail"
+    if kind := out_of_memory(e):
+        return ExitCode.OUT_OF_MEMORY, (
+            f"out of {kind} memory at step {progress.step}: lower train.batch_size or data.seq_len (raise "
+            "train.grad_accum to keep the tokens per step), set train.activation_checkpointing=true, or use a "
+            "smaller model"), "fail"
+    if watchdog is not None:
+        watchdog.blame()  # did a collective fail because a party stopped? then the watchdog ends this process
+    traceback.print_exception(e)
+    return ExitCode.BAD_INPUT, f"stopped by the error above ({type(e).__name__}) {progress.status()}", "fail"
+
+
+def _on_signal(signum, frame):
+    for s in STOP_SIGNALS:  # one is enough: the party is on its way out
+        signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def _join(cfg: Config, rank: int, world: int, progress: Progress) -> Watchdog:
+    """Join the process group and start the watchdog. The collectives' own timeout is only the backstop: the
+    watchdog names a silent party after train.peer_timeout_s."""
+    timeout = timedelta(seconds=2 * cfg.train.peer_timeout_s)
+    try:
+        dist.init_process_group(process_group_backend(cfg), rank=rank, world_size=world, timeout=timeout)
+    except dist.DistError as e:
+        error_line(rank, f"not every party joined within {timeout.total_seconds():g} s ({type(e).__name__}): start "
+                   f"all {world} parties, with the same --config and --set options")
+        raise SystemExit(ExitCode.PEER_LOST) from None
+    store = dist.distributed_c10d._get_default_store().clone()  # a connection of its own, for its own thread
+    return Watchdog(store, rank, world, cfg.train.peer_timeout_s, progress)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pcmoe_engine.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="TOML file (default: the packaged configs/tiny.toml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -65,19 +124,45 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.parties != world:
         sys.exit(f"pcmoe: error: parties={cfg.parties} needs one process per party: run `pcmoe train --parties "
                  f"{cfg.parties}` or `torchrun --nproc-per-node {cfg.parties} -m pcmoe_engine.train`")
-    if world > 1:
-        dist.init_process_group(process_group_backend(cfg), rank=rank, world_size=world, timeout=timedelta(minutes=10))
+    progress, watchdog = Progress(resume_command(argv)), None
+    previous = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
     try:
-        train(cfg, rank)
         if world > 1:
-            dist.barrier()  # carries no data: it only waits for every party's files
+            watchdog = _join(cfg, rank, world, progress)
+        train(cfg, rank, progress)
+        if watchdog is not None:
+            if not watchdog.claim("done"):
+                _await_watchdog()
+            watchdog.leave()  # party 0 also waits for the others' files: their heartbeats say done once written
         if rank == 0:
             merge_run(cfg)
-    except ValueError as e:
-        sys.exit(f"pcmoe: error (party {rank}): {e}")
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 -- every other way out becomes one line and an exit code
+        try:
+            code, line, state = _stopped(e, progress, watchdog)
+        except Interrupted as stop:  # the stop signal came while the party looked for the cause
+            code, line, state = _stopped(stop, progress, None)
+        if watchdog is not None and not watchdog.claim(state):
+            _await_watchdog()
+        error_line(rank, line)
+        if watchdog is None:
+            raise SystemExit(code) from None
+        watchdog.leave()
+        sys.stdout.flush()
+        os._exit(code)  # a process group with a lost peer can hang or abort in its destructors
     finally:
-        if world > 1:
-            dist.destroy_process_group()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _await_watchdog() -> None:
+    """The watchdog has taken this process's way out (a lost peer): it prints the line and ends the process."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    threading.Event().wait()
 
 
 if __name__ == "__main__":

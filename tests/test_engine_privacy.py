@@ -17,7 +17,9 @@ from pcmoe_engine.cli import free_port
 from pcmoe_engine.config import PrivacyConfig, load_config
 from pcmoe_engine.data import encode, load_tokenizer, party_texts
 from pcmoe_engine.party import Party
-from pcmoe_engine.protocol import WIRE_KINDS, ExpertShard, Wire, clip_and_noise
+from pcmoe_engine import lockstep
+from pcmoe_engine.lockstep import PER_PARTY, PROTOCOL_VERSION
+from pcmoe_engine.protocol import CONTROL_KINDS, WIRE_KINDS, ExpertShard, Wire, clip_and_noise
 from pcmoe_engine.train import train
 
 # Every torch.distributed call that could move data (or synchronise) between parties.
@@ -30,6 +32,7 @@ AUDIT = ["parties=2", "model.hidden_size=32", "model.num_layers=2", "model.exper
          "model.shared_intermediate_size=16", "data.seq_len=16", "train.batch_size=2", "train.steps=2",
          "train.warmup_steps=1", "train.eval_batches=1", "train.log_every=100", "train.wire_log=true",
          "privacy.hidden_clip=1.0", "privacy.grad_clip=1e-4"]
+PATHS = ("data.corpus", "train.out_dir")  # set in the audit run, and no option that crosses has their values
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +81,8 @@ def test_wire_audit_of_a_two_party_training_run(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     mp.spawn(_audited_party, args=(str(tmp_path), free_port()), nprocs=2)
-    cfg = load_config(None, AUDIT)
+    cfg = load_config(None, AUDIT + [f"train.out_dir={tmp_path}", "train.name=audit"])
+    run_options = lockstep.options(cfg.to_dict())
     hidden, local_experts = cfg.model.hidden_size, cfg.model.num_experts // 2
     pairs_per_pass = cfg.train.batch_size * cfg.data.seq_len * cfg.model.top_k
     for party in range(2):
@@ -88,6 +92,18 @@ def test_wire_audit_of_a_two_party_training_run(tmp_path, monkeypatch):
         assert {c["kind"] for c in calls} == set(WIRE_KINDS)
         for c in calls:
             send = c["send"]
+            if c["kind"] in CONTROL_KINDS:  # numbers about the run, the same int64 row to every party: no data
+                row = send[:c["send_splits"][0]]
+                assert send.dtype == torch.int64 and c["send_splits"] == [len(row)] * 2
+                assert torch.equal(send, row.repeat(2))
+                if c["kind"] == "health":  # step, non-finite flags, last step saved (-1: none yet)
+                    assert len(row) == 3 and row[1] == 0 and row[2] in (-1, cfg.train.steps)
+                elif len(row) == 4:  # handshake header: version, options digest, not resuming, no steps held
+                    assert row[0] == PROTOCOL_VERSION and row[2:].tolist() == [0, 0]
+                else:  # one digest per option all parties must share (and the precision); paths never cross
+                    assert len(row) == len([n for n in run_options if n not in PER_PARTY]) + 1
+                    assert not {lockstep._digest(run_options[n]) for n in PATHS} & set(row.tolist())
+                continue
             if c["kind"] == "splits":  # pair counts per expert, one row each: no ids, no positions
                 assert send.dtype == torch.int64 and send.shape == (2 * local_experts,)
                 assert c["send_splits"] == [local_experts, local_experts]
@@ -107,8 +123,9 @@ def test_wire_audit_of_a_two_party_training_run(tmp_path, monkeypatch):
         entries = [json.loads(line) for line in lines]
         assert len(entries) == 2 * len(calls)  # one entry per exchange and direction
         assert {e["kind"] for e in entries} == set(WIRE_KINDS)
-        assert all(e["shape"][1:] == ([] if e["kind"] == "splits" else [hidden]) for e in entries)
-        assert all(e["dtype"] == ("int64" if e["kind"] == "splits" else "float32") for e in entries)
+        counts = ("splits", *CONTROL_KINDS)
+        assert all(e["shape"][1:] == ([] if e["kind"] in counts else [hidden]) for e in entries)
+        assert all(e["dtype"] == ("int64" if e["kind"] in counts else "float32") for e in entries)
 
 
 def test_disallowed_kinds_never_cross():

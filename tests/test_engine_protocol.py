@@ -18,7 +18,7 @@ import csrc_triton as ct
 from pcmoe_engine.cli import free_port
 from pcmoe_engine.config import ModelConfig
 from pcmoe_engine.model import Backbone, compute_loss
-from pcmoe_engine.protocol import WIRE_KINDS, DistributedExperts, ExpertShard, Wire, WireLog, owned_experts
+from pcmoe_engine.protocol import CONTROL_KINDS, WIRE_KINDS, DistributedExperts, ExpertShard, Wire, WireLog, owned_experts
 
 CFG = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=8,
                   top_k=2, expert_intermediate_size=48, shared_intermediate_size=40, shared_expert_gate=True)
@@ -122,7 +122,7 @@ def test_parties_equal_single_process(parties, checkpointing, tmp_path, monkeypa
     assert (sent > 0) == (parties > 1)
     for p, r in enumerate(results):
         entries = r["wire"]["entries"]
-        assert {e.kind for e in entries} == (set(WIRE_KINDS) if parties > 1 else set())
+        assert {e.kind for e in entries} == (set(WIRE_KINDS) - set(CONTROL_KINDS) if parties > 1 else set())
         assert all(e.src != e.dst and p in (e.src, e.dst) for e in entries)
         assert all(e.dtype == ("int64" if e.kind == "splits" else "float32") for e in entries)
         assert sum(e.bytes for e in entries if e.src == p) == r["wire"]["sent"]
