@@ -126,3 +126,18 @@ def test_parties_equal_single_process(parties, checkpointing, tmp_path, monkeypa
         assert all(e.src != e.dst and p in (e.src, e.dst) for e in entries)
         assert all(e.dtype == ("int64" if e.kind == "splits" else "float32") for e in entries)
         assert sum(e.bytes for e in entries if e.src == p) == r["wire"]["sent"]
+
+
+def test_nan_hidden_states_stay_in_range_through_the_protocol():
+    """A NaN hidden state (a party diverging) makes a NaN router row: the router's ids stay in range (under the
+    Triton interpreter: the kernel's), so the protocol's indexing (wire positions, plan, grouped GEMM) stays in
+    bounds and only that token's output is NaN."""
+    shard = ExpertShard(CFG)
+    shard.init_weights(SEED)
+    x = torch.randn(6, CFG.hidden_size, generator=torch.Generator().manual_seed(0))
+    x[2] = float("nan")
+    router = torch.nn.Linear(CFG.hidden_size, CFG.num_experts, bias=False)
+    routing = ct.route(router(x), CFG.top_k)
+    assert ((routing.expert_ids >= 0) & (routing.expert_ids < CFG.num_experts)).all()
+    out, _ = DistributedExperts(shard, Wire())(0, x, routing.weights, routing.expert_ids)
+    assert out[2].isnan().all() and out[[0, 1, 3, 4, 5]].isfinite().all()
