@@ -20,6 +20,9 @@
 #   bench/run_device.sh suites   the stage suites only, for as long as BUDGET_S allows
 #   bench/run_device.sh small    the `small` preset at 2 parties (over NCCL, when 2 GPUs are there) and at 1
 #   bench/run_device.sh tests    the GPU tests only
+#   bench/run_device.sh alltests the whole tests/ suite on the GPU, kernels compiled; with 2 GPUs
+#                                (nvidia-h100-x2) also the protocol's n-party equality over NCCL. Extra
+#                                arguments go to its pytest (e.g. -x, -k, -m "not slow")
 #
 # Writes into $OUT (the device tool's folder; default bench/results/device): bench_*.json, e2e_*.json,
 # small_<n>p.json, engine_profile.json, engine_trace.json.gz, engine_memory.pickle.gz, ncu.txt,
@@ -27,7 +30,8 @@
 # peers_*.json, rerun_peers_*.json, reproduce.md, run.log.
 # Each phase gets what is left of BUDGET_S seconds (default 570; peers 420) up to its own cap, and the log says
 # what did not run. Carried wheels (.whl/, .whl/peers/, from bench/fetch_wheels.sh) are installed first;
-# megablocks' source is built in the background while the engine runs. Extra arguments go to the suites' pytest.
+# megablocks' source is built in the background while the engine runs. Extra arguments go to the suites' pytest
+# (alltests: to the tests' pytest).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-all}
@@ -107,6 +111,12 @@ gpu_tests() {  # gpu_tests CAP
     phase "GPU tests" "$1" 100 python3 -m pytest -q -m gpu tests/ --durations=5 -p no:cacheprovider
 }
 
+all_tests() {  # the whole tests/ suite on the GPU: every kernel test compiled (not the interpreter), the `gpu` ones
+    # included (the protocol over NCCL with 2+ GPUs); the engine's own runs put a party on each GPU when there
+    # are enough. Slowest first in the log, so a cut-short run still says where the time went.
+    phase "all tests on the GPU" 9999 120 python3 -m pytest -q tests/ --durations=15 -p no:cacheprovider "$@"
+}
+
 megablocks_build() {  # megablocks' CUDA extension (sort, histogram, cumsum), sm_90 only, on the CPUs
     MB_PID=
     if [ -d .whl/megablocks-0.10.0 ] && command -v nvcc >/dev/null; then
@@ -171,6 +181,7 @@ peers() {  # the peer suites twice: one GPU after the other, or both GPUs at onc
 case $MODE in
 e2e) e2e ;;
 tests) gpu_tests 9999 ;;
+alltests) all_tests "$@" ;;
 small) (( GPUS >= 2 )) && small_run 2; small_run 1 ;;
 suites) megablocks_build; suites 9999 "$@" ;;
 peers) peers "$@" ;;
@@ -205,6 +216,6 @@ all)
         gpu_tests 9999
     fi
     ;;
-*) echo "usage: bench/run_device.sh [all|suites|peers|e2e|small|tests] [pytest args for the suites]"; exit 2 ;;
+*) echo "usage: bench/run_device.sh [all|suites|peers|e2e|small|tests|alltests] [pytest args]"; exit 2 ;;
 esac
 echo "== done at ${SECONDS} s" | tee -a "$LOG"
