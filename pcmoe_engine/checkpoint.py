@@ -2,9 +2,9 @@
 with, and its checkpoints.
 
 Before a party starts, its folder must be writable, and a fresh start never replaces a run silently: it is
-refused unless train.overwrite (or train.resume) says what to do with it. A fresh start writes config.json
-(the party's whole configuration); resuming is refused for another configuration, named by its first
-differing option (lockstep.RESUMABLE lists what may change).
+refused unless train.overwrite (or train.resume) says what to do with it. Once the parties have agreed to
+start, config.json records the party's whole configuration; resuming is refused for another configuration,
+named by its first differing option (lockstep.RESUMABLE lists what may change).
 
 A party writes only what it owns (backbone, expert shard, optimizer, data position) into its own folder,
 atomically: a temporary file, flushed to disk, renamed into place, so a checkpoint is whole or absent. It
@@ -28,8 +28,8 @@ import torch
 from .config import Config
 from .lockstep import first_difference
 
-__all__ = ["check_writable", "check_run_dir", "prepare_party_dir", "save_checkpoint", "held_steps", "prune",
-           "drop_after", "checkpoint_path", "load_checkpoint"]
+__all__ = ["check_writable", "check_run_dir", "prepare_party_dir", "record_config", "save_checkpoint", "held_steps",
+           "prune", "drop_after", "checkpoint_path", "load_checkpoint"]
 
 _NAME = re.compile(r"step_(\d+)\.pt")
 _HOW = "resume it (--set train.resume=true), name this run (--set train.name=NAME) or replace it " \
@@ -63,7 +63,7 @@ def check_run_dir(cfg: Config) -> None:
 def prepare_party_dir(cfg: Config, rank: int) -> Path:
     """A party's own folder, checked before it starts (under torchrun too, where no launcher checked): writable;
     a fresh start refuses an earlier run there unless train.overwrite (then removes it, and party 0 the run's
-    merged files) and writes config.json; resuming refuses a folder of another configuration."""
+    merged files); resuming refuses a folder of another configuration."""
     t, folder = cfg.train, cfg.run_dir / f"party{rank}"
     saved = folder / "config.json"
     if t.resume:
@@ -78,9 +78,13 @@ def prepare_party_dir(cfg: Config, rank: int) -> Path:
             for merged in ("summary.json", "metrics.jsonl"):
                 (cfg.run_dir / merged).unlink(missing_ok=True)
     check_writable(folder)
-    if not saved.is_file():
-        saved.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return folder
+
+
+def record_config(folder: Path, cfg: Config) -> None:
+    """config.json, once the parties have agreed to start: what a resume of this folder must match."""
+    if not (folder / "config.json").is_file():
+        (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
 def _steps(directory: Path) -> list[tuple[int, Path]]:

@@ -28,12 +28,13 @@ __all__ = ["PROTOCOL_VERSION", "RESUMABLE", "PER_PARTY", "NONFINITE", "options",
 # Raise it whenever what crosses between parties changes meaning: parties of different versions refuse each other.
 PROTOCOL_VERSION = 1
 
-# Options that may change when a run resumes: where it is written and read from, what it logs, how long a party
-# waits for the others, whether blocks are recomputed in backward. Every other option is the run itself: a
-# checkpoint is refused for another value.
+# Options that may change when a run resumes: where it is written and read from, what it logs, evaluates and
+# checkpoints, how long a party waits for the others, whether blocks are recomputed in backward. Every other
+# option is the run itself: a checkpoint is refused for another value.
 RESUMABLE = frozenset({"train.resume", "train.overwrite", "train.out_dir", "train.name", "train.device",
-                       "train.log_every", "train.wire_log", "train.keep_checkpoints", "train.peer_timeout_s",
-                       "train.activation_checkpointing", "data.cache_dir"})
+                       "train.log_every", "train.wire_log", "train.eval_every", "train.eval_batches",
+                       "train.checkpoints", "train.checkpoint_every", "train.keep_checkpoints",
+                       "train.peer_timeout_s", "train.activation_checkpointing", "data.cache_dir"})
 # Options each party sets for itself, never compared: its paths (the data's are private), device, logging and
 # timeout. Its precision is compared as the dtype it resolves to (its rows cross in it).
 PER_PARTY = frozenset({"train.overwrite", "train.out_dir", "train.name", "train.device", "train.precision",

@@ -22,7 +22,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from .checkpoint import prepare_party_dir
+from .checkpoint import prepare_party_dir, record_config
 from .config import Config, load_config
 from .faults import (STOP_SIGNALS, Diverged, ExitCode, Interrupted, Progress, Watchdog, error_line, out_of_memory,
                      resume_command)
@@ -46,6 +46,7 @@ def train(cfg: Config, rank: int, progress: Progress | None = None) -> dict:
             f"party {rank} | no checkpoint every party holds: starting from step 0")
     else:
         party.handshake()
+    record_config(party.dir, cfg)
     log = MetricsLog(party.dir / "metrics.jsonl", rank, party.step_count)
     memory_kind = peak_memory(party.device)[1]
     while party.step_count < t.steps:
