@@ -58,6 +58,14 @@ def _outcome(codes: list[int], forwarded: list[int]) -> int:
     return ExitCode.PEER_LOST if any(codes) else ExitCode.OK
 
 
+def _suspended(pid: int) -> bool:
+    """Stopped by SIGSTOP (Linux: state T): such a party cannot end by itself."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
 def launch(parties: int, train_args: list[str], env: dict | None = None, peer_timeout_s: float = 60.0,
            command: str | None = None) -> int:
     """Run ``python -m pcmoe_engine.train *train_args`` once per party and wait for them all; returns the exit
@@ -95,13 +103,14 @@ def launch(parties: int, train_args: list[str], env: dict | None = None, peer_ti
             if deadline is None and (forwarded or any(codes)):
                 # The others notice a failed party within peer_timeout_s and stop with their own line.
                 deadline = time.monotonic() + (10 if forwarded else peer_timeout_s + 10)
-            if deadline is not None and time.monotonic() > deadline:
-                for party, p in enumerate(procs):
-                    if p.poll() is None:
-                        p.kill()
-                        killed.add(party)
-                        print(f"pcmoe: party {party} was still running {peer_timeout_s + 10:g} s after the others "
-                              "stopped: killed", file=sys.stderr)
+            running = [party for party, code in enumerate(codes) if code is None]
+            hung = deadline is not None and all(_suspended(procs[party].pid) for party in running)
+            if hung or (deadline is not None and time.monotonic() > deadline):
+                for party in running:
+                    procs[party].kill()
+                    killed.add(party)
+                    print(f"pcmoe: party {party} {'was stopped (SIGSTOP)' if hung else 'still ran'} after the others "
+                          "had ended: killed", file=sys.stderr)
             time.sleep(0.1)
     finally:
         for p in procs:
