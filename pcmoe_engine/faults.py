@@ -5,14 +5,15 @@ Exit codes (README, ``pcmoe train --help``): ``ExitCode``; a party stopped by si
 
 Failure detection. Once the process group is up, every party runs a ``Watchdog``: one thread writes this
 party's heartbeat to the rendezvous store every ``interval`` seconds (key: the party's rank; value: a beat
-count, its step and its state: run, fail, signal, lost:<party> or done; no data) and reads the others'; a
-second thread, which does no I/O, judges. A party whose heartbeat has not changed for train.peer_timeout_s, or
-the store not answering that long (party 0 hosts it), is gone: the judge prints one line naming it, the last
-common checkpoint and the command that resumes the run, and ends the process with PEER_LOST, even while the
-main thread is blocked in a collective. When a collective fails (gloo: "Connection closed by peer") the main
-thread asks the judge at once (``blame``), which then waits only ``grace`` seconds for the culprit's
-heartbeat. The process group's own timeout, twice peer_timeout_s, is the backstop. Nothing here depends on the
-transport or on where a party runs: the store is the rendezvous every party reaches anyway.
+count, its step and its state: run, fail, signal:<name>, lost:<party> or done; no data) and reads the
+others'; a second thread, which does no I/O, judges. A party whose heartbeat says it stopped, or has not
+changed for train.peer_timeout_s, or the store not answering that long (party 0 hosts it), is gone: the judge
+prints one line naming it, the last common checkpoint and the command that resumes the run, and ends the
+process with PEER_LOST, even while the main thread is blocked in a collective. When a collective fails (gloo:
+"Connection closed by peer") the main thread asks the judge at once (``blame``), which then waits only
+``grace`` seconds for the culprit's heartbeat. The process group's own timeout, twice peer_timeout_s, is the
+backstop. Nothing here depends on how the rows travel (gloo, NCCL) or on where a party runs: the store is the
+rendezvous every party reaches anyway.
 """
 
 import ctypes
@@ -103,7 +104,7 @@ def die_with_parent() -> None:
 
 
 _WHY = {"run": "stopped answering (killed, hung or cut off)", "fail": "stopped with an error (its own line says why)",
-        "signal": "was stopped by a signal"}
+        "signal": "was stopped by {}", "lost": "stopped: it lost this party"}  # what a party's last heartbeat says
 
 
 def _state(heartbeat: str) -> str:
@@ -163,19 +164,20 @@ class Watchdog:
             time.sleep(self.interval)
 
     def _gone(self, limit: float) -> dict[int, str]:
-        """The parties silent for more than ``limit`` seconds, each with what its last heartbeat said."""
-        now, gone = time.monotonic(), {}
+        """The parties that stopped (their last heartbeat says so: failed, signalled, lost another party) or have
+        been silent for more than ``limit`` seconds, each with what happened to it."""
+        now, gone, noticed = time.monotonic(), {}, {}
         if self.rank != 0 and now - self._store_ok > limit:
             gone[0] = "is unreachable (it hosts the rendezvous store)"
         for p, (heartbeat, changed) in self._seen.items():
-            state = _state(heartbeat)
-            if state == "done" or now - changed <= limit:
+            state, _, detail = _state(heartbeat).partition(":")
+            if state == "done" or (state == "run" and now - changed <= limit):
                 continue
-            if state.startswith("lost:"):  # it stopped for another party's sake: that one is the culprit
-                gone.setdefault(int(state[5:]), f"stopped answering (party {p} noticed first)")
+            if state == "lost" and int(detail) != self.rank:  # it stopped for another party's sake: the culprit
+                noticed.setdefault(int(detail), f"stopped answering (party {p} noticed first)")
             else:
-                gone.setdefault(p, _WHY.get(state, _WHY["signal"]))
-        return gone
+                gone.setdefault(p, _WHY[state].format(detail))
+        return noticed | gone
 
     def _judge(self) -> None:
         while not self._stopped:
@@ -192,11 +194,11 @@ class Watchdog:
         ends the process); returns if every party still answers."""
         self.limit = self.grace
         time.sleep(self.grace + 4 * self.interval)
-        self.limit = float("inf")
+        self.limit = self.timeout_s
 
     def claim(self, state: str) -> bool:
-        """Take the process's way out (``state``: fail, signal, lost:<party> or done); False if the judge or the
-        main thread already has."""
+        """Take the process's way out (``state``: fail, signal:<name>, lost:<party> or done); False if the judge or
+        the main thread already has."""
         with self._claim:
             if self.state != "run":
                 return False

@@ -238,7 +238,8 @@ class Party:
             progress["timed_tokens"] += self.tokens_per_step
             progress["timed_seconds"] += seconds
         return {"step": self.step_count, "loss": ce, "load_balancing_loss": balance, "z_loss": z, "lr": lr,
-                "skipped": bool(votes.nonfinite), "grad_norm": grad_norm.item(), "step_time_s": seconds, "tokens_per_s": self.tokens_per_step / seconds,
+                "skipped": bool(votes.nonfinite), "grad_norm": grad_norm.item(), "step_time_s": seconds,
+                "tokens_per_s": self.tokens_per_step / seconds,
                 "peak_memory_bytes": peak_memory(self.device)[0], "bytes_sent": self.wire.total_sent,
                 "bytes_received": self.wire.total_received, "expert_load": load.tolist()}
 

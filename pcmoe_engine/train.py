@@ -74,7 +74,8 @@ def _stopped(e: BaseException, progress: Progress, watchdog: Watchdog | None) ->
     """(exit code, the line to print, the state the heartbeat ends in) for whatever stopped this party."""
     if isinstance(e, (Interrupted, KeyboardInterrupt)):
         signum = getattr(e, "signum", signal.SIGINT)
-        return 128 + signum, f"stopped by {signal.Signals(signum).name} {progress.status()}", "signal"
+        name = signal.Signals(signum).name
+        return 128 + signum, f"stopped by {name} {progress.status()}", f"signal:{name}"
     if isinstance(e, Diverged):
         return ExitCode.DIVERGED, str(e), "fail"
     if isinstance(e, ValueError):

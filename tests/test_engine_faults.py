@@ -153,6 +153,25 @@ def test_parties_with_different_configurations_all_stop_naming_the_option(tmp_pa
 
 
 @pytest.mark.slow
+def test_a_party_refusing_its_data_stops_the_others(tmp_path):
+    """Party 1's own data is binary: it says so; party 0 names party 1 as stopped by an error, at once."""
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.bin"
+    good.write_text("\n\n".join(f"Speaker {i}:\nA line of a small play, number {i}." for i in range(2000)))
+    bad.write_bytes(bytes(range(256)) * 64)
+    paths = f"data.party_paths=['{good}', '{bad}']"
+    port = free_port()
+    parties = [_party_process(rank, port, tmp_path, paths) for rank in range(2)]
+    started = time.monotonic()
+    (_, err0), (_, err1) = (p.communicate(timeout=120) for p in parties)
+    assert time.monotonic() - started < 60  # not the rendezvous or collective timeouts
+    assert parties[1].returncode == ExitCode.BAD_INPUT and err1 == (
+        f"pcmoe: error (party 1): '{bad}' is a binary file (it holds NUL bytes), not text: remove it from the data\n")
+    assert parties[0].returncode == ExitCode.PEER_LOST and err0.count("\n") == 1
+    assert err0.startswith("pcmoe: error (party 0): party 1 stopped with an error (its own line says why) at step 0; "
+                           "no common checkpoint yet; resume every party with: ")
+
+
+@pytest.mark.slow
 def test_a_party_that_never_joins_is_reported(tmp_path):
     alone = _party_process(0, free_port(), tmp_path, timeout=2)  # the rendezvous waits 2 x peer_timeout_s
     out, err = alone.communicate(timeout=60)
