@@ -210,7 +210,8 @@ class Watchdog:
         the others to read it (done: for their files, which they write before they say done), until each has
         stopped running or gone silent."""
         deadline = time.monotonic() + 2 * self.interval + 0.25
-        while self.published != self.state and time.monotonic() < deadline:
+        while (self.published != self.state and time.monotonic() < deadline
+               and time.monotonic() - self._store_ok < 2 * self.interval):  # not when the store is gone
             time.sleep(self.interval / 4)
         if self.rank == 0:
             deadline = time.monotonic() + (self.timeout_s if self.state == "done" else self.grace + 2 * self.interval)
