@@ -8,8 +8,9 @@ launches one training process per party on this machine (what torchrun would, wi
 
 The launcher checks the run folder before any party starts, forwards SIGINT, SIGTERM and SIGHUP to the
 parties, and takes them with it if it dies (even by SIGKILL). A party that fails is noticed by the others
-themselves (faults.py), which print their own line; the launcher only kills what still runs after
-train.peer_timeout_s, and exits with the code that says what happened (faults.ExitCode).
+themselves (faults.py), which print their own line; the launcher only kills a party stopped by SIGSTOP once it
+is alone, or any still running train.peer_timeout_s + 10 s after the first failure, and exits with the code
+that says what happened (faults.ExitCode).
 """
 
 import argparse
@@ -102,15 +103,16 @@ def launch(parties: int, train_args: list[str], env: dict | None = None, peer_ti
         while None in (codes := [p.poll() for p in procs]):
             if deadline is None and (forwarded or any(codes)):
                 # The others notice a failed party within peer_timeout_s and stop with their own line.
-                deadline = time.monotonic() + (10 if forwarded else peer_timeout_s + 10)
+                grace = 10 if forwarded else peer_timeout_s + 10
+                deadline = time.monotonic() + grace
             running = [party for party, code in enumerate(codes) if code is None]
             hung = deadline is not None and all(_suspended(procs[party].pid) for party in running)
             if hung or (deadline is not None and time.monotonic() > deadline):
                 for party in running:
                     procs[party].kill()
                     killed.add(party)
-                    print(f"pcmoe: party {party} {'was stopped (SIGSTOP)' if hung else 'still ran'} after the others "
-                          "had ended: killed", file=sys.stderr)
+                    why = "was stopped (SIGSTOP) and alone" if hung else f"still ran {grace:g} s after the first stop"
+                    print(f"pcmoe: party {party} {why}: killed", file=sys.stderr)
             time.sleep(0.1)
     finally:
         for p in procs:
