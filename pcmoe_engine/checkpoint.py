@@ -48,7 +48,8 @@ def check_writable(folder: Path) -> None:
 
 
 def _holds_a_run(folder: Path) -> bool:
-    return folder.is_dir() and any(folder.iterdir())
+    """Any file under ``folder`` (the empty folders a refused start leaves do not count)."""
+    return folder.is_dir() and any(p.is_file() for p in folder.rglob("*"))
 
 
 def check_run_dir(cfg: Config) -> None:
