@@ -5,15 +5,17 @@ Exit codes (README, ``pcmoe train --help``): ``ExitCode``; a party stopped by si
 
 Failure detection. Once the process group is up, every party runs a ``Watchdog``: one thread writes this
 party's heartbeat to the rendezvous store every ``interval`` seconds (key: the party's rank; value: a beat
-count, its step and its state: run, fail, signal:<name>, lost:<party> or done; no data) and reads the
-others'; a second thread, which does no I/O, judges. A party whose heartbeat says it stopped, or has not
+count, its step and its state: setup, run, fail, signal:<name>, lost:<party> or done; no data) and reads
+the others'; a second thread, which does no I/O, judges. A party whose heartbeat says it stopped, or has not
 changed for train.peer_timeout_s, or the store not answering that long (party 0 hosts it), is gone: the judge
 prints one line naming it, the last common checkpoint and the command that resumes the run, and ends the
 process with PEER_LOST, even while the main thread is blocked in a collective. When a collective fails (gloo:
 "Connection closed by peer") the main thread asks the judge at once (``blame``), which then waits only
-``grace`` seconds for the culprit's heartbeat. The process group's own timeout, twice peer_timeout_s, is the
-backstop. Nothing here depends on how the rows travel (gloo, NCCL) or on where a party runs: the store is the
-rendezvous every party reaches anyway.
+``grace`` seconds for the culprit's heartbeat. A party still setting up (reading and tokenising its data,
+building or loading its model) gets SETUP_FACTOR x peer_timeout_s: tokenising a large corpus holds the GIL, and
+the heartbeat thread with it; so does the process group's own timeout, the backstop for a party that answers
+but makes no progress. Nothing here depends on how the rows travel (gloo, NCCL) or on where a party runs: the
+store is the rendezvous every party reaches anyway.
 """
 
 import ctypes
@@ -28,8 +30,8 @@ from enum import IntEnum
 import torch
 import torch.distributed as dist
 
-__all__ = ["ExitCode", "Diverged", "Interrupted", "STOP_SIGNALS", "Progress", "Watchdog", "resume_command",
-           "out_of_memory", "die_with_parent", "error_line"]
+__all__ = ["ExitCode", "Diverged", "Interrupted", "STOP_SIGNALS", "SETUP_FACTOR", "Progress", "Watchdog",
+           "resume_command", "out_of_memory", "die_with_parent", "error_line"]
 
 
 class ExitCode(IntEnum):
@@ -42,6 +44,9 @@ class ExitCode(IntEnum):
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# A party has SETUP_FACTOR x train.peer_timeout_s to join the others and set up (read and tokenise its data, build
+# or load its model: long calls that may hold the GIL, and its heartbeat with it); after that, peer_timeout_s.
+SETUP_FACTOR = 10
 
 
 class Diverged(Exception):
@@ -138,6 +143,8 @@ class Watchdog:
         self.interval = min(0.5, timeout_s / 8)
         self.grace = min(timeout_s, 3.0)
         self.timeout_s = self.limit = timeout_s
+        self.setup_s = SETUP_FACTOR * timeout_s
+        self.blaming = False  # a collective failed: silence counts from grace, for every party
         self.state = self.published = "run"
         now = time.monotonic()
         self._seen = {p: ("", now) for p in self.others}  # the last heartbeat read, and when it last changed
@@ -152,7 +159,7 @@ class Watchdog:
         while not self._stopped:
             try:
                 beats += 1
-                state = self.state
+                state = self.state if self.state != "run" or self.progress.party is not None else "setup"
                 self.store.set(str(self.rank), f"{beats} {self.progress.step} {state}")
                 self.published = state
                 for p in self.others:
@@ -165,24 +172,33 @@ class Watchdog:
 
     def _gone(self, limit: float) -> dict[int, str]:
         """The parties that stopped (their last heartbeat says so: failed, signalled, lost another party) or have
-        been silent for more than ``limit`` seconds, each with what happened to it."""
-        now, gone, noticed = time.monotonic(), {}, {}
+        been silent for more than ``limit`` seconds (one still setting up: ``setup_s``, unless a collective has
+        failed), each with what happened to it; those past setup first."""
+        now, gone, noticed, setting_up = time.monotonic(), {}, {}, {}
         if self.rank != 0 and now - self._store_ok > limit:
             gone[0] = "is unreachable (it hosts the rendezvous store)"
         for p, (heartbeat, changed) in self._seen.items():
             state, _, detail = _state(heartbeat).partition(":")
-            if state == "done" or (state == "run" and now - changed <= limit):
-                continue
-            if state == "lost" and int(detail) != self.rank:  # it stopped for another party's sake: the culprit
+            if state == "setup":
+                if now - changed > (limit if self.blaming else self.setup_s):
+                    setting_up[p] = f"stopped answering while setting up (killed, hung or cut off; or reading more " \
+                                    f"than {self.setup_s:g} s)"
+            elif state == "lost" and int(detail) != self.rank:  # it stopped for another party's sake: the culprit
                 noticed.setdefault(int(detail), f"stopped answering (party {p} noticed first)")
-            else:
+            elif state != "done" and (state != "run" or now - changed > limit):
                 gone.setdefault(p, _WHY[state].format(detail))
-        return noticed | gone
+        return (noticed | gone) or setting_up
 
     def _judge(self) -> None:
+        tick = time.monotonic()
         while not self._stopped:
             time.sleep(self.interval / 2)
-            if self.state == "run" and (gone := self._gone(self.limit)):
+            now = time.monotonic()
+            last, tick = tick, now
+            if now - last > max(2.0, 4 * self.interval):  # this process stood still (a long call holding the
+                self._seen = {p: (heartbeat, now) for p, (heartbeat, _) in self._seen.items()}  # GIL): nobody's
+                self._store_ok = now  # silence counts from before
+            elif self.state == "run" and (gone := self._gone(self.limit)):
                 culprit = min(gone)
                 if self.claim(f"lost:{culprit}"):
                     error_line(self.rank, f"party {culprit} {gone[culprit]} {self.progress.status()}")
@@ -192,9 +208,9 @@ class Watchdog:
     def blame(self) -> None:
         """After a collective failed: give the judge ``grace`` seconds to find the party that stopped (it then
         ends the process); returns if every party still answers."""
-        self.limit = self.grace
+        self.limit, self.blaming = self.grace, True
         time.sleep(self.grace + 4 * self.interval)
-        self.limit = self.timeout_s
+        self.limit, self.blaming = self.timeout_s, False
 
     def claim(self, state: str) -> bool:
         """Take the process's way out (``state``: fail, signal:<name>, lost:<party> or done); False if the judge or
@@ -216,6 +232,6 @@ class Watchdog:
         if self.rank == 0:
             deadline = time.monotonic() + (self.timeout_s if self.state == "done" else self.grace + 2 * self.interval)
             while (time.monotonic() < deadline and not self._gone(self.grace)
-                   and any(_state(heartbeat) == "run" for heartbeat, _ in self._seen.values())):
+                   and any(_state(heartbeat) in ("run", "setup") for heartbeat, _ in self._seen.values())):
                 time.sleep(self.interval / 2)
         self._stopped = True

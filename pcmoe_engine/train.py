@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from .checkpoint import prepare_party_dir, record_config
 from .config import Config, load_config
-from .faults import (STOP_SIGNALS, Diverged, ExitCode, Interrupted, Progress, Watchdog, error_line, out_of_memory,
-                     resume_command)
+from .faults import (SETUP_FACTOR, STOP_SIGNALS, Diverged, ExitCode, Interrupted, Progress, Watchdog, error_line,
+                     out_of_memory, resume_command)
 from .metrics import MetricsLog, merge_run, say, write_summary
 from .party import Party, peak_memory, process_group_backend
 
@@ -98,9 +98,9 @@ def _on_signal(signum, frame):
 
 
 def _join(cfg: Config, rank: int, world: int, progress: Progress) -> Watchdog:
-    """Join the process group and start the watchdog. The collectives' own timeout is only the backstop: the
-    watchdog names a silent party after train.peer_timeout_s."""
-    timeout = timedelta(seconds=2 * cfg.train.peer_timeout_s)
+    """Join the process group and start the watchdog. The parties have SETUP_FACTOR x train.peer_timeout_s to
+    join; the collectives the same, only the backstop: the watchdog names a silent party after peer_timeout_s."""
+    timeout = timedelta(seconds=SETUP_FACTOR * cfg.train.peer_timeout_s)
     try:
         dist.init_process_group(process_group_backend(cfg), rank=rank, world_size=world, timeout=timeout)
     except dist.DistError as e:
