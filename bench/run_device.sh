@@ -36,6 +36,9 @@
 #                                (bitsandbytes, bench/fetch_wheels.sh).
 #   bench/run_device.sh central  the centralized baseline on one big GPU (nvidia-h200, needs_h200): 6.9 B at 1 party,
 #                                8 x 1024 tokens, the optimizer before issue 13, today's default, the memory options
+#   bench/run_device.sh alltests the whole tests/ suite on the GPU, kernels compiled; with 2 GPUs
+#                                (nvidia-h100-x2) also the protocol's n-party equality over NCCL. Extra
+#                                arguments go to its pytest (e.g. -x, -k, -m "not slow")
 #
 # Writes into $OUT (the device tool's folder; default bench/results/device): bench_*.json, e2e_*.json,
 # small_<n>p.json, engine_profile.json, engine_trace.json.gz, engine_memory.pickle.gz, ncu.txt,
@@ -43,7 +46,8 @@
 # peers_*.json, rerun_peers_*.json, reproduce.md, run.log. `finetune`: finetune_*.json, run.log.
 # Each phase gets what is left of BUDGET_S seconds (default 570; peers 420) up to its own cap, and the log says
 # what did not run. Carried wheels (.whl/, .whl/peers/, from bench/fetch_wheels.sh) are installed first;
-# megablocks' source is built in the background while the engine runs. Extra arguments go to the suites' pytest.
+# megablocks' source is built in the background while the engine runs. Extra arguments go to the suites' pytest
+# (alltests: to the tests' pytest).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-all}
@@ -121,6 +125,12 @@ small_run() {  # small_run N: the `small` preset (~245M parameters) for 60 steps
 
 gpu_tests() {  # gpu_tests CAP
     phase "GPU tests" "$1" 100 python3 -m pytest -q -m gpu tests/ --durations=5 -p no:cacheprovider
+}
+
+all_tests() {  # the whole tests/ suite on the GPU: every kernel test compiled (not the interpreter), the `gpu` ones
+    # included (the protocol over NCCL with 2+ GPUs); the engine's own runs put a party on each GPU when there
+    # are enough. Slowest first in the log, so a cut-short run still says where the time went.
+    phase "all tests on the GPU" 9999 120 python3 -m pytest -q tests/ --durations=15 -p no:cacheprovider "$@"
 }
 
 megablocks_build() {  # megablocks' CUDA extension (sort, histogram, cumsum), sm_90 only, on the CPUs
@@ -244,6 +254,7 @@ central)
         python3 bench/engine_e2e.py --set model.num_layers=16 --steps 8 --warmup 3 --profiled 0 --out "$OUT" \
         --variants token,ac,ac_8bit,ac_8bit_release,pair  # pair (foreach AdamW) last: 129.7 GiB before, the most
     ;;
+alltests) all_tests "$@" ;;
 small) (( GPUS >= 2 )) && small_run 2; small_run 1 ;;
 finetune) phase "fine-tune a pretrained MoE together" 9999 300 python3 bench/finetune_proof.py --out "$OUT" \
     --budget $(( BUDGET_S - SECONDS - 20 )) ;;
@@ -280,7 +291,7 @@ all)
         gpu_tests 9999
     fi
     ;;
-*) echo "usage: bench/run_device.sh [all|suites|peers|e2e|small|tests|finetune|scale|central] [pytest args for the suites]"
+*) echo "usage: bench/run_device.sh [all|suites|peers|e2e|small|tests|alltests|finetune|scale|central] [pytest args]"
    exit 2 ;;
 esac
 echo "== done at ${SECONDS} s" | tee -a "$LOG"

@@ -106,6 +106,25 @@ def _scores(logits_ptr, rows, cols, T, E, stride_t, stride_e, SOFTMAX: tl.conste
 
 
 @triton.jit
+def _pick(values, avail, cols, E_PAD: tl.constexpr):
+    """Per row, the column of the largest value among the ``avail`` ones, ranked as torch.topk ranks them: NaN
+    above every number (the lowest such column first), ties to the lower column. Always an available column when
+    the row has one, so NaN or inf logits never make an expert id out of range."""
+    nan = avail & (values != values)
+    nan_col = tl.min(tl.where(nan, cols[None, :], E_PAD), 1)
+    key = tl.where(avail & (values == values), values, float("-inf"))
+    best = tl.max(key, 1)
+    best_col = tl.min(tl.where(avail & (key == best[:, None]), cols[None, :], E_PAD), 1)
+    return tl.where(nan_col < E_PAD, nan_col, best_col)
+
+
+@triton.jit
+def _at(values, col, cols):
+    """Per row, the value in column ``col`` (NaN stays NaN)."""
+    return tl.sum(tl.where(cols[None, :] == col[:, None], values, 0.0), 1)
+
+
+@triton.jit
 def _router_fwd_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr, count_part_ptr, score_part_ptr, lse_ptr,
     T, E, stride_t, stride_e, scaling, renorm_eps,
@@ -131,34 +150,28 @@ def _router_fwd_kernel(
         group_score = tl.full([BLOCK_T, E_PAD], float("-inf"), tl.float32)
         for g in tl.static_range(N_GROUP):
             in_group = (group == g)[None, :] & cmask[None, :]
-            cand = tl.where(in_group, choice, float("-inf"))
-            best = tl.max(cand, 1)
-            best_col = tl.min(tl.where(cand == best[:, None], cols[None, :], E_PAD), 1)
-            second = tl.max(tl.where(cols[None, :] == best_col[:, None], float("-inf"), cand), 1)
-            group_score = tl.where(in_group, (best + second)[:, None], group_score)
+            best_col = _pick(choice, in_group, cols, E_PAD)
+            second_col = _pick(choice, in_group & (cols[None, :] != best_col[:, None]), cols, E_PAD)
+            score = _at(choice, best_col, cols) + _at(choice, second_col, cols)
+            group_score = tl.where(in_group, score[:, None], group_score)
         keep = tl.zeros([BLOCK_T, E_PAD], tl.int1)
-        for _ in tl.static_range(TOPK_GROUP):
-            best = tl.max(group_score, 1)
-            best_group = tl.min(tl.where(group_score == best[:, None], group[None, :], N_GROUP), 1)
-            hit = group[None, :] == best_group[:, None]
-            keep = keep | hit
-            group_score = tl.where(hit, float("-inf"), group_score)
+        for _ in tl.static_range(TOPK_GROUP):  # a group's score fills its columns: its lowest one stands for it
+            best_group = _pick(group_score, cmask[None, :] & ~keep, cols, E_PAD) // GROUP_SIZE
+            keep = keep | (group[None, :] == best_group[:, None])
         choice = tl.where(keep, choice, float("-inf"))
 
-    # Top-k by K rounds of arg-max (ties go to the lower expert id), best first.
+    # Top-k by K rounds of arg-max (NaN first, ties to the lower expert id), best first.
     kcols = tl.arange(0, K_PAD)
     top_w = tl.zeros([BLOCK_T, K_PAD], tl.float32)
     top_id = tl.zeros([BLOCK_T, K_PAD], tl.int32)
     chosen = tl.zeros([BLOCK_T, E_PAD], tl.int32)
     for j in tl.static_range(K):
-        best = tl.max(choice, 1)
-        best_col = tl.min(tl.where(choice == best[:, None], cols[None, :], E_PAD), 1)
+        best_col = _pick(choice, cmask[None, :] & (chosen == 0), cols, E_PAD)
         hit = cols[None, :] == best_col[:, None]
         w = tl.sum(tl.where(hit, scores, 0.0), 1)
         top_w = tl.where(kcols[None, :] == j, w[:, None], top_w)
         top_id = tl.where(kcols[None, :] == j, best_col[:, None], top_id)
         chosen += hit.to(tl.int32)
-        choice = tl.where(hit, float("-inf"), choice)
     if RENORM:
         top_w = top_w / (tl.sum(top_w, 1)[:, None] + renorm_eps)
     top_w = top_w * scaling

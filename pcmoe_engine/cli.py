@@ -20,11 +20,18 @@ losses (plot.py).
 I's model as a transformers checkpoint folder (with --pool the parties pool their experts: a complete model),
 `pcmoe eval` prints one JSON object with a model's mean next-token loss on FILE, `pcmoe generate` samples from a
 model; PATH is a run folder or a transformers checkpoint folder.
+
+The launcher checks the run folder before any party starts, forwards SIGINT, SIGTERM and SIGHUP to the
+parties, and takes them with it if it dies (even by SIGKILL). A party that fails is noticed by the others
+themselves (faults.py), which print their own line; the launcher only kills a party stopped by SIGSTOP once it
+is alone, or any still running train.peer_timeout_s + 10 s after the first failure, and exits with the code
+that says what happened (faults.ExitCode).
 """
 
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -34,10 +41,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .checkpoint import check_run_dir
 from .config import add_config_arguments, load_config
 from .config_text import options_help, to_toml
+from .faults import STOP_SIGNALS, ExitCode, die_with_parent, say
 
-__all__ = ["main", "launch", "free_port"]
+__all__ = ["main", "launch", "free_port", "EXIT_CODES"]
+
+EXIT_CODES = """exit codes:
+  0    the run finished
+  1    a party refused its configuration, data, checkpoint or run folder (its one line says what to change)
+  2    the command line or configuration was refused before any party started
+  3    a party was lost (killed, hung, cut off, or it failed): every other party printed the command that
+       resumes the run from the last checkpoint every party holds
+  4    the run diverged: non-finite losses or gradients (train.nonfinite, train.nonfinite_patience)
+  5    a party ran out of memory (its line says what to lower)
+  128+N  stopped by signal N (130: SIGINT, 143: SIGTERM, 129: SIGHUP); resume with the command printed"""
 
 
 def free_port() -> int:
@@ -47,43 +66,90 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _outcome(codes: list[int], forwarded: list[int]) -> int:
+    """The launcher's exit code: a party's own failure first, then a stop signal it forwarded; any party killed
+    or lost otherwise is a lost peer (the run resumes)."""
+    own = [code for code in codes if 0 < code < 128 and code != ExitCode.PEER_LOST]
+    if own:
+        return own[0]
+    if forwarded:
+        return 128 + forwarded[0]
+    return ExitCode.PEER_LOST if any(codes) else ExitCode.OK
+
+
+def _suspended(pid: int) -> bool:
+    """Stopped by SIGSTOP (Linux: state T): such a party cannot end by itself."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
 def launch(parties: int, args: list[str], env: dict | None = None, module: str = "pcmoe_engine.train",
            ranks: list[int] | None = None, rendezvous: tuple[str, int] | None = None,
-           watch: Callable[[], None] | None = None) -> int:
-    """Run ``python -m module *args`` once per party; the first failure stops them all. By default every
-    party runs here and they meet on a free port of 127.0.0.1; ``ranks`` and ``rendezvous`` (party 0's host and
-    port) run some of them here, the others elsewhere. ``watch`` is called while they run, every 0.2 s."""
+           watch: Callable[[], None] | None = None, peer_timeout_s: float = 60.0, command: str | None = None) -> int:
+    """Run ``python -m module *args`` once per party and wait for them all; returns the exit code (``_outcome``).
+    By default every party runs here and they meet on a free port of 127.0.0.1; ``ranks`` and ``rendezvous``
+    (party 0's host and port) run some of them here, the others elsewhere. ``watch`` is called while they run;
+    ``command``: how the run was started, for the resume command a stopping party prints."""
     ranks = list(range(parties)) if ranks is None else ranks
     base = dict(os.environ if env is None else env)
     # On CPU the engine runs csrc_triton's PyTorch references, never Triton's (slow) interpreter.
     base.pop("TRITON_INTERPRET", None)
     base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent.parent), base.get("PYTHONPATH")]))
     base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(ranks))))
+    base.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # a lost peer is one line, not c10d's warnings and stacks
+    if command:
+        base["PCMOE_COMMAND"] = command
     host, port = rendezvous or ("127.0.0.1", free_port())
     if host in ("127.0.0.1", "localhost"):
         base.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the parties are all on this machine: loopback only
     procs = []
-    for local, party in enumerate(ranks):
-        party_env = {**base, "RANK": str(party), "LOCAL_RANK": str(local), "WORLD_SIZE": str(parties),
-                     "LOCAL_WORLD_SIZE": str(len(ranks)), "MASTER_ADDR": host, "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=party_env))
+    forwarded: list[int] = []
+
+    def forward(signum, frame):
+        forwarded.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    killed = set()
     try:
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
-            if failed or all(c == 0 for c in codes):
-                break
+        for local, party in enumerate(ranks):
+            party_env = {**base, "RANK": str(party), "LOCAL_RANK": str(local), "WORLD_SIZE": str(parties),
+                         "LOCAL_WORLD_SIZE": str(len(ranks)), "MASTER_ADDR": host, "MASTER_PORT": str(port)}
+            # Its own session: a terminal's Ctrl-C reaches the launcher, which forwards it once.
+            procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=party_env,
+                                          start_new_session=True, preexec_fn=die_with_parent))
+        deadline = None
+        while None in (codes := [p.poll() for p in procs]):
+            if deadline is None and (forwarded or any(codes)):
+                # The others notice a failed party within peer_timeout_s and stop with their own line.
+                grace = 10 if forwarded else peer_timeout_s + 10
+                deadline = time.monotonic() + grace
+            running = [local for local, code in enumerate(codes) if code is None]
+            hung = deadline is not None and all(_suspended(procs[local].pid) for local in running)
+            if hung or (deadline is not None and time.monotonic() > deadline):
+                for local in running:
+                    procs[local].kill()
+                    killed.add(local)
+                    why = "was stopped (SIGSTOP) and alone" if hung else f"still ran {grace:g} s after the first stop"
+                    print(f"pcmoe: party {ranks[local]} {why}: killed", file=sys.stderr)
             if watch is not None:
                 watch()
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        failed = [130]
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        p.wait()
-    return failed[0] if failed else 0
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    codes = [p.wait() for p in procs]
+    for local, code in enumerate(codes):
+        if code < 0 and local not in killed:
+            print(f"pcmoe: party {ranks[local]} was killed by {signal.Signals(-code).name}", file=sys.stderr)
+    return _outcome(codes, forwarded)
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -105,12 +171,14 @@ def _train(args: argparse.Namespace) -> int:
     if cfg.transport.kind != "torch":
         raise ValueError(f"transport.kind={cfg.transport.kind} connects parties on separate hosts: start each with "
                          "`pcmoe party` (docs/multihost.md)")
-    from .metrics import say, start_line, summary_text  # torch: only for a run
+    from .metrics import start_line, summary_text
     from .progress import RunProgress
 
+    check_run_dir(cfg)
     say(start_line(cfg))
     with RunProgress(cfg) as progress:
-        code = launch(cfg.parties, [*_config_args(args), "--quiet"], watch=progress.poll)
+        code = launch(cfg.parties, [*_config_args(args), "--quiet"], watch=progress.poll,
+                      peer_timeout_s=cfg.train.peer_timeout_s, command=shlex.join(["pcmoe", *args.argv]))
     if not code:
         say(summary_text(json.loads((cfg.run_dir / "summary.json").read_text()), cfg.run_dir))
     return code
@@ -221,11 +289,13 @@ def _model_commands(commands) -> dict:
 def _party(args: argparse.Namespace) -> int:
     from .multihost import run_party  # imports torch: not for `pcmoe train`'s launcher
 
+    os.environ["PCMOE_COMMAND"] = shlex.join(["pcmoe", *args.argv])  # what a stopping party says resumes it
     run_party(args.rank, args.parties, args.rendezvous, args.peers, args.config, args.overrides, args.preset)
     return 0  # party 0 printed the run's summary (train.main)
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="pcmoe", description="PC-MoE: collaborative training of MoE LLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
     width = min(120, shutil.get_terminal_size().columns - 2)
@@ -235,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Train with N local parties, one process each (on CPU over gloo, or one GPU per party over NCCL).",
         epilog="Options of a run: in a TOML file (--config; `pcmoe config show` prints one to start from), or --set "
                "SECTION.KEY=VALUE.\nThe values below are the default run's (configs/tiny.toml); `pcmoe config show "
-               "--preset small` prints another's.\n\n" + options_help(load_config(), width))
+               "--preset small` prints another's.\n\n" + options_help(load_config(), width) + "\n\n" + EXIT_CODES)
     show = commands.add_parser("config", help="print a run's resolved configuration").add_subparsers(
         dest="config_command", required=True).add_parser(
         "show", help="print the resolved configuration as TOML (pcmoe train --config reads it back)")
@@ -255,12 +325,13 @@ def main(argv: list[str] | None = None) -> None:
                        help="transport tls (implied): every party's host:port in rank order, the same for every party")
     run = {"train": _train, "config": _config_show, "plot": _plot, "party": _party, **_model_commands(commands)}
     args = parser.parse_args(argv)
+    args.argv = argv  # how the run was started: a stopping party prints the command that resumes it
     try:
         code = run[args.command](args)
     except ValueError as e:
-        parser.exit(2, f"pcmoe: error: {e}\n")
+        parser.exit(ExitCode.REFUSED, f"pcmoe: error: {e}\n")
     if code:
-        parser.exit(code, f"pcmoe: training failed (exit code {code})\n")
+        sys.exit(code)  # each party has printed its own line
 
 
 if __name__ == "__main__":

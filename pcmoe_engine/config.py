@@ -4,8 +4,8 @@ A run is ``Config(parties, model, data, train, privacy, transport, wire)``. ``mo
 sizes; any size set explicitly (in the TOML's [model] table or with --set) wins over the preset. ``model.init_from``
 (a local transformers checkpoint folder) instead takes the whole model section from the folder's config.json: the
 preset is bypassed, and a size set explicitly must agree with it. A run preset (``--preset NAME``) is a packaged
-configs/NAME.toml, or the default run with that model preset. ``validate`` rejects nonsense with a one-line
-ValueError that says what was wrong and what to do.
+configs/NAME.toml, or the default run with that model preset. ``load_config`` ends in ``validate.validate``,
+which rejects nonsense with a one-line ValueError that says what was wrong and what to do.
 
 An option's documentation is the comment on its line (or the comment lines right above it): `pcmoe train --help`
 and `pcmoe config show` print it (config_text.py), and a test checks that every option has one.
@@ -13,7 +13,6 @@ and `pcmoe config show` print it (config_text.py), and a test checks that every 
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import tomllib
 import typing
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["ModelConfig", "DataConfig", "TrainConfig", "PrivacyConfig", "TransportConfig", "WireConfig", "Config",
-           "PRESETS", "FAMILIES", "load_config", "validate", "BUILTIN_CORPORA", "CONFIGS", "DEFAULT_CONFIG", "SECTIONS",
+           "PRESETS", "FAMILIES", "load_config", "BUILTIN_CORPORA", "CONFIGS", "DEFAULT_CONFIG", "SECTIONS",
            "corpus_path", "preset_config", "add_config_arguments", "parse_address"]
 
 CONFIGS = Path(__file__).parent / "configs"  # the packaged run presets, installed with the package
@@ -126,7 +125,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     fused_optimizer: bool = True  # on GPUs, AdamW's fused kernel: one launch, no parameter-sized temporaries
     # bitsandbytes' AdamW8bit: both moments in 8 bits (blockwise scales), 1/4 of AdamW's state (GPU only;
-    # `pip install bitsandbytes`); tensors under 4096 elements keep 32-bit state
+    # `pip install 'pcmoe[memory]'`); tensors under 4096 elements keep 32-bit state
     optimizer_8bit: bool = False
     # Step each parameter as soon as its gradient is complete, then free the gradient: no gradient memory. A
     # global gradient norm is then unknown when the first parameter steps, so train.grad_clip clips each
@@ -141,7 +140,12 @@ class TrainConfig:
     checkpoint_every: int = 0  # checkpoint every this many steps; 0: only at the end
     keep_checkpoints: int = 2  # the newest this many checkpoints are kept
     checkpoints: bool = True  # write checkpoints; false: none (benchmarks, profiling)
-    resume: bool = False  # continue from the latest checkpoint in the run directory
+    resume: bool = False  # continue from the latest checkpoint every party holds intact
+    overwrite: bool = False  # replace a run already in the run directory (else starting there is refused)
+    # A step with a non-finite loss or gradient at any party: skip it at every party, or stop the run
+    nonfinite: str = "skip"
+    nonfinite_patience: int = 5  # with skip: stop (the run diverged) after this many such steps in a row
+    peer_timeout_s: float = 60.0  # a party silent this long (killed, hung, cut off) stops every other party
     # auto: one GPU per party when there are enough, else CPU; cuda: GPUs, which the parties share round-robin
     # (over gloo) when there are fewer GPUs than parties; cpu
     device: str = "auto"
@@ -306,6 +310,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         raw[section][name] = _parse_value(text.strip())
     if parties is not None:
         raw["parties"] = parties
+    from .validate import validate  # validate.py reads this module's dataclasses and constants
+
     return validate(_build(raw))
 
 
@@ -353,11 +359,6 @@ def _pretrained_model(given: dict) -> ModelConfig:
     return model
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
 def parse_address(text: str) -> tuple[str, int]:
     """``host:port`` (``[v6 address]:port`` for IPv6) as (host, port); a one-line ValueError otherwise."""
     host, colon, port = text.rpartition(":")
@@ -370,118 +371,3 @@ def parse_address(text: str) -> tuple[str, int]:
 def corpus_path(name: str) -> Path:
     """A built-in corpus name or a path to a text file or directory."""
     return BUILTIN_CORPORA.get(name, Path(name).expanduser())
-
-
-def validate(cfg: Config) -> Config:
-    m, d, t = cfg.model, cfg.data, cfg.train
-    _require(cfg.parties >= 1, f"parties={cfg.parties}: need at least 1 party")
-    _require(cfg.parties <= m.num_experts,
-             f"parties={cfg.parties} exceeds model.num_experts={m.num_experts}: every party must own at least "
-             "one expert; use fewer parties or more experts")
-    _require(1 <= m.top_k <= m.num_experts,
-             f"model.top_k={m.top_k} must be between 1 and model.num_experts={m.num_experts}")
-    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                 "expert_intermediate_size"):
-        _require(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)} must be positive")
-    _require(m.shared_intermediate_size >= 0, "model.shared_intermediate_size must be >= 0 (0: none)")
-    _require(not m.shared_expert_gate or m.shared_intermediate_size > 0,
-             "model.shared_expert_gate needs a shared expert: set model.shared_intermediate_size > 0")
-    if m.attention_head_dim:
-        _require(m.attention_head_dim > 0 and m.head_dim % 2 == 0,
-                 f"model.attention_head_dim={m.attention_head_dim} must be a positive even number (0: derived)")
-    else:
-        _require(m.hidden_size % m.num_heads == 0 and m.head_dim % 2 == 0,
-                 f"model.hidden_size={m.hidden_size} must split into num_heads={m.num_heads} heads of even size")
-    _require(m.family in ("", *FAMILIES), f"model.family={m.family!r}: choose one of {', '.join(FAMILIES)}, or \"\"")
-    _require(not m.qk_norm_per_head or m.qk_norm, "model.qk_norm_per_head needs model.qk_norm = true")
-    _require(all(0 <= layer < m.num_layers for layer in m.dense_layers) and len(m.moe_layers) >= 1,
-             f"model.dense_layers={m.dense_layers} must name layers in 0..{m.num_layers - 1} and leave at least one "
-             "MoE layer")
-    _require(not m.dense_layers or m.dense_intermediate_size >= 1,
-             "model.dense_layers needs model.dense_intermediate_size >= 1")
-    _require(m.num_heads % m.num_kv_heads == 0,
-             f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}")
-    if m.init_from:  # before any party starts: every shard there and whole (headers only), a tokenizer that fits
-        from .hf import CheckpointReader, load_hf_tokenizer
-
-        CheckpointReader(m.init_from)
-        load_hf_tokenizer(m.init_from, m.vocab_size)
-        _require(not d.tokenizer, f"data.tokenizer={d.tokenizer!r} and model.init_from both name the tokenizer: a run "
-                 "that starts from a checkpoint uses the checkpoint's; drop data.tokenizer")
-    else:
-        _require(m.vocab_size >= 260, f"model.vocab_size={m.vocab_size}: a byte-level BPE needs at least 260")
-
-    _require(d.split in ("iid", "noniid"), f"data.split={d.split!r}: choose 'iid' or 'noniid'")
-    _require(0.0 < d.eval_fraction < 0.5, f"data.eval_fraction={d.eval_fraction} must be in (0, 0.5)")
-    _require(d.seq_len >= 8, f"data.seq_len={d.seq_len} must be at least 8")
-    if d.party_paths:
-        _require(len(d.party_paths) == cfg.parties,
-                 f"data.party_paths lists {len(d.party_paths)} paths for {cfg.parties} parties: give one per party")
-        for p in d.party_paths:
-            _require(Path(p).expanduser().exists(), f"data.party_paths: {p!r} does not exist")
-    else:
-        _require(corpus_path(d.corpus).exists(),
-                 f"data.corpus={d.corpus!r} is neither a built-in corpus ({', '.join(BUILTIN_CORPORA)}) nor an "
-                 "existing file or directory")
-    _require(corpus_path(d.tokenizer_corpus).exists(),
-             f"data.tokenizer_corpus={d.tokenizer_corpus!r} is neither a built-in corpus nor an existing path")
-    _require(not d.tokenizer or Path(d.tokenizer).expanduser().is_file(),
-             f"data.tokenizer={d.tokenizer!r} is not a file: give a tokenizers tokenizer.json, or \"\" for the "
-             "bundled BPE")
-
-    for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep_checkpoints"):
-        _require(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)} must be at least 1")
-    for name in ("warmup_steps", "eval_every", "checkpoint_every", "weight_decay", "grad_clip", "aux_loss_coef",
-                 "z_loss_coef"):
-        _require(getattr(t, name) >= 0, f"train.{name}={getattr(t, name)} must not be negative")
-    _require(t.lr > 0 and 0 <= t.lr_floor <= t.lr, f"train.lr={t.lr} must be positive and min_lr={t.lr_floor} "
-             "between 0 and lr: lower train.min_lr, or leave it unset (lr / 10)")
-    _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must lie in [0, 1)")
-    _require(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r}: choose auto, cpu or cuda")
-    _require(t.precision in ("auto", "bf16", "fp32"), f"train.precision={t.precision!r}: choose auto, bf16 or fp32")
-    for what in ("hidden", "grad"):
-        clip, noise = getattr(cfg.privacy, f"{what}_clip"), getattr(cfg.privacy, f"{what}_noise")
-        _require(clip >= 0 and noise >= 0, f"privacy.{what}_clip and privacy.{what}_noise must not be negative")
-        _require(noise == 0 or clip > 0, f"privacy.{what}_noise={noise} needs privacy.{what}_clip > 0: the noise "
-                 f"std is noise * clip")
-    _validate_transport(cfg)
-    w = cfg.wire
-    _require(w.dispatch in ("token", "pair"), f"wire.dispatch={w.dispatch!r}: choose token or pair")
-    _require(w.combine in ("origin", "host"), f"wire.combine={w.combine!r}: choose origin or host")
-    for name in ("hidden_dtype", "grad_dtype"):
-        _require(getattr(w, name) in ("auto", "fp8"), f"wire.{name}={getattr(w, name)!r}: choose auto or fp8")
-    _require(not t.optimizer_in_backward or t.grad_accum == 1,
-             f"train.optimizer_in_backward steps each parameter during backward, so it needs train.grad_accum=1 "
-             f"(got {t.grad_accum}): raise train.batch_size instead")
-    _require(not t.optimizer_8bit or importlib.util.find_spec("bitsandbytes") is not None,
-             "train.optimizer_8bit needs bitsandbytes: pip install 'pcmoe[memory]' (or set it to false)")
-    _require(not t.tensorboard or importlib.util.find_spec("tensorboard") is not None,
-             "train.tensorboard=true needs the tensorboard package: pip install 'pcmoe[tensorboard]'")
-    if t.device == "cuda":
-        import torch
-
-        _require(torch.cuda.is_available(), "train.device=cuda, but torch sees no GPU here; use train.device=auto "
-                 "or cpu")
-    return cfg
-
-
-def _validate_transport(cfg: Config) -> None:
-    tr = cfg.transport
-    _require(tr.kind in ("torch", "tls"), f"transport.kind={tr.kind!r}: choose torch or tls")
-    tls_options = ("tls_cert", "tls_key", "tls_ca")
-    if tr.kind == "torch":
-        given = [f"transport.{name}" for name in ("peers", *tls_options, "run_id") if getattr(tr, name)]
-        _require(not given, f"{', '.join(given)} only apply to transport.kind = \"tls\": set it, or leave them out")
-        return
-    _require(len(tr.peers) == cfg.parties, f"transport.peers lists {len(tr.peers)} addresses for {cfg.parties} "
-             "parties: give every party's host:port, in rank order")
-    for i, peer in enumerate(tr.peers):
-        try:
-            parse_address(peer)
-        except ValueError as e:
-            raise ValueError(f"transport.peers[{i}]: {e}") from None
-    for name in tls_options:
-        path = getattr(tr, name)
-        _require(bool(path), f"transport.kind = \"tls\" needs transport.{name} (docs/multihost.md says how to make "
-                 "the certificates)")
-        _require(Path(path).expanduser().is_file(), f"transport.{name}={path!r} does not exist")

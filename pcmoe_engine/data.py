@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import os
 import re
+import zlib
 from pathlib import Path
 
 import torch
@@ -41,11 +42,22 @@ def read_text(path: str | os.PathLike) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     if not files:
         raise ValueError(f"{str(path)!r} holds no files: give a text file or a directory of text files")
-    texts = []
-    for f in files:
-        with (gzip.open if f.suffix == ".gz" else open)(f, "rt", encoding="utf-8", errors="replace") as text:
-            texts.append(text.read())
-    return "\n\n".join(texts)
+    return "\n\n".join(_utf8_text(f) for f in files)
+
+
+def _utf8_text(path: Path) -> str:
+    """A file's text, refused in one line if it is not UTF-8 text: nothing is trained on bytes silently replaced."""
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"cannot read {str(path)!r} ({e}): fix or remove it") from None
+    if b"\0" in data:
+        raise ValueError(f"{str(path)!r} is a binary file (it holds NUL bytes), not text: remove it from the data")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): "
+                         "convert it (e.g. iconv -t UTF-8) or remove it from the data") from None
 
 
 def _cut(text: str, limit: int) -> int:

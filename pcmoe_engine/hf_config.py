@@ -25,7 +25,8 @@ every party runs in its private backbone.
 import json
 from pathlib import Path
 
-from .config import FAMILIES, Config, ModelConfig, validate
+from .config import FAMILIES, Config, ModelConfig
+from .validate import validate
 
 __all__ = ["ARCHITECTURES", "read_config", "config_from_hf", "hf_config"]
 

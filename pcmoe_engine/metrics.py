@@ -6,25 +6,19 @@ and `python -m pcmoe_engine.train` print the same ones (progress.py draws them l
 """
 
 import json
-import sys
 from collections import deque
 from pathlib import Path
 
 import torch
 
 from .config import Config, TrainConfig
+from .faults import say
 from .party import Party, party_device, peak_memory, process_group_backend
 
-__all__ = ["MetricsLog", "PartyProgress", "say", "start_line", "duration", "summary_text", "write_summary",
+__all__ = ["MetricsLog", "PartyProgress", "start_line", "duration", "summary_text", "write_summary",
            "merge_run"]
 
 MiB = 2**20
-
-
-def say(line: str) -> None:
-    """One line to stdout in a single write, so the parties' lines never interleave mid-line."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def start_line(cfg: Config) -> str:

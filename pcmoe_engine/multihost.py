@@ -22,7 +22,7 @@ import socket
 import struct
 
 from .config import Config, load_config, parse_address
-from .metrics import say
+from .faults import say
 from .party import process_group_backend
 from .tls import identity
 from .train import main as train_main

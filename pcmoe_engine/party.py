@@ -2,14 +2,16 @@
 does with them, one call at a time.
 
     party = Party(cfg, rank)       # the process group (or the transport passed), if any, is already up
-    party.resume()                 # with train.resume: continue from the latest checkpoint
+    party.handshake()              # or party.resume(): continue from the latest checkpoint every party holds
     while party.step_count < cfg.train.steps:
-        record = party.step()      # one optimizer step; that step's metrics
-    party.evaluate(); party.save(); party.summary(eval_loss)
+        record = party.step()      # one optimizer step (or one skipped at every party); that step's metrics
+    party.save(); party.commit(); party.evaluate(); party.summary(eval_loss)
 
 The parties call the same methods in the same order: every forward pass exchanges rows with every other party
 at every MoE layer, so a step, an evaluation or a forward_backward of one party waits for the same call of all
-the others. ``train.train`` is the plain loop over this (logging, evaluation and checkpoint cadence);
+the others. Every step ends with the parties' health vote (lockstep.py): a non-finite loss or gradient at any
+party skips the optimizer step at every party (train.nonfinite), and a checkpoint counts as saved once every
+party has saved its step. ``train.train`` is the plain loop over this (logging, evaluation and checkpoint cadence);
 benchmarks, profilers and evaluations drive a Party the same way. A Party writes no files but its checkpoints
 (and its wire log, with train.wire_log).
 
@@ -30,9 +32,11 @@ import torch
 
 import csrc_triton as ct
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from . import lockstep
+from .checkpoint import checkpoint_path, drop_after, held_steps, load_checkpoint, prune, save_checkpoint
 from .config import Config
 from .data import Batches, eval_batches, party_tokens, tokenizer_for
+from .faults import Diverged, say
 from .hf import checkpoint_files, load_party
 from .model import Backbone, Loss, compute_loss, count_parameters
 from .nvtx import nvtx_range
@@ -90,17 +94,14 @@ def _bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def _checkpoint_config(cfg: Config) -> dict:
-    """What a checkpoint must have been written for to be resumed from."""
-    return {"parties": cfg.parties, "model": cfg.to_dict()["model"]}
-
-
 class Party:
     """Party ``rank`` of ``cfg.parties``. Public state: ``cfg``, ``rank``, ``device``, ``autocast`` (the
     precision context of its forward passes), ``dir`` (its run folder), ``tokenizer``, ``hf_files`` (what an
     export of its model needs beside the weights: name -> text), ``batches``, ``eval_tokens``, ``backbone``,
     ``shard``, ``wire``, ``experts``, ``optimizer``, ``step_count`` (steps taken), ``progress`` (losses and
-    timed throughput, checkpointed with the rest) and ``setup`` (the seconds and peak memory of building it)."""
+    timed throughput, checkpointed with the rest), ``saved`` and ``committed`` (the step of this party's latest
+    checkpoint, and of the latest one every party holds; None: none) and ``setup`` (the seconds and peak memory
+    of building it)."""
 
     def __init__(self, cfg: Config, rank: int, transport: Transport | None = None):
         started = time.perf_counter()
@@ -113,6 +114,7 @@ class Party:
                 pin_to_gpu(self.device)
         bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        self.precision = "bf16" if bf16 else "fp32"
         self.dir = cfg.run_dir / f"party{rank}"
 
         self.tokenizer = tokenizer_for(cfg)
@@ -137,6 +139,9 @@ class Party:
         self.optimizer = build_optimizer(cfg, (self.backbone, self.shard), self.device)
         self.step_count = 0
         self.progress = {"initial_loss": None, "final_loss": None, "timed_tokens": 0, "timed_seconds": 0.0}
+        self.saved: int | None = None
+        self.committed: int | None = None
+        self.nonfinite_streak = 0  # steps skipped in a row
         self.setup = {"seconds": time.perf_counter() - started,
                       "peak_host_rss_bytes": peak_memory(torch.device("cpu"))[0],
                       "peak_device_bytes": peak_memory(self.device)[0] if self.device.type == "cuda" else None}
@@ -155,21 +160,34 @@ class Party:
         a shared initialisation, as when all parties fine-tune one public model). Before the first step."""
         self.backbone.load_state_dict(state)
 
+    def _warn(self, line: str) -> None:
+        say(f"party {self.rank} | {line}")
+
+    def handshake(self) -> None:
+        """Check with every other party that all run the same protocol and configuration (a fresh start)."""
+        lockstep.handshake(self.wire, self.cfg, self.precision, None, self.device)
+
     def resume(self) -> Path | None:
-        """Continue from the latest checkpoint in this party's folder, if there is one; returns its path."""
-        path = latest_checkpoint(self.checkpoint_dir)
-        if path is None:
+        """The handshake, resuming: continue from the latest checkpoint every party holds intact (damaged ones
+        are skipped with a warning, later ones dropped: not every party holds them); returns its path, or None
+        when there is none (the run starts from step 0)."""
+        held = held_steps(self.checkpoint_dir, self._warn)
+        step = lockstep.handshake(self.wire, self.cfg, self.precision, held, self.device)
+        drop_after(self.checkpoint_dir, -1 if step is None else step, held, self._warn)
+        if step is None:
             return None
+        path = checkpoint_path(self.checkpoint_dir, step)
         state = load_checkpoint(path, self.device)
-        if state["config"] != _checkpoint_config(self.cfg):
-            raise ValueError(f"checkpoint {path} was written for another model or number of parties: run with "
-                             "the same config, or start a new run (--set train.name=...) without train.resume")
+        if difference := lockstep.first_difference(state["config"], self.cfg):
+            raise ValueError(f"checkpoint {path} was written for another configuration ({difference}): resume with "
+                             "its configuration, or start a new run (--set train.name=NAME) without train.resume")
         self.backbone.load_state_dict(state["backbone"])
         self.shard.load_state_dict(state["experts"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.batches.load_state_dict(state["data"])
         self.wire.bytes_sent, self.wire.bytes_received = state["bytes_sent"], state["bytes_received"]
         self.step_count, self.progress = state["step"], state["progress"]
+        self.saved = self.committed = step
         return path
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[Loss, list[ct.RouterOutput]]:
@@ -201,13 +219,28 @@ class Party:
             sums += torch.stack([loss.ce, loss.load_balancing, loss.z]).detach().float()
             load += torch.stack([r.tokens_per_expert for r in routings])
         with nvtx_range("optimizer"):
-            if isinstance(self.optimizer, StepInBackward):  # backward has stepped every parameter already
-                grad_norm = self.optimizer.grad_norm()
+            in_backward = isinstance(self.optimizer, StepInBackward)  # backward has stepped every parameter already
+            if in_backward:
+                norms = self.optimizer.grad_norm().reshape(1).expand(2)
             else:
-                params = [*self.backbone.parameters(), *self.shard.parameters()]
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                norms = torch.stack([torch.nn.utils.get_total_norm([p.grad for p in m.parameters()
+                                                                    if p.grad is not None])
+                                     for m in (self.backbone, self.shard)])
+            grad_norm = torch.linalg.vector_norm(norms) if not in_backward else norms[0]
+            nonfinite = torch.cat([(~sums.isfinite()).any().reshape(1), ~norms.isfinite()]).tolist()
+            votes = lockstep.vote(self.wire, self.step_count, nonfinite, -1 if self.saved is None else self.saved,
+                                  self.device)
+            self._commit(votes.saved)
+            if votes.nonfinite:
+                self._skip(votes.nonfinite, in_backward)
+            else:
+                self.nonfinite_streak = 0
+                if not in_backward:
+                    if t.grad_clip > 0:
+                        params = [*self.backbone.parameters(), *self.shard.parameters()]
+                        torch.nn.utils.clip_grads_with_norm_(params, t.grad_clip, grad_norm)
+                    self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)  # (a no-op in backward: there are no gradients left)
         ce, balance, z, grad_norm = torch.cat([sums / t.grad_accum, grad_norm.float().reshape(1).to(sums.device)]
                                               ).tolist()
         seconds = time.perf_counter() - started
@@ -219,9 +252,41 @@ class Party:
             progress["timed_tokens"] += self.tokens_per_step
             progress["timed_seconds"] += seconds
         return {"step": self.step_count, "loss": ce, "load_balancing_loss": balance, "z_loss": z, "lr": lr,
-                "grad_norm": grad_norm, "step_time_s": seconds, "tokens_per_s": self.tokens_per_step / seconds,
+                "skipped": bool(votes.nonfinite), "grad_norm": grad_norm, "step_time_s": seconds,
+                "tokens_per_s": self.tokens_per_step / seconds,
                 "peak_memory_bytes": peak_memory(self.device)[0], "bytes_sent": self.wire.total_sent,
                 "bytes_received": self.wire.total_received, "expert_load": load.tolist()}
+
+    def _skip(self, nonfinite: dict[int, list[str]], stepped: bool) -> None:
+        """Every party skips this step's optimizer update (they all saw the same votes), or all stop: always when
+        the parameters have ``stepped`` already (train.optimizer_in_backward)."""
+        t = self.cfg.train
+        self.nonfinite_streak += 1
+        where = "; ".join(f"{', '.join(what)} at party {party}" for party, what in nonfinite.items())
+        advice = ("the run diverged: start a new run (--set train.name=NAME) with a lower train.lr or more "
+                  "train.warmup_steps")
+        if t.nonfinite == "stop" or stepped:
+            why = "train.nonfinite=stop" if t.nonfinite == "stop" else \
+                "train.optimizer_in_backward stepped already: the step cannot be skipped"
+            raise Diverged(f"step {self.step_count}: non-finite {where} ({why}); {advice}")
+        if self.nonfinite_streak >= t.nonfinite_patience:
+            raise Diverged(f"steps {self.step_count - self.nonfinite_streak + 1}-{self.step_count}: non-finite "
+                           f"values {self.nonfinite_streak} steps in a row, last {where} "
+                           f"(train.nonfinite_patience={t.nonfinite_patience}); {advice}")
+        self._warn(f"step {self.step_count} skipped at every party: non-finite {where} ({self.nonfinite_streak} in a "
+                   f"row; the run stops at train.nonfinite_patience={t.nonfinite_patience})")
+
+    def _commit(self, saved: list[int]) -> None:
+        """When every party has saved the same step: it is committed, and older checkpoints may go."""
+        if saved[0] >= 0 and len(set(saved)) == 1 and saved[0] != self.committed:
+            self.committed = saved[0]
+            prune(self.checkpoint_dir, self.committed, self.cfg.train.keep_checkpoints)
+
+    def commit(self) -> None:
+        """At the end of a run: if this party saved a checkpoint since the last vote, one more vote, so every party
+        commits it (every party saves at the same steps, so all take part)."""
+        if self.saved is not None and self.saved != self.committed:
+            self._commit(lockstep.vote(self.wire, self.step_count, [False] * 3, self.saved, self.device).saved)
 
     def evaluate(self) -> float:
         """Mean held-out cross-entropy over train.eval_batches batches (the same ones every time)."""
@@ -238,14 +303,23 @@ class Party:
         return sum(losses) / len(losses)
 
     def save(self) -> Path:
-        """A checkpoint of everything this party owns at this step (whole or absent; the oldest beyond
-        train.keep_checkpoints are deleted)."""
-        return save_checkpoint(self.checkpoint_dir, self.step_count, {
-            "step": self.step_count, "config": _checkpoint_config(self.cfg), "expert_ids": self.shard.expert_ids,
+        """A checkpoint of everything this party owns at this step, and its whole configuration (whole or absent).
+        It counts as saved once every party has saved this step (the next health vote, or ``commit``); only then
+        do the oldest beyond train.keep_checkpoints go. Non-finite weights or optimizer state are never saved:
+        Diverged instead."""
+        state = [*self.backbone.parameters(), *self.shard.parameters(),
+                 *(v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v))]
+        if not torch.stack([v.isfinite().all() for v in state]).all():
+            raise Diverged(f"step {self.step_count}: non-finite weights or optimizer state, not checkpointed: the run "
+                           "diverged; start a new run (--set train.name=NAME) with a lower train.lr")
+        path = save_checkpoint(self.checkpoint_dir, self.step_count, {
+            "step": self.step_count, "config": self.cfg.to_dict(), "expert_ids": self.shard.expert_ids,
             "backbone": self.backbone.state_dict(), "experts": self.shard.state_dict(),
             "optimizer": self.optimizer.state_dict(), "data": self.batches.state_dict(),
             "bytes_sent": self.wire.bytes_sent, "bytes_received": self.wire.bytes_received,
-            "progress": self.progress, "hf_files": self.hf_files}, self.cfg.train.keep_checkpoints)
+            "progress": self.progress, "hf_files": self.hf_files})
+        self.saved = self.step_count
+        return path
 
     def summary(self, eval_loss: float | None = None) -> dict:
         """This party's run so far: losses, throughput, peak memory and what holds it, traffic."""

@@ -12,9 +12,10 @@ import time
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .checkpoint import latest_step
+from .checkpoint import checkpoint_steps
 from .config import Config
-from .metrics import PartyProgress, duration, say
+from .faults import say
+from .metrics import PartyProgress, duration
 from .party import party_device
 
 __all__ = ["RunProgress"]
@@ -29,8 +30,10 @@ class RunProgress:
         party_dirs = [cfg.run_dir / f"party{i}" for i in range(cfg.parties)]
         self.paths = [d / "metrics.jsonl" for d in party_dirs]
         self.offsets = [0] * cfg.parties
-        # With train.resume, a party first rewrites the records up to its checkpoint: shown as one "resumed" line.
-        self.resumed = [latest_step(d / "checkpoints") if cfg.train.resume else 0 for d in party_dirs]
+        # With train.resume, the parties continue from the latest step all of them hold (lockstep.handshake), and each
+        # first rewrites its records up to it: shown as one "resumed" line.
+        held = [set(checkpoint_steps(d / "checkpoints")) for d in party_dirs] if cfg.train.resume else [set()]
+        self.resumed = [max(set.intersection(*held), default=0)] * cfg.parties
         kind = "rss" if party_device(cfg).type == "cpu" else "gpu"
         self.parties = [PartyProgress(i, cfg.train, kind) for i in range(cfg.parties)]
         self.started = time.time()

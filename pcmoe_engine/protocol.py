@@ -23,6 +23,10 @@ flight while autograd runs the host's own rows and the shared expert; its wait s
 gradients. Every transfer goes through ``Wire.exchange`` (wire.py: the kinds, counters, log, defences, fp8
 packing, the observer, and the tape that replays a checkpointed block's forward in its recompute).
 
+Beside the model's traffic, two control kinds carry numbers about the run, never data (lockstep.py): the
+"handshake" when the parties start (protocol version, per-option digests of the configuration, the checkpoint
+steps each holds) and the "health" vote of every step (which values were non-finite, the last step saved).
+
 With one party nothing crosses: centralized training through the same code.
 """
 
@@ -39,12 +43,12 @@ from .config import ModelConfig, WireConfig
 from .dispatch import dispatch_rows, expand, gather, plan_pairs, rows_per_owner, scatter_add
 from .nvtx import stage
 from .rng import seeded
-from .wire import (EXPORT_KINDS, TRAINING_KINDS, WIRE_KINDS, ExchangeTimer, Observer, Tape, Transfer, Wire,
-                   WireEntry, WireLog, clip_and_noise, pack_fp8, unpack_fp8)
+from .wire import (CONTROL_KINDS, EXPORT_KINDS, TRAINING_KINDS, WIRE_KINDS, ExchangeTimer, Observer, Tape, Transfer,
+                   Wire, WireEntry, WireLog, clip_and_noise, pack_fp8, unpack_fp8)
 
-__all__ = ["WIRE_KINDS", "TRAINING_KINDS", "EXPORT_KINDS", "owner_of", "owned_experts", "ExpertShard", "WireEntry",
-           "WireLog", "Wire", "Observer", "Transfer", "Tape", "ExchangeTimer", "DistributedExperts", "kinds_sent",
-           "clip_and_noise", "pack_fp8", "unpack_fp8"]
+__all__ = ["WIRE_KINDS", "TRAINING_KINDS", "CONTROL_KINDS", "EXPORT_KINDS", "owner_of", "owned_experts", "ExpertShard",
+           "WireEntry", "WireLog", "Wire", "Observer", "Transfer", "Tape", "ExchangeTimer", "DistributedExperts",
+           "kinds_sent", "clip_and_noise", "pack_fp8", "unpack_fp8"]
 
 
 def owner_of(expert: int, parties: int) -> int:
@@ -136,8 +140,9 @@ class _Route(NamedTuple):
 
 
 def kinds_sent(options: WireConfig) -> set[str]:
-    """The kinds a training run with these wire options sends (evaluation sends the forward ones only)."""
-    kinds = {"splits", "expert_mask", "output", "hidden_grad",
+    """The kinds a training run with these wire options sends (evaluation sends the forward ones only), the
+    control rows of lockstep.py included."""
+    kinds = {*CONTROL_KINDS, "splits", "expert_mask", "output", "hidden_grad",
              "hidden_fp8" if options.hidden_dtype == "fp8" else "hidden",
              "output_grad_fp8" if options.grad_dtype == "fp8" else "output_grad"}
     return kinds | ({"routing_weights", "routing_weights_grad"} if options.combine == "host" else set())

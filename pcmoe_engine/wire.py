@@ -28,7 +28,7 @@ from .config import PrivacyConfig
 from .rng import seeded
 from .transport import Transport, TorchTransport
 
-__all__ = ["WIRE_KINDS", "TRAINING_KINDS", "EXPORT_KINDS", "FP8_MAX", "WireEntry", "WireLog", "Wire", "Observer",
+__all__ = ["WIRE_KINDS", "TRAINING_KINDS", "CONTROL_KINDS", "EXPORT_KINDS", "FP8_MAX", "WireEntry", "WireLog", "Wire", "Observer",
            "Transfer", "Tape", "ExchangeTimer", "clip_and_noise", "pack_fp8", "unpack_fp8"]
 
 # What crosses between parties in training and evaluation (docs/privacy.md says what each reveals).
@@ -43,7 +43,11 @@ TRAINING_KINDS = (
     "output_grad_fp8",  # the same rows as e4m3 bytes plus scale (wire.grad_dtype=fp8)
     "routing_weights_grad",  # fp32, one per pair, host -> origin: only with wire.combine=host
     "hidden_grad",  # gradients of the dispatched rows, host -> origin: one per dispatched row
+    # Control rows, int64, the same to every party (Wire.share; lockstep.py): numbers about the run, never data
+    "handshake",  # at start: protocol version, per-option digests of the configuration, checkpoint steps held
+    "health",  # every step: the step, which of loss / backbone / expert gradients are non-finite, last step saved
 )
+CONTROL_KINDS = ("handshake", "health")  # the training kinds that carry no model traffic
 
 # What crosses only when the parties opt in to pool their experts at export (`pcmoe export --pool`, export.py).
 EXPORT_KINDS = (
@@ -299,6 +303,14 @@ class Wire:
         if not async_op:
             transfer.wait()
         return transfer
+
+    def share(self, kind: str, row: torch.Tensor, lengths: list[int] | None = None) -> list[torch.Tensor]:
+        """Send the same 1-D control ``row`` to every party; returns every party's row, in party order.
+        ``lengths``: each party's row length, when they differ (default: all as long as this one's)."""
+        n = row.numel()
+        lengths = lengths or [n] * self.parties
+        received = self.exchange(kind, -1, row.repeat(self.parties), [n] * self.parties, lengths).wait()
+        return list(received.split(lengths))
 
     @property
     def total_sent(self) -> int:

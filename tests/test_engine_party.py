@@ -10,7 +10,7 @@ from pcmoe_engine.party import Party, initial_backbone
 
 SMALL = ["parties=1", "model.hidden_size=32", "model.num_layers=2", "model.expert_intermediate_size=32",
          "data.seq_len=16", "train.batch_size=2", "train.steps=4", "train.warmup_steps=1", "train.eval_batches=1"]
-RECORD = {"step", "loss", "load_balancing_loss", "z_loss", "lr", "grad_norm", "step_time_s", "tokens_per_s",
+RECORD = {"step", "loss", "load_balancing_loss", "z_loss", "lr", "skipped", "grad_norm", "step_time_s", "tokens_per_s",
           "peak_memory_bytes", "bytes_sent", "bytes_received", "expert_load"}
 TIMINGS = ("step_time_s", "tokens_per_s", "peak_memory_bytes")
 
@@ -51,7 +51,8 @@ def test_resume_continues_bitwise(tmp_path):
 
 def test_resume_refuses_another_model(tmp_path):
     Party(_cfg(tmp_path), 0).save()
-    with pytest.raises(ValueError, match=re.escape("was written for another model or number of parties")):
+    with pytest.raises(ValueError, match=re.escape("was written for another configuration (model.num_layers=2, "
+                                                   "this run has 3)")):
         Party(_cfg(tmp_path, "model.num_layers=3"), 0).resume()
 
 

@@ -23,8 +23,10 @@ from pcmoe_engine.config import ModelConfig, PrivacyConfig, load_config
 from pcmoe_engine.data import encode, load_tokenizer, party_texts
 from pcmoe_engine.export import pool_experts
 from pcmoe_engine.party import Party
-from pcmoe_engine.protocol import (TRAINING_KINDS, WIRE_KINDS, ExpertShard, Wire, WireLog, clip_and_noise, kinds_sent,
-                                   unpack_fp8)
+from pcmoe_engine import lockstep
+from pcmoe_engine.lockstep import PER_PARTY, PROTOCOL_VERSION
+from pcmoe_engine.protocol import (CONTROL_KINDS, TRAINING_KINDS, WIRE_KINDS, ExpertShard, Wire, WireLog, clip_and_noise,
+                                   kinds_sent, unpack_fp8)
 from pcmoe_engine.tls import ACCEPTED, FRAME, HELLO, TLSMesh
 from pcmoe_engine.train import train
 from pcmoe_engine.transport import TorchTransport
@@ -39,6 +41,7 @@ AUDIT = ["parties=2", "model.hidden_size=32", "model.num_layers=2", "model.exper
          "model.shared_intermediate_size=16", "data.seq_len=16", "train.batch_size=2", "train.steps=2",
          "train.warmup_steps=1", "train.eval_batches=1", "train.log_every=100", "train.wire_log=true",
          "privacy.hidden_clip=1.0", "privacy.grad_clip=1e-4"]
+PATHS = ("data.corpus", "train.out_dir")  # set in the audit run, and no option that crosses has their values
 
 
 @pytest.fixture(autouse=True)
@@ -127,7 +130,8 @@ def test_wire_audit_of_a_two_party_training_run(transport, wire_options, tmp_pat
         pytest.skip("needs the openssl command")
     pki = str(make_pki(tmp_path / "pki", 2, "audit")) if transport == "tls" else None
     mp.spawn(_audited_party, args=(str(tmp_path), [free_port(), free_port()], pki, wire_options), nprocs=2)
-    cfg = load_config(None, AUDIT + wire_options)
+    cfg = load_config(None, AUDIT + wire_options + [f"train.out_dir={tmp_path}", "train.name=audit"])
+    run_options = lockstep.options(cfg.to_dict())
     hidden = cfg.model.hidden_size
     tokens_per_pass = cfg.train.batch_size * cfg.data.seq_len
     pairs_per_pass = tokens_per_pass * cfg.model.top_k
@@ -146,6 +150,18 @@ def test_wire_audit_of_a_two_party_training_run(transport, wire_options, tmp_pat
         sizes = None  # the last splits this party sent: [rows, pairs] for each owner
         for c in calls:
             send, splits = c["send"], c["send_splits"]
+            if c["kind"] in CONTROL_KINDS:  # numbers about the run, the same int64 row to every party: no data
+                row = send[:splits[0]]
+                assert send.dtype == torch.int64 and splits == [len(row)] * 2
+                assert torch.equal(send, row.repeat(2))
+                if c["kind"] == "health":  # step, non-finite flags, last step saved (-1: none yet)
+                    assert len(row) == 3 and row[1] == 0 and row[2] in (-1, cfg.train.steps)
+                elif len(row) == 4:  # handshake header: version, options digest, not resuming, no steps held
+                    assert row[0] == PROTOCOL_VERSION and row[2:].tolist() == [0, 0]
+                else:  # one digest per option all parties must share (and the precision); paths never cross
+                    assert len(row) == len([n for n in run_options if n not in PER_PARTY]) + 1
+                    assert not {lockstep._digest(run_options[n]) for n in PATHS} & set(row.tolist())
+                continue
             if c["kind"] == "splits":  # rows and pairs per owner, one pair of counts each: no ids, no positions
                 assert send.dtype == torch.int64 and send.shape == (4,) and splits == [2, 2]
                 assert send[1::2].sum() == pairs_per_pass and (send[0::2] <= tokens_per_pass).all()
@@ -174,10 +190,11 @@ def test_wire_audit_of_a_two_party_training_run(transport, wire_options, tmp_pat
         entries = [json.loads(line) for line in lines]
         assert len(entries) == 2 * len(calls)  # one entry per exchange and direction
         assert {e["kind"] for e in entries} == kinds
-        widths = {"splits": [], "expert_mask": [1], "hidden_fp8": [hidden + 4], "output_grad_fp8": [hidden + 4],
-                  "routing_weights": [], "routing_weights_grad": []}
+        widths = {"splits": [], "handshake": [], "health": [], "expert_mask": [1], "hidden_fp8": [hidden + 4],
+                  "output_grad_fp8": [hidden + 4], "routing_weights": [], "routing_weights_grad": []}
         assert all(e["shape"][1:] == widths.get(e["kind"], [hidden]) for e in entries)
-        dtypes = {"splits": "int64", "expert_mask": "uint8", "hidden_fp8": "uint8", "output_grad_fp8": "uint8"}
+        dtypes = {"splits": "int64", "handshake": "int64", "health": "int64", "expert_mask": "uint8",
+                  "hidden_fp8": "uint8", "output_grad_fp8": "uint8"}
         assert all(e["dtype"] == dtypes.get(e["kind"], "float32") for e in entries)
 
 

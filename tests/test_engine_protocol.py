@@ -6,7 +6,8 @@ Per party: logits and every backbone gradient match. Per owner: each local exper
 SUM over parties of that expert's single-process gradients. n = 3 with 8 experts is the uneven split. Every
 mode (dispatch once per (token, host) or per pair, combine at the origin or the host) and activation
 checkpointing; the bytes of each kind are exactly what the routing implies, and a checkpointed run's
-recompute sends nothing.
+recompute sends nothing. With enough GPUs the same runs over NCCL, one GPU per party, the kernels compiled
+(``gpu``).
 """
 
 import copy
@@ -22,8 +23,8 @@ from pcmoe_engine.cli import free_port
 from pcmoe_engine.config import ModelConfig, WireConfig
 from pcmoe_engine.dispatch import mask_bytes
 from pcmoe_engine.model import Backbone, compute_loss
-from pcmoe_engine.protocol import (TRAINING_KINDS, DistributedExperts, ExpertShard, Wire, WireLog, kinds_sent,
-                                   owned_experts)
+from pcmoe_engine.protocol import (CONTROL_KINDS, TRAINING_KINDS, DistributedExperts, ExpertShard, Wire, WireLog,
+                                   kinds_sent, owned_experts)
 
 CFG = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=8,
                   top_k=2, expert_intermediate_size=48, shared_intermediate_size=40, shared_expert_gate=True)
@@ -49,10 +50,22 @@ def _grads(module):
             for name, p in module.named_parameters()}
 
 
-def _party(rank, parties, port, out_dir, checkpointing, options):
+def _cpu(tree):
+    """Tensors back on the CPU, for the test process to load."""
+    if isinstance(tree, dict):
+        return {k: _cpu(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_cpu(v) for v in tree]
+    return tree.cpu() if torch.is_tensor(tree) else tree
+
+
+def _party(rank, parties, port, out_dir, checkpointing, options, backend):
     torch.set_num_threads(1)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if parties > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=parties)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=parties)
     backbone = Backbone(CFG)
     backbone.init_weights(torch.Generator().manual_seed(100 + rank))  # every party its own backbone
     shard = ExpertShard(CFG, rank, parties)
@@ -62,6 +75,9 @@ def _party(rank, parties, port, out_dir, checkpointing, options):
     wire = Wire(rank, parties, dist.group.WORLD if parties > 1 else None, log)
     oracle_backbone, oracle_shard = copy.deepcopy(backbone), ExpertShard(CFG)
     oracle_shard.init_weights(SEED)
+    for module in (backbone, shard, oracle_backbone, oracle_shard):
+        module.to(device)
+    tokens = tokens.to(device)
 
     result = {}
     for tag, net, experts in (("dist", backbone, DistributedExperts(shard, wire, options)),
@@ -78,9 +94,9 @@ def _party(rank, parties, port, out_dir, checkpointing, options):
     # and must still take part in every exchange, forward and backward. Each token picks two distinct experts of
     # party 0 (a top-k routing never picks an expert twice), in random order.
     gen = torch.Generator().manual_seed(300 + rank)
-    x = torch.randn(5, CFG.hidden_size, generator=gen)
+    x = torch.randn(5, CFG.hidden_size, generator=gen).to(device)
     ids = torch.tensor(owned_experts(0, parties, CFG.num_experts))[torch.rand(5, 2, generator=gen).argsort(1)]
-    weights = torch.rand(5, 2, generator=gen)
+    ids, weights = ids.to(device), torch.rand(5, 2, generator=gen).to(device)
     for tag, experts, expert_shard in (("dist", DistributedExperts(shard, wire, options), shard),
                                        ("oracle", LocalExperts(oracle_shard), oracle_shard)):
         expert_shard.zero_grad()
@@ -89,15 +105,11 @@ def _party(rank, parties, port, out_dir, checkpointing, options):
         (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
         result[tag]["skewed"] = {"out": out.detach(), "x_grad": xs.grad, "experts": _grads(expert_shard)}
 
+    result = _cpu(result)
     result["wire"] = {"entries": log.entries, "sent": wire.total_sent, "received": wire.total_received}
     torch.save(result, os.path.join(out_dir, f"party{rank}.pt"))
     if parties > 1:
         dist.destroy_process_group()
-
-
-def _close(a, b, what):
-    assert a.shape == b.shape, what
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
 
 
 def _expected_sent(expert_ids, party, parties, options):
@@ -129,8 +141,26 @@ MODES = {"token": WireConfig(), "pair": WireConfig(dispatch="pair"), "token+host
 def test_parties_equal_single_process(parties, checkpointing, mode, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # spawned parties run csrc_triton's CPU references
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    options = MODES[mode]
-    mp.spawn(_party, args=(parties, free_port(), str(tmp_path), checkpointing, options), nprocs=parties)
+    check_parties(parties, checkpointing, MODES[mode], "gloo", tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("parties,checkpointing,mode", [(2, False, "token"), (3, False, "pair+host"),
+                                                        (2, True, "token")])
+def test_parties_equal_single_process_over_nccl(parties, checkpointing, mode, tmp_path):
+    """One GPU per party, the kernels compiled, fp32: the distributed and all-local paths run different kernels
+    (grouped GEMM and combine, or the fused expert_mlp), so they agree to fp32 rounding, not bitwise."""
+    if torch.cuda.device_count() < parties:
+        pytest.skip(f"needs {parties} GPUs")
+    check_parties(parties, checkpointing, MODES[mode], "nccl", tmp_path, rtol=1e-4, atol=1e-5)
+
+
+def check_parties(parties, checkpointing, options, backend, tmp_path, rtol=1e-5, atol=1e-6):
+    def _close(a, b, what):
+        assert a.shape == b.shape, what
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+    mp.spawn(_party, args=(parties, free_port(), str(tmp_path), checkpointing, options, backend), nprocs=parties)
     results = [torch.load(tmp_path / f"party{p}.pt", weights_only=False) for p in range(parties)]
 
     for p, r in enumerate(results):
@@ -156,7 +186,7 @@ def test_parties_equal_single_process(parties, checkpointing, mode, tmp_path, mo
     sent = sum(r["wire"]["sent"] for r in results)
     assert sent == sum(r["wire"]["received"] for r in results)
     assert (sent > 0) == (parties > 1)
-    kinds = kinds_sent(options)
+    kinds = kinds_sent(options) - set(CONTROL_KINDS)  # the protocol alone: no steps, so no votes
     dtypes = {"splits": "int64", "expert_mask": "uint8"}
     for p, r in enumerate(results):
         entries = r["wire"]["entries"]
@@ -177,3 +207,18 @@ def test_parties_equal_single_process(parties, checkpointing, mode, tmp_path, mo
         for back, forth in (("hidden_grad", "hidden"), ("output", "output_grad"),
                             ("routing_weights_grad", "routing_weights")):
             assert sum(r["dist"]["bytes"][back] for r in results) == sum(r["dist"]["bytes"][forth] for r in results)
+
+
+def test_nan_hidden_states_stay_in_range_through_the_protocol():
+    """A NaN hidden state (a party diverging) makes a NaN router row: the router's ids stay in range (under the
+    Triton interpreter: the kernel's), so the protocol's indexing (wire positions, plan, grouped GEMM) stays in
+    bounds and only that token's output is NaN."""
+    shard = ExpertShard(CFG)
+    shard.init_weights(SEED)
+    x = torch.randn(6, CFG.hidden_size, generator=torch.Generator().manual_seed(0))
+    x[2] = float("nan")
+    router = torch.nn.Linear(CFG.hidden_size, CFG.num_experts, bias=False)
+    routing = ct.route(router(x), CFG.top_k)
+    assert ((routing.expert_ids >= 0) & (routing.expert_ids < CFG.num_experts)).all()
+    out, _ = DistributedExperts(shard, Wire())(0, x, routing.weights, routing.expert_ids)
+    assert out[2].isnan().all() and out[[0, 1, 3, 4, 5]].isfinite().all()

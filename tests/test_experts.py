@@ -109,3 +109,37 @@ def test_mismatched_shapes_say_what_is_wrong():
 @pytest.mark.parametrize("case", LARGE, ids=str)
 def test_expert_mlp_large_bf16(case, device):
     check_expert_mlp(*case, torch.bfloat16, device)
+
+
+def check_grouped_mlp(rows, hidden, inter, experts, empty, dtype, device):
+    """grouped_mlp (one expert per row: what an expert host runs on the rows it received) against the fp64
+    reference, forward and backward; experts in ``empty`` get no row and exactly zero gradient."""
+    gen = torch.Generator().manual_seed(rows)
+    used = torch.tensor([e for e in range(experts) if e not in empty])
+    expert_of_row = used[torch.randint(0, len(used), (rows,), generator=gen)]
+    ours = [leaf(torch.randn(rows, hidden, generator=gen), device, dtype),
+            leaf(torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5, device, dtype),
+            leaf(torch.randn(experts, hidden, inter, generator=gen) / inter**0.5, device, dtype)]
+    refs = [leaf(t.detach(), device, torch.float64) for t in ours]
+    out = grouped_mlp(ours[0], expert_of_row.to(device), *ours[1:])
+    ref = grouped_mlp_reference(refs[0], expert_of_row.to(device), *refs[1:])
+    assert out.dtype == dtype and rel_err(out, ref) < TOLERANCE[dtype]
+    g = torch.randn(rows, hidden, generator=gen)
+    out.backward(g.to(device, dtype))
+    ref.backward(g.to(device, torch.float64))
+    for name, a, b in zip(["x", "gate_up", "down"], ours, refs):
+        assert rel_err(a.grad, b.grad) < TOLERANCE[dtype], name
+    for e in empty:
+        assert ours[1].grad[e].abs().max().item() == 0 and ours[2].grad[e].abs().max().item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mlp(dtype, device, poison):
+    check_grouped_mlp(37, 24, 20, 5, (3,), dtype, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", LARGE, ids=str)
+def test_grouped_mlp_large_bf16(case, device):
+    tokens, hidden, inter, experts, top_k, empty = case
+    check_grouped_mlp(tokens * top_k, hidden, inter, experts, empty, torch.bfloat16, device)

@@ -80,3 +80,48 @@ def test_bad_arguments_say_what_is_wrong(bad, message):
     kwargs = dict(top_k=2) | bad
     with pytest.raises(ValueError, match=message):
         route(torch.randn(4, 8), **kwargs)
+
+
+def _nan_logits(tokens, experts, generator):
+    """Distinct logits with NaN in a random subset of each row's experts (none in some rows, all in others),
+    and -inf in a few (those experts score 0)."""
+    logits = torch.stack([torch.randperm(experts, generator=generator) for _ in range(tokens)]).float() / experts
+    nan = torch.rand(tokens, experts, generator=generator) < torch.rand(tokens, 1, generator=generator)
+    nan[0], nan[1] = False, True
+    logits[nan] = float("nan")
+    logits[2, :3] = float("-inf")
+    return logits, nan
+
+
+def check_nan_routing(tokens, experts, k, dtype, device):
+    logits, nan = _nan_logits(tokens, experts, torch.Generator().manual_seed(experts))
+    logits = logits.to(dtype)
+    bias = torch.linspace(-0.1, 0.1, experts)
+    for kwargs in (dict(scoring="softmax"), dict(scoring="sigmoid", score_bias=bias),
+                   dict(scoring="sigmoid", score_bias=bias, n_group=4, topk_group=2)):
+        out = route(logits.to(device), k, **{n: v.to(device) if torch.is_tensor(v) else v for n, v in kwargs.items()})
+        ref = route_reference(logits, k, **kwargs)
+        ids, ref_ids = out.expert_ids.cpu().long(), ref.expert_ids.long()
+        # Always k distinct ids in range, and the counts say the same.
+        assert ((ids >= 0) & (ids < experts)).all()
+        assert (ids.sort(dim=1).values.diff(dim=1) > 0).all()
+        assert torch.equal(out.tokens_per_expert.cpu(), torch.bincount(ids.flatten(), minlength=experts))
+        # Where the reference's choice is unambiguous, the same experts: NaN outranks every score (torch.topk),
+        # and fewer NaN than k leaves the rest to the scores (sigmoid: a NaN logit spoils only its own score).
+        row_nan = nan.sum(1)
+        plain = (row_nan == 0) if kwargs["scoring"] == "softmax" or "n_group" in kwargs else (row_nan < k)
+        assert torch.equal(ids[plain].sort(dim=1).values, ref_ids[plain].sort(dim=1).values)
+        assert torch.equal(ids[row_nan == 0], ref_ids[row_nan == 0])
+        if kwargs["scoring"] == "sigmoid" and "n_group" not in kwargs:  # k or more NaN: the lowest NaN experts
+            many = row_nan >= k
+            assert torch.equal(ids[many], torch.stack([r.nonzero()[:k, 0] for r in nan[many]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_and_inf_logits_route_to_experts_in_range(dtype, device):
+    check_nan_routing(40, 16, 4, dtype, device)
+
+
+@pytest.mark.gpu
+def test_nan_logits_compiled_match_the_reference_large(device):
+    check_nan_routing(4096, 64, 8, torch.bfloat16, device)

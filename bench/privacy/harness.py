@@ -26,7 +26,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pcmoe_engine.cli import free_port
-from pcmoe_engine.config import Config, DataConfig, ModelConfig, PrivacyConfig, TrainConfig, validate
+from pcmoe_engine.config import Config, DataConfig, ModelConfig, PrivacyConfig, TrainConfig
+from pcmoe_engine.validate import validate
 from pcmoe_engine.data import eval_batches
 from pcmoe_engine.dispatch import expand
 from pcmoe_engine.model import Backbone
