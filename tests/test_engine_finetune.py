@@ -25,8 +25,9 @@ from pcmoe_engine.model import Backbone
 from pcmoe_engine.party import Party
 from pcmoe_engine.protocol import ExpertShard
 
+# On the CPU even where there is a GPU: these check what is read and computed; bench/finetune_proof.py is the GPU's.
 RUN = ["data.seq_len=16", "train.batch_size=2", "train.warmup_steps=1", "train.eval_batches=1", "train.lr=1e-2",
-       "train.precision=fp32", "train.log_every=100"]
+       "train.precision=fp32", "train.log_every=100", "train.device=cpu"]
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,7 @@ from bench.tls import make_pki
 from pcmoe_engine.cli import free_port
 from pcmoe_engine.cli import main as pcmoe
 from pcmoe_engine.config import load_config
+from pcmoe_engine.faults import ExitCode
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.expert_intermediate_size=32",
@@ -98,7 +99,8 @@ def test_parties_on_separate_hosts_train_alike_over_gloo_and_tls(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_a_killed_party_is_named_over_tls(tmp_path):
-    """Party 2 is killed mid-run: the others stop at once, each with one line naming it, and a non-zero exit."""
+    """Party 2 is killed mid-run: the others stop at once, each with one line naming it and the command that resumes
+    the run, and the lost-peer exit code."""
     pki = make_pki(tmp_path / "pki", 3, "multihost")
     peers = ",".join(f"127.0.0.1:{free_port()}" for _ in range(3))
     procs = _start(tmp_path / "run", 3, _tls_args(pki, peers), "train.steps=100000", "train.checkpoints=false")
@@ -108,9 +110,10 @@ def test_a_killed_party_is_named_over_tls(tmp_path):
     procs[2].kill()
     for rank in (0, 1):
         out = procs[rank].communicate(timeout=120)[0]
-        assert procs[rank].returncode == 1
-        assert out.strip().splitlines()[-1] == f"pcmoe: error (party {rank}): party 2 closed its connection: it " \
-                                               "exited or was killed"
+        assert procs[rank].returncode == ExitCode.PEER_LOST
+        assert re.fullmatch(fr"pcmoe: error \(party {rank}\): party 2 closed its connection: it exited or was killed "
+                            r"at step \d+; no common checkpoint yet; resume every party with: pcmoe party .*",
+                            out.strip().splitlines()[-1])
         assert "Traceback" not in out
     procs[2].communicate()
 

@@ -102,7 +102,7 @@ def _party(rank, parties, port, out_dir, checkpointing, options, backend):
         expert_shard.zero_grad()
         xs = x.clone().requires_grad_()
         out, _ = experts(1, xs, weights, ids.int())
-        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+        (out * torch.arange(out.numel(), device=out.device).view_as(out).sin()).sum().backward()
         result[tag]["skewed"] = {"out": out.detach(), "x_grad": xs.grad, "experts": _grads(expert_shard)}
 
     result = _cpu(result)
