@@ -90,6 +90,7 @@ def _nan_logits(tokens, experts, generator):
     nan[0], nan[1] = False, True
     logits[nan] = float("nan")
     logits[2, :3] = float("-inf")
+    nan[2, :3] = False  # -inf where NaN was drawn
     return logits, nan
 
 
