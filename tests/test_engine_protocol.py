@@ -5,8 +5,8 @@ then the same backbone with ALL experts in-process (csrc_triton.expert_mlp, no p
 Per party: logits and every backbone gradient match. Per owner: each local expert's gradient matches the
 SUM over parties of that expert's single-process gradients. n = 3 with 8 experts is the uneven split. Every
 mode (dispatch once per (token, host) or per pair, combine at the origin or the host) and activation
-checkpointing; the bytes of each kind are exactly what the routing implies, and a checkpointed run's
-recompute sends nothing.
+checkpointing, with the rows in a secret order (privacy.shuffle, the default) and once without; the bytes of
+each kind are exactly what the routing implies, and a checkpointed run's recompute sends nothing.
 """
 
 import copy
@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 import csrc_triton as ct
 from pcmoe_engine.cli import free_port
-from pcmoe_engine.config import ModelConfig, WireConfig
+from pcmoe_engine.config import ModelConfig, PrivacyConfig, WireConfig
 from pcmoe_engine.dispatch import mask_bytes
 from pcmoe_engine.model import Backbone, compute_loss
 from pcmoe_engine.protocol import (TRAINING_KINDS, DistributedExperts, ExpertShard, Wire, WireLog, kinds_sent,
@@ -49,7 +49,7 @@ def _grads(module):
             for name, p in module.named_parameters()}
 
 
-def _party(rank, parties, port, out_dir, checkpointing, options):
+def _party(rank, parties, port, out_dir, checkpointing, options, shuffle):
     torch.set_num_threads(1)
     if parties > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=parties)
@@ -59,7 +59,11 @@ def _party(rank, parties, port, out_dir, checkpointing, options):
     shard.init_weights(SEED)
     tokens = torch.randint(0, CFG.vocab_size, (3, 17), generator=torch.Generator().manual_seed(200 + rank))
     log = WireLog()
-    wire = Wire(rank, parties, dist.group.WORLD if parties > 1 else None, log)
+    wire = Wire(rank, parties, dist.group.WORLD if parties > 1 else None, log, PrivacyConfig(shuffle=shuffle))
+    orders = []  # the order each layer's rows were sent in, by token
+    if shuffle and parties > 1:
+        permutation = wire.permutation
+        wire.permutation = lambda owner: orders.append(permutation(owner)) or orders[-1]
     oracle_backbone, oracle_shard = copy.deepcopy(backbone), ExpertShard(CFG)
     oracle_shard.init_weights(SEED)
 
@@ -90,6 +94,7 @@ def _party(rank, parties, port, out_dir, checkpointing, options):
         result[tag]["skewed"] = {"out": out.detach(), "x_grad": xs.grad, "experts": _grads(expert_shard)}
 
     result["wire"] = {"entries": log.entries, "sent": wire.total_sent, "received": wire.total_received}
+    result["orders"] = orders
     torch.save(result, os.path.join(out_dir, f"party{rank}.pt"))
     if parties > 1:
         dist.destroy_process_group()
@@ -118,20 +123,24 @@ def _expected_sent(expert_ids, party, parties, options):
 
 
 MODES = {"token": WireConfig(), "pair": WireConfig(dispatch="pair"), "token+host": WireConfig(combine="host"),
-         "pair+host": WireConfig(dispatch="pair", combine="host")}
+         "pair+host": WireConfig(dispatch="pair", combine="host"), "token, unshuffled": WireConfig()}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parties,checkpointing,mode", [
     (1, False, "token"), (2, False, "token"), (3, False, "token"), (4, False, "token"), (2, True, "token"),
     (1, False, "pair+host"), (2, False, "pair"), (3, False, "token+host"), (4, False, "pair+host"),
-    (3, True, "token+host"), (2, True, "pair")])
+    (3, True, "token+host"), (2, True, "pair"), (3, False, "token, unshuffled")])
 def test_parties_equal_single_process(parties, checkpointing, mode, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # spawned parties run csrc_triton's CPU references
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    options = MODES[mode]
-    mp.spawn(_party, args=(parties, free_port(), str(tmp_path), checkpointing, options), nprocs=parties)
+    options, shuffle = MODES[mode], "unshuffled" not in mode
+    mp.spawn(_party, args=(parties, free_port(), str(tmp_path), checkpointing, options, shuffle), nprocs=parties)
     results = [torch.load(tmp_path / f"party{p}.pt", weights_only=False) for p in range(parties)]
+    # Shuffled, each layer's call drew one fresh order (a checkpointed recompute none), and it moved rows.
+    for r in results:  # the full model's MoE layers, then the skewed call
+        assert len(r["orders"]) == (CFG.num_layers + 1 if shuffle and parties > 1 else 0)
+        assert not shuffle or parties == 1 or any(not torch.equal(o, o.sort().values) for o in r["orders"])
 
     for p, r in enumerate(results):
         _close(r["dist"]["logits"], r["oracle"]["logits"], f"party {p} logits")
