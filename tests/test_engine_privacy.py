@@ -371,7 +371,8 @@ def _observing_party(rank, port, out_dir, defence):
             for block in party.backbone.blocks:
                 block.moe.register_forward_hook(record)
         observed = privacy.windows(party.eval_tokens, SMOKE.seq_len, 4)
-        torch.save({**privacy.observe(party, observed), "truth": truth}, os.path.join(out_dir, f"party{rank}.pt"))
+        seen = {shuffle: privacy.observe(party, observed, shuffle) for shuffle in (False, True)}
+        torch.save({"seen": seen, "truth": truth}, os.path.join(out_dir, f"party{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -379,8 +380,9 @@ def _observing_party(rank, port, out_dir, defence):
 @pytest.mark.slow
 def test_harness_host_records_exactly_the_rows_routed_to_it(tmp_path, monkeypatch):
     """Through the real wire: the host (party 1) recorded exactly the victim's pairs routed to its (odd)
-    experts, each row the victim's hidden state of that token and the gradient of that pair's output; with
-    the defences on, what it recorded is clipped."""
+    experts, each row the victim's hidden state of that token and the gradient of that pair's output, and each
+    row's mask the host's experts that token picked; in token order, or shuffled (the default); with the
+    defences on, what it recorded is clipped."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     for name, defence in (("plain", PrivacyConfig()), ("clipped", PrivacyConfig(hidden_clip=0.5, grad_clip=1e-3))):
@@ -388,11 +390,18 @@ def test_harness_host_records_exactly_the_rows_routed_to_it(tmp_path, monkeypatc
         out_dir.mkdir()
         mp.spawn(_observing_party, args=(free_port(), str(out_dir), defence), nprocs=2)
         victim, attacker = (torch.load(out_dir / f"party{p}.pt", weights_only=False) for p in range(2))
-        watch = privacy.join(victim["sent"], attacker["received"], privacy.config(SMOKE).model.top_k)
-        assert [w["layer"] for w in watch] == [0, 1]
-        for w, truth in zip(watch, victim["truth"], strict=True):
+        watches = {shuffle: privacy.join(victim["seen"][shuffle]["sent"], attacker["seen"][shuffle]["received"],
+                                         privacy.config(SMOKE).model.top_k) for shuffle in (False, True)}
+        truths = victim["truth"][:2] + victim["truth"][2:]  # the in-order pass's layers, then the shuffled pass's
+        watch = watches[False] + watches[True]
+        assert [w["layer"] for w in watch] == [0, 1, 0, 1]
+        for i, (w, truth) in enumerate(zip(watch, truths, strict=True)):
             ids, weights = truth["ids"], truth["weights"]
             assert sorted(w["pair"].tolist()) == (ids.reshape(-1) % 2 == 1).nonzero()[:, 0].tolist()
+            in_order = torch.equal(w["row_token"], w["row_token"].sort().values)
+            assert in_order == (i < 2)  # shuffled, the rows are in no token order
+            local = torch.where(ids % 2 == 1, 1 << (ids // 2), 0).sum(1)  # the host's experts each token picked
+            assert torch.equal(w["mask"], local[w["row_token"]])
             if name == "plain":
                 assert torch.equal(w["hidden"], truth["x"][w["token"]])
                 expected = weights.reshape(-1)[w["pair"], None] * truth["dout"][w["token"]]
