@@ -72,7 +72,7 @@ def _frozen(backbone: Backbone, device) -> Backbone:
     return model
 
 
-def refine_hidden(watch, reference: Backbone, shards, guess: torch.Tensor, shape, steps: int, lr: float = 0.1
+def refine_hidden(watch, reference: Backbone, shards, guess: torch.Tensor, shape, steps: int, lr: float = 0.3
                   ) -> torch.Tensor:
     """(d) Soft inputs optimised so that ``reference``'s hidden states match the observed rows; from ``guess``."""
     device = guess.device
@@ -89,7 +89,7 @@ def refine_hidden(watch, reference: Backbone, shards, guess: torch.Tensor, shape
     return logits.detach().argmax(-1)
 
 
-def refine_gradients(watch, reference: Backbone, shards, guess: torch.Tensor, shape, steps: int, lr: float = 0.1
+def refine_gradients(watch, reference: Backbone, shards, guess: torch.Tensor, shape, steps: int, lr: float = 0.3
                      ) -> torch.Tensor:
     """(e) Soft tokens (inputs, and shifted by one the targets) optimised so that ``reference``'s gradients of the
     loss w.r.t. each MoE layer's routed output match the observed output-gradient rows; from ``guess`` (the next
