@@ -531,3 +531,26 @@ def test_bisr_refinement_through_known_layers_recovers_the_tokens(monkeypatch):
         0, torch.cat([w["token"] for w in grad_watch]), True)
     before, after = ((x == targets).flatten()[seen_next].float().mean().item() for x in (next_guess, got))
     assert before < 0.6 and after > before + 0.15  # measured: about 0.5 -> 0.7 (a weaker signal than d's)
+
+
+@pytest.mark.slow
+def test_privacy_command_keeps_each_phase_and_resumes(tmp_path, monkeypatch, capsys):
+    """A phase's results are saved as it ends and a later run skips it; the report is written from the phases
+    there are and names the ones missing."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setitem(privacy.PRESETS, "smoke", replace(
+        SMOKE, finetune_steps=5, eval_sequences=4, aux_sequences=32, noise=[0.0, 0.3], dlg_sequences=1, dlg_steps=5,
+        refine_sequences=2, refine_steps=5, routing_steps=10))
+    args = ["--preset", "smoke", "--out", str(tmp_path), "--phase", "shared"]
+    privacy.main(args)
+    saved = tmp_path / "phases" / "shared.json"
+    first = saved.read_text()
+    shared = json.loads(first)
+    assert {r["key"] for r in shared["rows"]} == {"a", "b", "c", "d", "e", "r_linked", "r_row", "fedsgd"}
+    assert shared["sweep"]["noise"] == 0.0 and shared["command"] == "python -m bench.privacy " + " ".join(args)
+    report = (tmp_path / "report.md").read_text()
+    assert "Not run yet: private, noise=0.3." in report and "## The routing-pattern attack" in report
+    capsys.readouterr()
+    privacy.main(args)
+    assert "shared: done already" in capsys.readouterr().out and saved.read_text() == first

@@ -13,7 +13,7 @@ expert masks and the output gradients sent back for them; the attacks (``attacks
 work on that record. Scores (``scores``), on the victim's held-out text: token accuracy and BLEU-4.
 
 The run is cut into phases, each one joint training run and its attacks, saved as it ends (``<out>/phases/
-<name>.json``), so a run that stops keeps what it measured and the next run of the command skips the phases that
+<name>.json``; the public model the shared-initialisation phases fine-tune, once, in ``<out>/phases/public.pt``), so a run that stops keeps what it measured and the next run of the command skips the phases that
 are done (``--redo``: run them again; ``--phase``: only those): ``shared`` (shared initialisation, undefended,
 with the FedSGD baseline), ``private`` (private initialisation, undefended), then ``noise=<x>`` per point of the
 defence sweep (shared initialisation, the worst case: noise multiplier x on hidden states and returned output
@@ -63,8 +63,8 @@ def phases(preset: Preset) -> list[str]:
 class Setting:
     """What every phase shares: the configuration, the victim's held-out text and the attacker's own."""
 
-    def __init__(self, preset: Preset, threads: int):
-        self.preset, self.threads = preset, threads
+    def __init__(self, preset: Preset, threads: int, cache: Path):
+        self.preset, self.threads, self.cache = preset, threads, cache
         self.cfg = cfg = config(preset)
         self.device = torch.device(cfg.train.device)
         tokenizer = tokenizer_for(cfg)
@@ -79,9 +79,15 @@ class Setting:
 
     @property
     def public(self) -> dict:
-        """The public model (trained once per process, on the attacker's own text: public, not the victim's)."""
+        """The public model, trained on the attacker's own text (public, not the victim's) once per --out: kept in
+        ``cache`` with the preset it was trained for, so a later phase in another process (a GPU call of its
+        own) starts from the same weights without training them again."""
         if self._public is None:
-            self._public = pretrain(self.cfg, self.public_text)
+            saved = torch.load(self.cache, map_location=self.device) if self.cache.exists() else {}
+            if saved.get("preset") != asdict(self.preset):
+                saved = {"preset": asdict(self.preset), **pretrain(self.cfg, self.public_text)}
+                torch.save(saved, self.cache)
+            self._public = {part: saved[part] for part in ("backbone", "experts")}
         return self._public
 
 
@@ -232,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join(["python -m bench.privacy", *(argv if argv is not None else sys.argv[1:])])
     log = lambda message: print(message, flush=True)  # noqa: E731
     try:
-        setting = Setting(preset, args.threads)
+        setting = Setting(preset, args.threads, done / "public.pt")
         for name in chosen:
             path = done / f"{name}.json"
             if path.exists() and not args.redo:
