@@ -127,8 +127,8 @@ def main(argv=None):
         print(f"party {p['party']}: step {on * 1e3:.1f} ms shuffled, {off * 1e3:.1f} ms not "
               f"({on / off - 1:+.1%}; unshuffled quartiles {spread[0] * 1e3:.1f}-{spread[2] * 1e3:.1f} ms)")
     print(f"op at {op['tokens']} tokens x top-{op['top_k']} of {op['experts']} experts, {op['parties']} parties on "
-          f"{op['device']}: shuffle {op['shuffle_s'] * 1e6:.0f} us, the layer's routing work {op['routing_s'] * 1e6:.0f}"
-          f" us")
+          f"{op['device']}: shuffle {op['shuffle_s'] * 1e6:.0f} us, the layer's routing work "
+          f"{op['routing_s'] * 1e6:.0f} us")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
         for p in scratch.iterdir():

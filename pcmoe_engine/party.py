@@ -250,7 +250,8 @@ class Party:
             "backbone": self.backbone.state_dict(), "experts": self.shard.state_dict(),
             "optimizer": self.optimizer.state_dict(), "data": self.batches.state_dict(),
             "bytes_sent": self.wire.bytes_sent, "bytes_received": self.wire.bytes_received,
-            "wire": self.wire.state_dict(), "progress": self.progress, "hf_files": self.hf_files}, self.cfg.train.keep_checkpoints)
+            "wire": self.wire.state_dict(), "progress": self.progress, "hf_files": self.hf_files},
+            self.cfg.train.keep_checkpoints)
 
     def summary(self, eval_loss: float | None = None) -> dict:
         """This party's run so far: losses, throughput, peak memory and what holds it, traffic."""

@@ -36,7 +36,8 @@ from torch import nn
 import csrc_triton as ct
 
 from .config import ModelConfig, WireConfig
-from .dispatch import dispatch_rows, expand, first_copy, gather, owners, plan_pairs, rows_per_owner, scatter_add, shuffle
+from .dispatch import (dispatch_rows, expand, first_copy, gather, owners, plan_pairs, rows_per_owner, scatter_add,
+                       shuffle)
 from .nvtx import stage
 from .rng import seeded
 from .wire import (EXPORT_KINDS, TRAINING_KINDS, WIRE_KINDS, ExchangeTimer, Observer, Tape, Transfer, Wire,

@@ -274,7 +274,8 @@ class Wire:
         """The secret and where each generator stands: a resumed run draws on from there, bitwise as if it had
         never stopped, and never reuses noise or an order it has drawn before."""
         return {"secret": self.secret,
-                "generators": {f"{purpose}@{device}": g.get_state() for (purpose, device), g in self._generators.items()}}
+                "generators": {f"{purpose}@{device}": g.get_state()
+                               for (purpose, device), g in self._generators.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.secret = state["secret"]

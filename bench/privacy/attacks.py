@@ -25,7 +25,8 @@ from pcmoe_engine.model import Backbone, compute_loss
 
 from .harness import VICTIM, Collaboration, all_experts
 
-__all__ = ["trace", "hidden_states", "per_position", "assemble", "nearest_neighbour_attack", "decoder_attack", "gradient_attack", "fedsgd_attack"]
+__all__ = ["trace", "hidden_states", "per_position", "assemble", "nearest_neighbour_attack", "decoder_attack",
+           "gradient_attack", "fedsgd_attack"]
 
 
 def trace(backbone: Backbone, shards, tokens: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

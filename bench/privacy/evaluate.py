@@ -13,7 +13,8 @@ expert masks and the output gradients sent back for them; the attacks (``attacks
 work on that record. Scores (``scores``), on the victim's held-out text: token accuracy and BLEU-4.
 
 The run is cut into phases, each one joint training run and its attacks, saved as it ends (``<out>/phases/
-<name>.json``; the public model the shared-initialisation phases fine-tune, once, in ``<out>/phases/public.pt``), so a run that stops keeps what it measured and the next run of the command skips the phases that
+<name>.json``; the public model that the shared-initialisation phases fine-tune, trained once, in ``<out>/phases/
+public.pt``), so a run that stops keeps what it measured and the next run of the command skips the phases that
 are done (``--redo``: run them again; ``--phase``: only those): ``shared`` (shared initialisation, undefended,
 with the FedSGD baseline), ``private`` (private initialisation, undefended), then ``noise=<x>`` per point of the
 defence sweep (shared initialisation, the worst case: noise multiplier x on hidden states and returned output
@@ -180,7 +181,8 @@ def run_phase(name: str, s: Setting, log) -> dict:
             run = collaborate(finetuning(s.cfg, s.preset), s.public, PrivacyConfig(), s.held_out, s.threads)
         else:
             run = collaborate(s.cfg, None, PrivacyConfig(), s.held_out, s.threads)
-        log(f"{setting}: victim loss {run.losses[0]:.3f} -> {run.losses[-1]:.3f} ({time.perf_counter() - started:.0f} s)")
+        log(f"{setting}: victim loss {run.losses[0]:.3f} -> {run.losses[-1]:.3f} "
+            f"({time.perf_counter() - started:.0f} s)")
         which = ("a", "b", "c", "d", "e", "r_linked", "r_row") if name == "shared" else ("a", "b", "c", "r_linked",
                                                                                         "r_row")
         rows, result["details"] = attack(s, run, setting, which)
@@ -257,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
                           "target": "inputs", **scores(torch.full(setting.shape, setting.most_frequent),
                                                        setting.inputs.cpu())},
                "phases": {n: json.loads((done / f"{n}.json").read_text()) for n in names
-                          if (done / f"{n}.json").exists()}, "missing": [n for n in names if not (done / f"{n}.json").exists()]}
+                          if (done / f"{n}.json").exists()},
+               "missing": [n for n in names if not (done / f"{n}.json").exists()]}
     write_report(results, out)
     print(f"report: {out / 'report.md'}")
