@@ -31,7 +31,7 @@ FAMILIES = ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral")
 BUILTIN_CORPORA = {"tinyshakespeare": Path(__file__).parent / "data" / "tinyshakespeare.txt.gz"}
 # The noise multiplier on hidden states and output gradients when the parties start from a public checkpoint
 # (model.init_from) and privacy.*_noise is unset: the setting bench/results/privacy/report.md measures.
-SHARED_START_NOISE = 0.3
+SHARED_START_NOISE = 0.5
 
 
 @dataclass
@@ -170,7 +170,7 @@ class PrivacyConfig:
     # L2 bound on each dispatched hidden-state row ("hidden"); 0: none, or, with noise, the median norm of the
     # rows of each exchange (scale-free: it follows the model's width and the norms' drift in training)
     hidden_clip: float = 0.0
-    hidden_noise: float | None = None  # noise multiplier on those rows; unset: 0, or 0.3 with model.init_from
+    hidden_noise: float | None = None  # noise multiplier on those rows; unset: 0, or 0.5 with model.init_from
     grad_clip: float = 0.0  # the same on the gradients of expert outputs sent back to the hosts ("output_grad")
     grad_noise: float | None = None  # noise multiplier on those gradients; unset as hidden_noise
     # each step and layer, the rows a party sends a host cross in a fresh secret order (undone when they return),

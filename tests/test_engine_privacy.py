@@ -20,9 +20,10 @@ import csrc_triton as ct
 from bench import privacy
 from bench.tls import make_pki
 from pcmoe_engine.cli import free_port
-from pcmoe_engine.config import ModelConfig, PrivacyConfig, load_config
+from pcmoe_engine.config import SHARED_START_NOISE, ModelConfig, PrivacyConfig, load_config
 from pcmoe_engine.data import encode, load_tokenizer, party_texts
 from pcmoe_engine.export import pool_experts
+from pcmoe_engine.metrics import start_line
 from pcmoe_engine.party import Party, initial_backbone
 from pcmoe_engine.protocol import (TRAINING_KINDS, WIRE_KINDS, ExpertShard, Wire, WireLog, clip_and_noise, kinds_sent,
                                    unpack_fp8)
@@ -317,6 +318,26 @@ def test_privacy_config_errors(overrides, message):
 
 
 # ---------------------------------------------------------------------------------------------------------
+def test_noise_is_on_by_default_from_a_public_checkpoint_and_its_absence_is_said():
+    """With model.init_from every host knows the starting weights: unset noises become SHARED_START_NOISE (on
+    both kinds, clipped at each exchange's median); set to 0 there, the run says in one line that the rows are
+    not private. From private seeds the defaults stay off."""
+    assert PrivacyConfig().resolved(False) == PrivacyConfig(hidden_noise=0.0, grad_noise=0.0)
+    shared = PrivacyConfig().resolved(True)
+    assert shared.hidden_noise == shared.grad_noise == SHARED_START_NOISE > 0
+    assert Wire(0, 2, privacy=shared).defences == {"hidden": (0.0, SHARED_START_NOISE),
+                                                   "output_grad": (0.0, SHARED_START_NOISE)}
+    assert PrivacyConfig(hidden_noise=0.0, grad_noise=0.2).resolved(True).hidden_noise == 0.0
+    cfg = load_config(None, [])
+    assert "noise" not in start_line(cfg) and "warning" not in start_line(cfg)
+    cfg.model.init_from = "/models/public"  # the start line reads the option only (validation needs the folder)
+    assert start_line(cfg).endswith(f" | noise {SHARED_START_NOISE:g} on hidden states, {SHARED_START_NOISE:g} on "
+                                    "output gradients")
+    cfg.privacy = PrivacyConfig(hidden_noise=0.0, grad_noise=0.0)
+    first, warning = start_line(cfg).split("\n")
+    assert warning.startswith("pcmoe: warning: privacy.hidden_noise and grad_noise are 0 with model.init_from")
+
+
 # The attack harness (bench/privacy)
 
 

@@ -53,7 +53,8 @@ class Preset:
     finetune_lr: float = 1e-3
     eval_sequences: int = 16  # victim held-out sequences attacked
     aux_sequences: int = 256  # attacker's own sequences for its lookup tables and decoder
-    noise: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 0.5, 0.7, 1.0, 3.0])  # defence sweep (noise multipliers)
+    # the defence sweep's noise multipliers
+    noise: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 0.5, 0.7, 1.0, 3.0])
     dlg_sequences: int = 4
     dlg_steps: int = 100
     refine_sequences: int = 16  # victim sequences attacks d and e optimise (the first ones)

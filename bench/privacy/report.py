@@ -51,8 +51,8 @@ def _targets(results: dict) -> list[str]:
         worst = max(private, key=lambda r: r["token_accuracy"])
         met = "met" if worst["token_accuracy"] <= 0.05 else "NOT met"
         lines.append(f"- Private initialisation, every attack <= 5% of tokens: {met}. The strongest, "
-                     f"{worst['attack']}, recovers {worst['token_accuracy']:.1%} (undefended, shared text split iid). "
-                     + ("" if met == "met" else
+                     f"{worst['attack']}, recovers {worst['token_accuracy']:.1%} (undefended)."
+                     + ("" if met == "met" else " "
                         f"What stands in the way: guessing the most frequent token alone scores {chance:.1%} on this "
                         "text, so an attack that learns nothing from the wire but falls back on frequent tokens "
                         "clears 5%; every attack here stays at or below that chance level."))
@@ -67,14 +67,20 @@ def _targets(results: dict) -> list[str]:
                      f"loss: {met}. At the default (noise {SHARED_START_NOISE:g} on hidden states and output "
                      f"gradients, clipped at each exchange's median, rows shuffled), the strongest attack, "
                      f"{SWEPT[key]}, recovers {attacks[key]:.1%}; the victim's held-out loss is "
-                     f"{default['eval_loss']:.3f} against {base['eval_loss']:.3f} undefended ({cost:+.1%}).")
+                     f"{default['eval_loss']:.3f} against {base['eval_loss']:.3f} undefended ({cost:+.1%}). The "
+                     "default was chosen from this sweep (one run per point), not checked on a separate run.")
     routing = [r for name in ("shared", "private") for r in phases.get(name, {}).get("rows", [])
                if r["key"] == "r_row"]
     if routing:
         worst = max(routing, key=lambda r: r["token_accuracy"])
         met = "met" if worst["token_accuracy"] <= chance + 0.05 else "NOT met"
-        lines.append(f"- Routing pattern with the shuffle, no better than chance + 5 points: {met}. "
-                     f"{worst['token_accuracy']:.1%} ({worst['setting']}) against chance {chance:.1%}.")
+        at_default = sweep.get(SHARED_START_NOISE, {}).get("r_row")
+        lines.append(f"- Routing pattern with the shuffle, no better than chance + 5 points: {met} undefended: "
+                     f"{worst['token_accuracy']:.1%} ({worst['setting']}) against chance {chance:.1%}"
+                     + ("." if at_default is None else
+                        f"; {at_default:.1%} at the default defence with init_from (noise {SHARED_START_NOISE:g}: "
+                        "it does not touch the masks, so the difference is the routing of a victim trained through "
+                        "noise, or run-to-run variation; one run each, not separated here)."))
     return lines
 
 
@@ -92,8 +98,10 @@ def write_report(results: dict, out: Path) -> None:
     if results["missing"]:
         lines += ["", f"Not run yet: {', '.join(results['missing'])}."]
     lines += ["", f"Model: {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_experts']} experts top-"
-              f"{m['top_k']}, vocab {m['vocab_size']}; 2 parties trained together for {p['steps']} steps (batch "
-              f"{p['batch_size']} x {p['seq_len']} tokens), the rows shuffled (the default). Attacked: "
+              f"{m['top_k']}, vocab {m['vocab_size']}; batch {p['batch_size']} x {p['seq_len']} tokens. Private "
+              f"initialisation: 2 parties, each from its own seed, trained together for {p['steps']} steps. Shared "
+              f"initialisation: a public model (trained {p['steps']} steps by one party on the attacker's own text), "
+              f"fine-tuned together for {p['finetune_steps']} steps. The rows shuffled (the default). Attacked: "
               f"{p['eval_sequences']} held-out sequences of the victim ({p['eval_sequences'] * p['seq_len']} tokens; "
               f"d and e: the first {p['refine_sequences']}); the attacker's own text: {p['aux_sequences']} "
               "sequences.", "", "## What a curious host recovers, undefended", "",
