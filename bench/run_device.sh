@@ -252,7 +252,7 @@ small) (( GPUS >= 2 )) && small_run 2; small_run 1 ;;
 privacy)  # PHASES: comma-separated (default: every phase not done); done ones are copied in from the tree, skipped
     mkdir -p "$OUT/privacy_base" && cp -rn bench/results/privacy_base/. "$OUT/privacy_base/" 2>/dev/null
     phase "privacy report, base preset${PHASES:+ ($PHASES)}" 9999 120 python3 -m bench.privacy --preset base \
-        --out "$OUT/privacy_base" ${PHASES:+--phase "$PHASES"} ;;
+        --threads 8 --out "$OUT/privacy_base" ${PHASES:+--phase "$PHASES"} ;;
 finetune) phase "fine-tune a pretrained MoE together" 9999 300 python3 bench/finetune_proof.py --out "$OUT" \
     --budget $(( BUDGET_S - SECONDS - 20 )) ;;
 suites) megablocks_build; suites 9999 "$@" ;;

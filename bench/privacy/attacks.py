@@ -9,6 +9,8 @@ b. learned inversion (private backbones): the attacker trains a linear decoder f
 c. gradient inversion: the output gradient of a pair is dL/d(moe output) of that token; mapped through a final
    norm and LM head the attacker knows (iDLG's label rule), its most negative logit names the next token.
 
+(refine.py refines a's and c's guesses through the known layers, d and e; routing.py reads the expert masks, r.)
+
 FedSGD baseline: the victim shares its full-model gradient of one sequence (batch 1, as in the published
 attacks) with the same attacker, which knows the shared model: the embedding gradient's nonzero rows give the
 sequence's tokens, and DLG (soft tokens over those, cosine gradient matching) orders them.

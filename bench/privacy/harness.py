@@ -67,7 +67,7 @@ PRESETS = {
     "tiny": Preset(model=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
                               expert_intermediate_size=128)),
     "base": Preset(model=dict(), seq_len=128, steps=600, finetune_steps=200, eval_sequences=64, aux_sequences=1024,
-                   noise=[0.0, 0.03, 0.1, 0.3, 1.0, 3.0], dlg_sequences=4, dlg_steps=200, refine_sequences=8,
+                   noise=[0.0, 0.1, 0.3, 0.5, 1.0], dlg_sequences=4, dlg_steps=200, refine_sequences=4,
                    device="auto"),
 }
 
