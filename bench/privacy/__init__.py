@@ -11,15 +11,15 @@ results.json, privacy.png.
 from .attacks import (decoder_attack, fedsgd_attack, gradient_attack, hidden_states, nearest_neighbour_attack,
                       trace)
 from .evaluate import main, phases, run_phase
-from .harness import (ATTACKER, PRESETS, VICTIM, Collaboration, Preset, all_experts, collaborate, config, join,
-                      observe, windows)
+from .harness import (ATTACKER, PRESETS, VICTIM, Collaboration, Preset, all_experts, collaborate, config, finetuning,
+                      join, observe, pretrain, windows)
 from .refine import refine_gradients, refine_hidden
 from .report import write_report
 from .routing import host_masks, linked_attack, row_attack
 from .scores import bleu, scores, token_accuracy, token_set_recall
 
-__all__ = ["VICTIM", "ATTACKER", "Preset", "PRESETS", "config", "windows", "Collaboration", "collaborate",
-           "observe", "join", "all_experts", "trace", "hidden_states", "nearest_neighbour_attack", "decoder_attack",
+__all__ = ["VICTIM", "ATTACKER", "Preset", "PRESETS", "config", "finetuning", "pretrain", "windows", "Collaboration",
+           "collaborate", "observe", "join", "all_experts", "trace", "hidden_states", "nearest_neighbour_attack", "decoder_attack",
            "gradient_attack", "fedsgd_attack", "host_masks", "linked_attack", "row_attack", "refine_hidden",
            "refine_gradients", "token_accuracy", "bleu", "token_set_recall", "scores", "phases", "run_phase",
            "write_report", "main"]
