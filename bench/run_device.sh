@@ -34,6 +34,10 @@
 #                                launched twice back to back, then once without CPU pinning (run-to-run
 #                                variance); (4) fp8 dispatch alone, if time is left. Carry .whl/scale
 #                                (bitsandbytes, bench/fetch_wheels.sh).
+#   bench/run_device.sh privacy  issue 15: `python -m bench.privacy --preset base` into $OUT/privacy_base, the phases
+#                                PHASES names (comma-separated; default every phase) that bench/results/privacy_base/
+#                                phases/ does not hold yet (copied in, with the public model public.pt: carry it),
+#                                each saved as it ends; copy $OUT/privacy_base back there between calls
 #   bench/run_device.sh central  the centralized baseline on one big GPU (nvidia-h200, needs_h200): 6.9 B at 1 party,
 #                                8 x 1024 tokens, the optimizer before issue 13, today's default, the memory options
 #   bench/run_device.sh alltests the whole tests/ suite on the GPU, kernels compiled; with 2 GPUs
@@ -256,6 +260,10 @@ central)
     ;;
 alltests) all_tests "$@" ;;
 small) (( GPUS >= 2 )) && small_run 2; small_run 1 ;;
+privacy)  # PHASES: comma-separated (default: every phase not done); done ones are copied in from the tree, skipped
+    mkdir -p "$OUT/privacy_base" && cp -rn bench/results/privacy_base/. "$OUT/privacy_base/" 2>/dev/null
+    phase "privacy report, base preset${PHASES:+ ($PHASES)}" 9999 120 python3 -m bench.privacy --preset base \
+        --threads 8 --out "$OUT/privacy_base" ${PHASES:+--phase "$PHASES"} ;;
 finetune) phase "fine-tune a pretrained MoE together" 9999 300 python3 bench/finetune_proof.py --out "$OUT" \
     --budget $(( BUDGET_S - SECONDS - 20 )) ;;
 suites) megablocks_build; suites 9999 "$@" ;;
@@ -291,7 +299,7 @@ all)
         gpu_tests 9999
     fi
     ;;
-*) echo "usage: bench/run_device.sh [all|suites|peers|e2e|small|tests|alltests|finetune|scale|central] [pytest args]"
+*) echo "usage: bench/run_device.sh [all|suites|peers|e2e|small|tests|alltests|finetune|scale|central|privacy] [pytest args]"
    exit 2 ;;
 esac
 echo "== done at ${SECONDS} s" | tee -a "$LOG"

@@ -20,14 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["ModelConfig", "DataConfig", "TrainConfig", "PrivacyConfig", "TransportConfig", "WireConfig", "Config",
-           "PRESETS", "FAMILIES", "load_config", "BUILTIN_CORPORA", "CONFIGS", "DEFAULT_CONFIG", "SECTIONS",
-           "corpus_path", "preset_config", "add_config_arguments", "parse_address"]
+           "SHARED_START_NOISE", "PRESETS", "FAMILIES", "load_config", "BUILTIN_CORPORA", "CONFIGS", "DEFAULT_CONFIG",
+           "SECTIONS", "corpus_path", "preset_config", "add_config_arguments", "parse_address"]
 
 CONFIGS = Path(__file__).parent / "configs"  # the packaged run presets, installed with the package
 DEFAULT_CONFIG = CONFIGS / "tiny.toml"
 # transformers model_types the engine reproduces exactly (pcmoe_engine/hf.py maps their checkpoints).
 FAMILIES = ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral")
 BUILTIN_CORPORA = {"tinyshakespeare": Path(__file__).parent / "data" / "tinyshakespeare.txt.gz"}
+# The noise multiplier on hidden states and output gradients when the parties start from a public checkpoint
+# (model.init_from) and privacy.*_noise is unset: the setting bench/results/privacy/report.md measures.
+SHARED_START_NOISE = 0.5
 
 
 @dataclass
@@ -164,12 +167,26 @@ class TrainConfig:
 @dataclass
 class PrivacyConfig:
     """Defences on what a party sends to the hosts of its routed experts (docs/privacy.md). Each row is scaled
-    to L2 norm <= clip, then N(0, (noise * clip)^2) is added to every coordinate; clip = 0 sends rows as
-    they are. Rows a party keeps for its own experts never cross and are left alone."""
-    hidden_clip: float = 0.0  # L2 bound on each dispatched hidden-state row ("hidden"); 0: rows sent as they are
-    hidden_noise: float = 0.0  # noise multiplier on those rows
+    to L2 norm <= clip, then N(0, (noise * clip)^2) is added to every coordinate, drawn once per (token, host)
+    and layer: a token's copies to one host carry the same noise. Rows a party keeps for its own experts never
+    cross and are left alone. With model.init_from (every party starts from weights the hosts know) an unset
+    noise is SHARED_START_NOISE (measured: bench/results/privacy/report.md)."""
+    # L2 bound on each dispatched hidden-state row ("hidden"); 0: none, or, with noise, the median norm of the
+    # rows of each exchange (scale-free: it follows the model's width and the norms' drift in training)
+    hidden_clip: float = 0.0
+    hidden_noise: float | None = None  # noise multiplier on those rows; unset: 0, or 0.5 with model.init_from
     grad_clip: float = 0.0  # the same on the gradients of expert outputs sent back to the hosts ("output_grad")
-    grad_noise: float = 0.0  # noise multiplier on those gradients
+    grad_noise: float | None = None  # noise multiplier on those gradients; unset as hidden_noise
+    # each step and layer, the rows a party sends a host cross in a fresh secret order (undone when they return),
+    # so the host can tie a row neither to its position in the batch nor to the same token at other layers
+    shuffle: bool = True
+
+    def resolved(self, shared_start: bool) -> "PrivacyConfig":
+        """The noises left unset filled in: SHARED_START_NOISE when the parties start from one public checkpoint
+        (model.init_from), else 0."""
+        default = SHARED_START_NOISE if shared_start else 0.0
+        return dataclasses.replace(self, hidden_noise=default if self.hidden_noise is None else self.hidden_noise,
+                                   grad_noise=default if self.grad_noise is None else self.grad_noise)
 
 
 @dataclass

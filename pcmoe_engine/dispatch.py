@@ -14,6 +14,13 @@ A token's k experts are distinct (a top-k routing): the mask has one bit per exp
 Outputs return per pair in that order (the origin's ``unpermute`` combines them with its routing weights), or,
 combined at the host, per row (the origin sums a token's rows). Nothing here syncs the device with the host,
 given the row and pair counts, which the splits exchange brings to the host once per layer.
+
+``shuffle`` puts each owner's rows in a secret order (privacy.shuffle: fresh per step and layer, drawn by the
+origin's wire) together with their masks, and the plan's slots in the order the host's expansion of those rows
+then yields: the host expands exactly as before, and the origin's combine reads the returned rows through the
+shuffled plan, so outputs and gradients find their tokens while the host cannot tell a row's position in the
+batch or link it to the same token's rows at other layers. ``first_copy`` names the rows (or pairs) that carry
+one token to one owner, which the wire's defence noises together.
 """
 
 import math
@@ -23,7 +30,8 @@ import torch
 
 import csrc_triton as ct
 
-__all__ = ["plan_pairs", "Rows", "rows_per_owner", "dispatch_rows", "mask_bytes", "expand", "gather", "scatter_add"]
+__all__ = ["plan_pairs", "Rows", "rows_per_owner", "dispatch_rows", "mask_bytes", "expand", "shuffle", "owners",
+           "first_copy", "gather", "scatter_add"]
 
 
 def mask_bytes(num_experts: int, parties: int) -> int:
@@ -103,6 +111,40 @@ def expand(mask: torch.Tensor, local_experts: int, pairs: int) -> tuple[torch.Te
     bits = bits.reshape(mask.shape[0], mask.shape[1] * 8)[:, :local_experts]
     flat = torch.nonzero_static(bits.reshape(-1), size=pairs).squeeze(1)
     return flat // local_experts, flat % local_experts
+
+
+def owners(counts: list[int], device) -> torch.Tensor:
+    """The owner of each row (or pair) of an owner-major layout with ``counts`` per owner."""
+    return torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device),
+                                   output_size=sum(counts))
+
+
+def shuffle(plan: ct.RoutingPlan, rows: Rows, order: torch.Tensor) -> tuple[ct.RoutingPlan, Rows]:
+    """The rows in ``order`` (a permutation within each owner's block) with their masks, and the plan whose slots
+    follow the host's expansion of the shuffled rows: each row's pairs, local experts ascending, which are
+    consecutive slots of the unshuffled plan (wire order: owner, token, local expert)."""
+    bits = (rows.mask.long().unsqueeze(-1) >> torch.arange(8, device=order.device)) & 1
+    pairs_of_row = bits.flatten(1).sum(1)  # [rows]
+    first_slot = pairs_of_row.cumsum(0) - pairs_of_row  # of each row, in the unshuffled plan
+    moved = pairs_of_row[order]
+    pairs = plan.sorted_pair.numel()
+    row_of_slot = torch.repeat_interleave(torch.arange(order.numel(), device=order.device), moved, output_size=pairs)
+    new_first = moved.cumsum(0) - moved
+    old_slot = first_slot[order][row_of_slot] + torch.arange(pairs, device=order.device) - new_first[row_of_slot]
+    sorted_pair = plan.sorted_pair[old_slot]
+    slot_of_pair = torch.empty_like(sorted_pair)
+    slot_of_pair[sorted_pair.long()] = torch.arange(pairs, device=order.device, dtype=sorted_pair.dtype)
+    shuffled = ct.RoutingPlan(plan.sorted_token[old_slot], sorted_pair, slot_of_pair.view_as(plan.slot_of_pair),
+                              plan.tokens_per_expert, plan.offsets)
+    return shuffled, Rows(rows.token[order], rows.mask[order])
+
+
+def first_copy(owner: torch.Tensor, token: torch.Tensor, tokens: int, parties: int) -> torch.Tensor:
+    """For each row (or pair), the index of the first one that carries the same token to the same owner."""
+    key = owner * tokens + token
+    index = torch.arange(key.numel(), device=key.device)
+    first = torch.full((parties * tokens,), key.numel(), device=key.device, dtype=torch.int64)
+    return first.scatter_reduce_(0, key, index, "amin")[key]
 
 
 class _Gather(torch.autograd.Function):

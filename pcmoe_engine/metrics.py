@@ -35,9 +35,16 @@ def start_line(cfg: Config) -> str:
     backend = f" over {backend}" if cfg.parties > 1 else ""
     per_step = t.batch_size * t.grad_accum * cfg.data.seq_len
     sequences = f"{t.batch_size} x {t.grad_accum}" if t.grad_accum > 1 else f"{t.batch_size}"
-    return (f"pcmoe: {cfg.parties} part{'y' if cfg.parties == 1 else 'ies'} train {m.preset} ({m.num_experts} "
+    line = (f"pcmoe: {cfg.parties} part{'y' if cfg.parties == 1 else 'ies'} train {m.preset} ({m.num_experts} "
             f"experts) on {where}{backend} | {per_step:,} tokens per party and step ({sequences} x {cfg.data.seq_len}),"
             f" {t.steps:,} steps | run folder {cfg.run_dir}")
+    privacy = cfg.privacy.resolved(bool(m.init_from))
+    if cfg.parties > 1 and (privacy.hidden_noise or privacy.grad_noise):
+        line += f" | noise {privacy.hidden_noise:g} on hidden states, {privacy.grad_noise:g} on output gradients"
+    elif cfg.parties > 1 and m.init_from:
+        line += ("\npcmoe: warning: privacy.hidden_noise and grad_noise are 0 with model.init_from: the hosts know the "
+                 "starting weights, so the hidden states and gradients they receive are not private (docs/privacy.md)")
+    return line
 
 
 def duration(seconds: float) -> str:

@@ -134,7 +134,10 @@ class Party:
             self.dir.mkdir(parents=True, exist_ok=True)
             wire_log = WireLog(self.dir / "wire.jsonl")
         # The rows travel over ``transport``; by default torch.distributed's default process group.
-        self.wire = Wire(rank, cfg.parties, log=wire_log, privacy=cfg.privacy, seed=t.seed, transport=transport)
+        # Its defences' noise and row order come from a secret of its own (wire.py), not from train.seed, which
+        # every party knows.
+        self.wire = Wire(rank, cfg.parties, log=wire_log, privacy=cfg.privacy.resolved(bool(init_from)),
+                         transport=transport)
         self.experts = DistributedExperts(self.shard, self.wire, cfg.wire)
         self.optimizer = build_optimizer(cfg, (self.backbone, self.shard), self.device)
         self.step_count = 0
@@ -186,6 +189,8 @@ class Party:
         self.optimizer.load_state_dict(state["optimizer"])
         self.batches.load_state_dict(state["data"])
         self.wire.bytes_sent, self.wire.bytes_received = state["bytes_sent"], state["bytes_received"]
+        if "wire" in state:  # (checkpoints before issue 15 have none: the wire keeps its fresh secret)
+            self.wire.load_state_dict(state["wire"])
         self.step_count, self.progress = state["step"], state["progress"]
         self.saved = self.committed = step
         return path
@@ -317,7 +322,7 @@ class Party:
             "backbone": self.backbone.state_dict(), "experts": self.shard.state_dict(),
             "optimizer": self.optimizer.state_dict(), "data": self.batches.state_dict(),
             "bytes_sent": self.wire.bytes_sent, "bytes_received": self.wire.bytes_received,
-            "progress": self.progress, "hf_files": self.hf_files})
+            "wire": self.wire.state_dict(), "progress": self.progress, "hf_files": self.hf_files})
         self.saved = self.step_count
         return path
 

@@ -40,7 +40,8 @@ from torch import nn
 import csrc_triton as ct
 
 from .config import ModelConfig, WireConfig
-from .dispatch import dispatch_rows, expand, gather, plan_pairs, rows_per_owner, scatter_add
+from .dispatch import (dispatch_rows, expand, first_copy, gather, owners, plan_pairs, rows_per_owner, scatter_add,
+                       shuffle)
 from .nvtx import stage
 from .rng import seeded
 from .wire import (CONTROL_KINDS, EXPORT_KINDS, TRAINING_KINDS, WIRE_KINDS, ExchangeTimer, Observer, Tape, Transfer,
@@ -100,21 +101,22 @@ class _Arrive(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, send, transfer: Transfer, wire: Wire, grad_kind: str, layer: int, grad_send_splits,
-                grad_recv_splits, pending: list | None):
-        ctx.backward_route = wire, grad_kind, layer, grad_send_splits, grad_recv_splits, pending
+                grad_recv_splits, pending: list | None, copies: Callable | None = None):
+        ctx.backward_route = wire, grad_kind, layer, grad_send_splits, grad_recv_splits, pending, copies
         ctx.send_shape = send.shape
         return transfer.wait()
 
     @staticmethod
     def backward(ctx, grad):
-        wire, grad_kind, layer, grad_send_splits, grad_recv_splits, pending = ctx.backward_route
+        wire, grad_kind, layer, grad_send_splits, grad_recv_splits, pending, copies = ctx.backward_route
         transfer = wire.exchange(grad_kind, layer, grad.contiguous(), grad_send_splits, grad_recv_splits,
-                                 async_op=pending is not None)
+                                 async_op=pending is not None, copies=copies() if copies is not None else None)
+        nothing = (None,) * 8
         if pending is None:
-            return transfer.wait(), None, None, None, None, None, None, None
+            return transfer.wait(), *nothing
         pending.append(transfer)
         placeholder = grad.new_zeros(()).expand(ctx.send_shape)  # _AwaitGrad returns the real gradient
-        return placeholder, None, None, None, None, None, None, None
+        return placeholder, *nothing
 
 
 class _AwaitGrad(torch.autograd.Function):
@@ -169,6 +171,9 @@ class DistributedExperts:
         self.hidden_kind = "hidden_fp8" if options.hidden_dtype == "fp8" else "hidden"
         self.grad_kind = "output_grad_fp8" if options.grad_dtype == "fp8" else "output_grad"
         self.local_counts = [len(owned_experts(p, wire.parties, shard.num_experts)) for p in range(wire.parties)]
+        # plan_observer(layer, plan, rows): the wire order of each layer's pairs and rows as sent (shuffled or
+        # not); for an evaluation that pairs what a host received with the tokens it was (bench/privacy)
+        self.plan_observer: Callable | None = None
 
     def plan(self, expert_ids: torch.Tensor) -> ct.RoutingPlan:
         """The wire order of this party's (token, expert) pairs: by owner, token, owner-local expert. The pairs
@@ -225,6 +230,10 @@ class DistributedExperts:
             plan = self.plan(expert_ids)
             route = wire.kept(lambda: self._route(layer, expert_ids, plan))
             rows = dispatch_rows(expert_ids, plan, n, shard.num_experts, self.once, sum(route.rows_to))
+            if wire.shuffle:  # a fresh secret order, the same in a checkpointed block's recompute
+                plan, rows = wire.kept(lambda: shuffle(plan, rows, wire.permutation(owners(route.rows_to, x.device))))
+            if self.plan_observer is not None:
+                self.plan_observer(layer, plan, rows)
             row_start, pair_start = sum(route.rows_to[:me]), sum(route.pairs_to[:me])
             own = slice(row_start, row_start + route.rows_to[me])
             own_pairs = slice(pair_start, pair_start + route.pairs_to[me])
@@ -241,7 +250,13 @@ class DistributedExperts:
                 pairs_to, pairs_from = _away(route.pairs_to, me), _away(route.pairs_from, me)
                 pending = []  # the hidden_grad exchange, from _Arrive's backward to _AwaitGrad's
                 x_away = _AwaitGrad.apply(x_away, pending)
-                hidden = wire.exchange(self.hidden_kind, layer, x_away.detach(), rows_to, rows_from, async_op=True)
+
+                def copies(token, counts):  # the noise groups of rows bound for the owners: one per (token, owner)
+                    return first_copy(owners(counts, x.device), token, x.shape[0], n)
+
+                hidden_copies = None if self.once or not wire.defends(self.hidden_kind) else copies(away_token, rows_to)
+                hidden = wire.exchange(self.hidden_kind, layer, x_away.detach(), rows_to, rows_from, async_op=True,
+                                       copies=hidden_copies)
                 masks = wire.exchange("expert_mask", layer, away_mask, rows_to, rows_from, async_op=True)
                 if self.combine_at_host:
                     w_away = torch.cat([pair_weights[:own_pairs.start], pair_weights[own_pairs.stop:]]).float()
@@ -270,7 +285,12 @@ class DistributedExperts:
                 back_to, back_from = (rows_from, rows_to) if self.combine_at_host else (pairs_from, pairs_to)
                 y = s.input(y)
                 transfer = wire.exchange("output", layer, y.detach(), back_to, back_from)
-                y_back = _Arrive.apply(y, transfer, wire, self.grad_kind, layer, back_from, back_to, None)
+                grad_copies = None  # a token's gradient rows at one host: one per pair, or per row if per pair
+                if wire.defends(self.grad_kind) and not (self.combine_at_host and self.once):
+                    back_token = away_token if self.combine_at_host else torch.cat(
+                        [plan.sorted_token[:own_pairs.start], plan.sorted_token[own_pairs.stop:]]).long()
+                    grad_copies = lambda: copies(back_token, back_from)  # noqa: E731
+                y_back = _Arrive.apply(y, transfer, wire, self.grad_kind, layer, back_from, back_to, None, grad_copies)
                 start = row_start if self.combine_at_host else pair_start
                 y_all = s.output(torch.cat([y_back[:start], y_own, y_back[start:]]))
         with stage("combine") as s:

@@ -91,9 +91,8 @@ def validate(cfg: Config) -> Config:
              "the run directory, or replace it, not both")
     for what in ("hidden", "grad"):
         clip, noise = getattr(cfg.privacy, f"{what}_clip"), getattr(cfg.privacy, f"{what}_noise")
-        _require(clip >= 0 and noise >= 0, f"privacy.{what}_clip and privacy.{what}_noise must not be negative")
-        _require(noise == 0 or clip > 0, f"privacy.{what}_noise={noise} needs privacy.{what}_clip > 0: the noise "
-                 f"std is noise * clip")
+        _require(clip >= 0 and (noise or 0) >= 0,
+                 f"privacy.{what}_clip and privacy.{what}_noise must not be negative")
     _validate_transport(cfg)
     w = cfg.wire
     _require(w.dispatch in ("token", "pair"), f"wire.dispatch={w.dispatch!r}: choose token or pair")

@@ -13,11 +13,17 @@ unpacks on arrival and shows what arrived to the wire's observer. Three things r
   compute stream (host time on CPUs).
 - ``observer``: an evaluation sees every tensor that arrives, as it arrived.
 
+The defences draw from generators seeded by this party's secret (drawn from the OS, never derived from the
+shared config, so no other party can reproduce them): the noise, and the secret order in which a dispatch's rows
+cross (``permutation``, used by protocol.DistributedExperts). ``state_dict`` holds the secret and the generators'
+states: a party's checkpoint carries them, so a resumed run continues both streams where they stopped.
+
 With one party nothing crosses: exchanges return what was sent.
 """
 
 import json
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -76,15 +82,35 @@ def unpack_fp8(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (quantized.float() * scale).to(dtype)
 
 
-def clip_and_noise(rows: torch.Tensor, clip: float, noise: float, generator: torch.Generator) -> torch.Tensor:
+def clip_and_noise(rows: torch.Tensor, clip: float, noise: float, generator: torch.Generator | None,
+                   copies: torch.Tensor | None = None) -> torch.Tensor:
     """Each row scaled to L2 norm <= clip, plus N(0, (noise * clip)^2) per coordinate (the Gaussian mechanism
-    on rows of bounded norm), in the rows' dtype."""
+    on rows of bounded norm), in the rows' dtype; clip = 0: the median norm of these rows (scale-free).
+
+    ``copies``: for each row, the index of the first row of its group, where the rows of a group are positive
+    multiples of one vector (one token's rows to one host: a pair dispatch's identical copies, the output
+    gradients w_j * g of its pairs). Such a group is defended once: its largest row is clipped and noised, and
+    each row crosses as its share (its norm over the largest) of that one result, so the copies never carry
+    independent noise that a host could average away."""
+    if rows.shape[0] == 0:
+        return rows
     rows32 = rows.float()
-    scale = (clip / rows32.norm(dim=-1, keepdim=True)).clamp(max=1.0)  # a zero row's inf clamps to 1
-    noisy = rows32 * scale
+    norm = rows32.norm(dim=-1, keepdim=True)
+    share = None
+    if copies is not None:
+        top = norm.new_zeros(norm.shape[0]).scatter_reduce(0, copies, norm[:, 0], "amax", include_self=False)
+        top = top[copies, None]
+        share = torch.where(top > 0, norm / top, 0.0)
+        direction = rows32.new_zeros(rows32.shape).index_add_(0, copies, rows32)[copies]
+        rows32 = direction * (top / direction.norm(dim=-1, keepdim=True)).nan_to_num(posinf=0.0)
+        norm = top
+    if clip == 0:
+        clip = norm.median()
+    noisy = rows32 * (clip / norm).clamp(max=1.0)  # a zero row's inf clamps to 1
     if noise > 0:
-        noisy = noisy + torch.randn(rows.shape, generator=generator, device=rows.device) * (noise * clip)
-    return noisy.to(rows.dtype)
+        draw = torch.randn(rows.shape, generator=generator, device=rows.device)
+        noisy = noisy + (draw if copies is None else draw[copies]) * (noise * clip)
+    return (noisy if share is None else noisy * share).to(rows.dtype)
 
 
 @dataclass
@@ -218,12 +244,12 @@ Observer = Callable[[str, int, torch.Tensor, list[int]], None]
 class Wire:
     """A party's link to the others: the transport that carries the rows (default: torch.distributed over
     ``group``, None for the default process group; transport.py), its traffic counters, an optional WireLog, the
-    defences on what it sends (``privacy``; ``seed`` draws this party's noise), an optional ``observer``
-    shown every tensor that arrives, an optional ``timer`` (ExchangeTimer) and the ``tape`` of the
-    checkpointed block being run, if any."""
+    defences on what it sends (``privacy``; ``secret`` seeds this party's noise and row order, None: drawn from
+    the OS), an optional ``observer`` shown every tensor that arrives, an optional ``timer`` (ExchangeTimer) and
+    the ``tape`` of the checkpointed block being run, if any."""
 
     def __init__(self, party: int = 0, parties: int = 1, group=None, log: WireLog | None = None,
-                 privacy: PrivacyConfig | None = None, seed: int = 0, observer: Observer | None = None,
+                 privacy: PrivacyConfig | None = None, secret: int | None = None, observer: Observer | None = None,
                  transport: Transport | None = None):
         self.party, self.parties, self.log, self.observer = party, parties, log, observer
         self.transport = transport if transport is not None else TorchTransport(group)
@@ -232,46 +258,84 @@ class Wire:
         self.bytes_sent = dict.fromkeys(WIRE_KINDS, 0)
         self.bytes_received = dict.fromkeys(WIRE_KINDS, 0)
         privacy = privacy or PrivacyConfig()
-        self.defences = {kind: (clip, noise) for kind, clip, noise in (
-            ("hidden", privacy.hidden_clip, privacy.hidden_noise),
-            ("output_grad", privacy.grad_clip, privacy.grad_noise)) if clip > 0}
-        self._noise_seed = seeded(seed, "privacy", party).initial_seed()
-        self._generators: dict[torch.device, torch.Generator] = {}
+        defences = (("hidden", privacy.hidden_clip, privacy.hidden_noise or 0.0),
+                    ("output_grad", privacy.grad_clip, privacy.grad_noise or 0.0))
+        self.defences = {kind: (clip, noise) for kind, clip, noise in defences if clip > 0 or noise > 0}
+        self.shuffle = privacy.shuffle and parties > 1
+        self.secret = secrets.randbits(63) if secret is None else secret
+        self._generators: dict[tuple[str, str], torch.Generator] = {}  # (purpose, device) -> generator
+
+    def _generator(self, purpose: str, device: torch.device) -> torch.Generator:
+        """This party's secret generator for ``purpose`` ("noise", "order") on ``device`` (a stream of its own per
+        device: a run resumed on another device does not replay the first one's)."""
+        key = (purpose, str(device))
+        if key not in self._generators:
+            seed = seeded(self.secret, *key).initial_seed()
+            self._generators[key] = torch.Generator(device).manual_seed(seed)
+        return self._generators[key]
+
+    def state_dict(self) -> dict:
+        """The secret and where each generator stands: a resumed run draws on from there, bitwise as if it had
+        never stopped, and never reuses noise or an order it has drawn before."""
+        return {"secret": self.secret,
+                "generators": {f"{purpose}@{device}": g.get_state()
+                               for (purpose, device), g in self._generators.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.secret = state["secret"]
+        self._generators = {}
+        for key, generator_state in state["generators"].items():
+            purpose, _, device = key.partition("@")
+            self._generator(purpose, torch.device(device)).set_state(generator_state.cpu())
+
+    def defends(self, kind: str) -> bool:
+        """Whether rows of ``kind`` (or its fp8 form) are clipped or noised before they leave."""
+        return kind.removesuffix("_fp8") in self.defences
+
+    def permutation(self, owner: torch.Tensor) -> torch.Tensor:
+        """A fresh secret order of rows grouped by destination (``owner``, ascending): a uniformly random
+        permutation within each destination's block, from this party's order generator."""
+        keys = torch.rand(owner.shape, dtype=torch.float64, generator=self._generator("order", owner.device),
+                          device=owner.device)
+        return (owner.double() + keys).argsort()
 
     def kept(self, make: Callable):
         """``make()``, kept on the tape of the checkpointed block being run (and replayed in its recompute)."""
         return make() if self.tape is None else self.tape.keep(make)
 
-    def _defend(self, kind: str, send: torch.Tensor, send_splits: list[int]) -> torch.Tensor:
-        """The rows bound for other parties, clipped and noised; the party's own rows as they are."""
+    def _defend(self, kind: str, send: torch.Tensor, send_splits: list[int], copies: torch.Tensor | None
+                ) -> torch.Tensor:
+        """The rows bound for other parties, clipped and noised (``copies``: see clip_and_noise); the party's own
+        rows as they are."""
         clip, noise = self.defences[kind]
-        if send.device not in self._generators:
-            self._generators[send.device] = torch.Generator(send.device).manual_seed(self._noise_seed)
         start = sum(send_splits[:self.party])
         away = torch.ones(send.shape[0], dtype=torch.bool, device=send.device)
         away[start:start + send_splits[self.party]] = False
+        if copies is not None:  # indices into the rows that leave (a group never spans two destinations)
+            copies = (away.cumsum(0) - 1)[copies[away]]
         defended = send.clone()
-        defended[away] = clip_and_noise(send[away], clip, noise, self._generators[send.device])
+        defended[away] = clip_and_noise(send[away], clip, noise, self._generator("noise", send.device), copies)
         return defended
 
     def exchange(self, kind: str, layer: int, send: torch.Tensor, send_splits: list[int],
-                 recv_splits: list[int], async_op: bool = False) -> Transfer:
+                 recv_splits: list[int], async_op: bool = False, copies: torch.Tensor | None = None) -> Transfer:
         """THE crossing point: rows ``send[sum(send_splits[:p]):...]`` go to party p, rows from each party
         arrive in party order. Rows a party keeps for itself are copied locally and count as no traffic. A
         ``*_fp8`` kind takes float rows and arrives as float rows of the same dtype; e4m3 bytes cross.
+        ``copies``: for a defended kind, the first row of each row's group of copies (clip_and_noise).
         Inside a checkpointed block's recompute, returns what the forward received."""
         if kind not in WIRE_KINDS:
             raise ValueError(f"{kind!r} may not cross between parties; allowed: {', '.join(WIRE_KINDS)}")
         replaying = self.tape is not None and self.tape.replaying
-        transfer = self.kept(lambda: self._exchange(kind, layer, send, send_splits, recv_splits, async_op))
+        transfer = self.kept(lambda: self._exchange(kind, layer, send, send_splits, recv_splits, async_op, copies))
         # A replay hands out a new tensor object (on the same memory, or unpacked anew from the same bytes): the
         # forward's tensor keeps its autograd history.
         return Transfer(transfer.wait().detach()) if replaying else transfer
 
-    def _exchange(self, kind, layer, send, send_splits, recv_splits, async_op) -> Transfer:
+    def _exchange(self, kind, layer, send, send_splits, recv_splits, async_op, copies) -> Transfer:
         base = kind.removesuffix("_fp8")
         if self.parties > 1 and base in self.defences:
-            send = self._defend(base, send, send_splits)
+            send = self._defend(base, send, send_splits, copies)
         unpack = None
         if kind != base:
             row_dtype = send.dtype

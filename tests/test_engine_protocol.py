@@ -5,9 +5,9 @@ then the same backbone with ALL experts in-process (csrc_triton.expert_mlp, no p
 Per party: logits and every backbone gradient match. Per owner: each local expert's gradient matches the
 SUM over parties of that expert's single-process gradients. n = 3 with 8 experts is the uneven split. Every
 mode (dispatch once per (token, host) or per pair, combine at the origin or the host) and activation
-checkpointing; the bytes of each kind are exactly what the routing implies, and a checkpointed run's
-recompute sends nothing. With enough GPUs the same runs over NCCL, one GPU per party, the kernels compiled
-(``gpu``).
+checkpointing, with the rows in a secret order (privacy.shuffle, the default) and once without; the bytes of
+each kind are exactly what the routing implies, and a checkpointed run's recompute sends nothing. With enough GPUs
+the same runs over NCCL, one GPU per party, the kernels compiled (``gpu``).
 """
 
 import copy
@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 import csrc_triton as ct
 from pcmoe_engine.cli import free_port
-from pcmoe_engine.config import ModelConfig, WireConfig
+from pcmoe_engine.config import ModelConfig, PrivacyConfig, WireConfig
 from pcmoe_engine.dispatch import mask_bytes
 from pcmoe_engine.model import Backbone, compute_loss
 from pcmoe_engine.protocol import (CONTROL_KINDS, TRAINING_KINDS, DistributedExperts, ExpertShard, Wire, WireLog,
@@ -59,7 +59,7 @@ def _cpu(tree):
     return tree.cpu() if torch.is_tensor(tree) else tree
 
 
-def _party(rank, parties, port, out_dir, checkpointing, options, backend):
+def _party(rank, parties, port, out_dir, checkpointing, options, shuffle, backend):
     torch.set_num_threads(1)
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
@@ -72,7 +72,11 @@ def _party(rank, parties, port, out_dir, checkpointing, options, backend):
     shard.init_weights(SEED)
     tokens = torch.randint(0, CFG.vocab_size, (3, 17), generator=torch.Generator().manual_seed(200 + rank))
     log = WireLog()
-    wire = Wire(rank, parties, dist.group.WORLD if parties > 1 else None, log)
+    wire = Wire(rank, parties, dist.group.WORLD if parties > 1 else None, log, PrivacyConfig(shuffle=shuffle))
+    orders = []  # the order each layer's rows were sent in, by token
+    if shuffle and parties > 1:
+        permutation = wire.permutation
+        wire.permutation = lambda owner: orders.append(permutation(owner)) or orders[-1]
     oracle_backbone, oracle_shard = copy.deepcopy(backbone), ExpertShard(CFG)
     oracle_shard.init_weights(SEED)
     for module in (backbone, shard, oracle_backbone, oracle_shard):
@@ -105,6 +109,7 @@ def _party(rank, parties, port, out_dir, checkpointing, options, backend):
         (out * torch.arange(out.numel(), device=out.device).view_as(out).sin()).sum().backward()
         result[tag]["skewed"] = {"out": out.detach(), "x_grad": xs.grad, "experts": _grads(expert_shard)}
 
+    result["orders"] = orders
     result = _cpu(result)
     result["wire"] = {"entries": log.entries, "sent": wire.total_sent, "received": wire.total_received}
     torch.save(result, os.path.join(out_dir, f"party{rank}.pt"))
@@ -130,18 +135,18 @@ def _expected_sent(expert_ids, party, parties, options):
 
 
 MODES = {"token": WireConfig(), "pair": WireConfig(dispatch="pair"), "token+host": WireConfig(combine="host"),
-         "pair+host": WireConfig(dispatch="pair", combine="host")}
+         "pair+host": WireConfig(dispatch="pair", combine="host"), "token, unshuffled": WireConfig()}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parties,checkpointing,mode", [
     (1, False, "token"), (2, False, "token"), (3, False, "token"), (4, False, "token"), (2, True, "token"),
     (1, False, "pair+host"), (2, False, "pair"), (3, False, "token+host"), (4, False, "pair+host"),
-    (3, True, "token+host"), (2, True, "pair")])
+    (3, True, "token+host"), (2, True, "pair"), (3, False, "token, unshuffled")])
 def test_parties_equal_single_process(parties, checkpointing, mode, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # spawned parties run csrc_triton's CPU references
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    check_parties(parties, checkpointing, MODES[mode], "gloo", tmp_path)
+    check_parties(parties, checkpointing, mode, "gloo", tmp_path)
 
 
 @pytest.mark.gpu
@@ -152,16 +157,22 @@ def test_parties_equal_single_process_over_nccl(parties, checkpointing, mode, tm
     (grouped GEMM and combine, or the fused expert_mlp), so they agree to fp32 rounding, not bitwise."""
     if torch.cuda.device_count() < parties:
         pytest.skip(f"needs {parties} GPUs")
-    check_parties(parties, checkpointing, MODES[mode], "nccl", tmp_path, rtol=1e-4, atol=1e-5)
+    check_parties(parties, checkpointing, mode, "nccl", tmp_path, rtol=1e-4, atol=1e-5)
 
 
-def check_parties(parties, checkpointing, options, backend, tmp_path, rtol=1e-5, atol=1e-6):
+def check_parties(parties, checkpointing, mode, backend, tmp_path, rtol=1e-5, atol=1e-6):
     def _close(a, b, what):
         assert a.shape == b.shape, what
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
-    mp.spawn(_party, args=(parties, free_port(), str(tmp_path), checkpointing, options, backend), nprocs=parties)
+    options, shuffle = MODES[mode], "unshuffled" not in mode
+    mp.spawn(_party, args=(parties, free_port(), str(tmp_path), checkpointing, options, shuffle, backend),
+             nprocs=parties)
     results = [torch.load(tmp_path / f"party{p}.pt", weights_only=False) for p in range(parties)]
+    # Shuffled, each layer's call drew one fresh order (a checkpointed recompute none), and it moved rows.
+    for r in results:  # the full model's MoE layers, then the skewed call
+        assert len(r["orders"]) == (CFG.num_layers + 1 if shuffle and parties > 1 else 0)
+        assert not shuffle or parties == 1 or any(not torch.equal(o, o.sort().values) for o in r["orders"])
 
     for p, r in enumerate(results):
         _close(r["dist"]["logits"], r["oracle"]["logits"], f"party {p} logits")

@@ -9,6 +9,8 @@ b. learned inversion (private backbones): the attacker trains a linear decoder f
 c. gradient inversion: the output gradient of a pair is dL/d(moe output) of that token; mapped through a final
    norm and LM head the attacker knows (iDLG's label rule), its most negative logit names the next token.
 
+(refine.py refines a's and c's guesses through the known layers, d and e; routing.py reads the expert masks, r.)
+
 FedSGD baseline: the victim shares its full-model gradient of one sequence (batch 1, as in the published
 attacks) with the same attacker, which knows the shared model: the embedding gradient's nonzero rows give the
 sequence's tokens, and DLG (soft tokens over those, cosine gradient matching) orders them.
@@ -25,27 +27,36 @@ from pcmoe_engine.model import Backbone, compute_loss
 
 from .harness import VICTIM, Collaboration, all_experts
 
-__all__ = ["hidden_states", "nearest_neighbour_attack", "decoder_attack", "gradient_attack", "fedsgd_attack"]
+__all__ = ["trace", "hidden_states", "per_position", "assemble", "nearest_neighbour_attack", "decoder_attack",
+           "gradient_attack", "fedsgd_attack"]
 
 
-def hidden_states(backbone: Backbone, shards, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """The hidden state of every token at every MoE layer of ``backbone`` (what it would dispatch), through
-    every party's experts."""
-    states = []
+def trace(backbone: Backbone, shards, tokens: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per MoE layer of ``backbone`` on ``tokens`` (through every party's experts): every token's hidden state
+    (what it would dispatch) and its routed experts ([tokens, top_k])."""
+    states, expert_ids = [], []
 
-    def capture(layer, x, weights, expert_ids, concurrent=None):
+    def capture(layer, x, weights, ids, concurrent=None):
         states.append(x.detach())
-        return full(layer, x, weights, expert_ids, concurrent)
+        expert_ids.append(ids.long())
+        return full(layer, x, weights, ids, concurrent)
 
     full = all_experts(shards, backbone.cfg)
     with torch.no_grad():
         for i in range(0, tokens.shape[0], 64):
             backbone(tokens[i:i + 64], capture)
     num_layers = len(backbone.blocks)
-    return [torch.cat(states[layer::num_layers]) for layer in range(num_layers)]
+    return ([torch.cat(states[layer::num_layers]) for layer in range(num_layers)],
+            [torch.cat(expert_ids[layer::num_layers]) for layer in range(num_layers)])
 
 
-def _per_position(watch: list[dict], key: str, num_tokens: int, layers: list[int]) -> dict[int, tuple]:
+def hidden_states(backbone: Backbone, shards, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """The hidden state of every token at every MoE layer of ``backbone`` (what it would dispatch), through
+    every party's experts."""
+    return trace(backbone, shards, tokens)[0]
+
+
+def per_position(watch: list[dict], key: str, num_tokens: int, layers: list[int]) -> dict[int, tuple]:
     """Per layer: (positions seen, the mean observed row of each): a host that gets a token twice (two of its
     experts chosen) averages the copies."""
     seen = {}
@@ -62,7 +73,7 @@ def _per_position(watch: list[dict], key: str, num_tokens: int, layers: list[int
     return seen
 
 
-def _assemble(guesses: dict[int, tuple], order: list[int], num_tokens: int, device) -> torch.Tensor:
+def assemble(guesses: dict[int, tuple], order: list[int], num_tokens: int, device) -> torch.Tensor:
     """One guess per position, from the first layer in ``order`` that saw it; -1 where none did."""
     recovered = torch.full((num_tokens,), -1, dtype=torch.int64, device=device)
     for layer in reversed(order):
@@ -80,10 +91,10 @@ def nearest_neighbour_attack(watch, references: list[Backbone], shards, aux: tor
     tables = [hidden_states(ref, shards, aux[:, :-1]) for ref in references]
     aux_tokens = aux[:, :-1].reshape(-1).repeat(len(references))
     guesses = {}
-    for layer, (positions, rows) in _per_position(watch, "hidden", num_tokens, layers).items():
+    for layer, (positions, rows) in per_position(watch, "hidden", num_tokens, layers).items():
         table = F.normalize(torch.cat([states[layer] for states in tables]), dim=-1)
         guesses[layer] = (positions, aux_tokens[(F.normalize(rows, dim=-1) @ table.T).argmax(1)])
-    return _assemble(guesses, layers, num_tokens, aux.device).view(shape)
+    return assemble(guesses, layers, num_tokens, aux.device).view(shape)
 
 
 def decoder_attack(watch, attacker: Backbone, shards, aux: torch.Tensor, shape) -> torch.Tensor:
@@ -94,13 +105,13 @@ def decoder_attack(watch, attacker: Backbone, shards, aux: torch.Tensor, shape) 
     states = hidden_states(attacker, shards, aux[:, :-1])
     labels = aux[:, :-1].reshape(-1)
     guesses = {}
-    for layer, (positions, rows) in _per_position(watch, "hidden", num_tokens, layers).items():
+    for layer, (positions, rows) in per_position(watch, "hidden", num_tokens, layers).items():
         x = F.pad(states[layer], (0, 1), value=1.0)  # a bias column
         one_hot_product = torch.zeros(x.shape[1], attacker.cfg.vocab_size, device=x.device).index_add_(1, labels, x.T)
         gram = x.T @ x + 1e-3 * x.shape[0] * torch.eye(x.shape[1], device=x.device)
         decoder = torch.linalg.solve(gram, one_hot_product)
         guesses[layer] = (positions, (F.pad(rows, (0, 1), value=1.0) @ decoder).argmax(1))
-    return _assemble(guesses, layers, num_tokens, aux.device).view(shape)
+    return assemble(guesses, layers, num_tokens, aux.device).view(shape)
 
 
 def gradient_attack(watch, reference: Backbone, shape) -> torch.Tensor:
@@ -111,8 +122,8 @@ def gradient_attack(watch, reference: Backbone, shape) -> torch.Tensor:
     head = (reference.lm_head.weight * reference.norm.weight).detach()
     head = head / head.norm(dim=1, keepdim=True)
     guesses = {layer: (positions, (rows @ head.T).argmin(1))
-               for layer, (positions, rows) in _per_position(watch, "grad", num_tokens, layers).items()}
-    return _assemble(guesses, layers[::-1], num_tokens, head.device).view(shape)
+               for layer, (positions, rows) in per_position(watch, "grad", num_tokens, layers).items()}
+    return assemble(guesses, layers[::-1], num_tokens, head.device).view(shape)
 
 
 def fedsgd_attack(run: Collaboration, cfg: Config, sequence: torch.Tensor, steps: int

@@ -6,14 +6,16 @@ data, backbone, expert shard and optimizer, stepping through the real ``Wire`` a
 with the configured defences. Processes, not threads: the parties' blocking exchanges must run concurrently,
 and in one process autograd's single worker thread per device would run both parties' backward exchanges.
 
-After training, ``observe``: the victim processes held-out text as a training batch (forward and backward,
-no update) while the attacker processes a batch of its own, and records through its wire's observer what
-it receives from the victim ("hidden" rows with their "expert_mask", and "output_grad" rows in backward). A
-hidden row comes once per (token, host) and its mask says which of the host's experts it went to, so the
-host expands it into one row per (token, expert) pair, as its experts ran it. The victim knows which of its
-(token, expert) pairs each pair row is (its wire order, ``DistributedExperts.plan``); ``join`` pairs the two
-records row by row, offline. Nothing of the victim's but what crossed the wire
-reaches the attacks, except where a report row says so (the FedSGD baseline, which shares the whole model).
+After training, ``observe``, twice: the victim processes held-out text as a training batch (forward and
+backward, no update) while the attacker processes a batch of its own, and records through its wire's observer
+what it receives from the victim ("hidden" rows with their "expert_mask", and "output_grad" rows in backward):
+once with the victim's rows in its plain wire order (token order) and once in the secret shuffled order
+(privacy.shuffle, the default). A hidden row comes once per (token, host) and its mask says which of the host's
+experts it went to, so the host expands it into one row per (token, expert) pair, as its experts ran it. The
+victim knows which of its (token, expert) pairs each pair row is (the plan it sent with,
+``DistributedExperts.plan_observer``); ``join`` pairs the two records row by row, offline. Nothing of the
+victim's but what crossed the wire reaches the attacks, except where a report row says so (the FedSGD baseline,
+which shares the whole model, and the positions that attacks d and e are given).
 """
 
 import os
@@ -34,8 +36,8 @@ from pcmoe_engine.model import Backbone
 from pcmoe_engine.party import Party, initial_backbone
 from pcmoe_engine.protocol import DistributedExperts, ExpertShard, Wire
 
-__all__ = ["VICTIM", "ATTACKER", "Preset", "PRESETS", "config", "windows", "Collaboration", "collaborate",
-           "observe", "join", "all_experts"]
+__all__ = ["VICTIM", "ATTACKER", "Preset", "PRESETS", "config", "finetuning", "pretrain", "windows", "Collaboration",
+           "collaborate", "observe", "join", "all_experts"]
 
 VICTIM, ATTACKER = 0, 1
 OBSERVED_KINDS = ("hidden", "expert_mask", "output_grad")  # what the victim sends a host about its tokens
@@ -46,21 +48,28 @@ class Preset:
     model: dict  # ModelConfig overrides
     seq_len: int = 32
     batch_size: int = 8
-    steps: int = 300  # joint training steps before the attacks
+    steps: int = 300  # training steps of the public model, and of the private-init run (from scratch)
     lr: float = 3e-3
+    finetune_steps: int = 100  # joint fine-tuning steps from the public model (shared initialisation)
+    finetune_lr: float = 1e-3
     eval_sequences: int = 16  # victim held-out sequences attacked
     aux_sequences: int = 256  # attacker's own sequences for its lookup tables and decoder
-    noise: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 1.0, 3.0])  # defence sweep (noise multipliers)
+    # the defence sweep's noise multipliers
+    noise: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 0.5, 0.7, 1.0, 3.0])
     dlg_sequences: int = 4
     dlg_steps: int = 100
+    refine_sequences: int = 16  # victim sequences attacks d and e optimise (the first ones)
+    refine_steps: int = 100  # their optimisation steps
+    routing_steps: int = 400  # training steps of the routing attack's inverter
     device: str = "cpu"  # auto: both parties on this machine's GPU (over gloo) if it has one
 
 
 PRESETS = {
     "tiny": Preset(model=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
                               expert_intermediate_size=128)),
-    "base": Preset(model=dict(), seq_len=128, steps=600, eval_sequences=64, aux_sequences=1024,
-                   noise=[0.0, 0.03, 0.1, 0.3, 1.0, 3.0], dlg_sequences=4, dlg_steps=200, device="auto"),
+    "base": Preset(model=dict(), seq_len=128, steps=600, finetune_steps=200, eval_sequences=64, aux_sequences=1024,
+                   noise=[0.0, 0.1, 0.3, 0.5, 1.0], dlg_sequences=4, dlg_steps=200, refine_sequences=4,
+                   device="auto"),
 }
 
 
@@ -71,10 +80,30 @@ def config(preset: Preset) -> Config:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     train = TrainConfig(steps=preset.steps, batch_size=preset.batch_size, lr=preset.lr,
-                        warmup_steps=max(1, preset.steps // 10), eval_batches=2, checkpoints=False, device=device,
+                        warmup_steps=max(1, preset.steps // 10), eval_batches=8, checkpoints=False, device=device,
                         precision="fp32")
     return validate(Config(parties=2, model=ModelConfig(**model), data=DataConfig(seq_len=preset.seq_len),
                            train=train))
+
+
+def finetuning(cfg: Config, preset: Preset) -> Config:
+    """The configuration of the parties' joint fine-tuning of a public model."""
+    steps = preset.finetune_steps
+    return replace(cfg, train=replace(cfg.train, steps=steps, lr=preset.finetune_lr, warmup_steps=max(1, steps // 10)))
+
+
+def pretrain(cfg: Config, text: str) -> dict:
+    """The public model both parties fine-tune under shared initialisation: one party (nothing crosses) trains
+    the model from its seed on ``text`` for cfg.train.steps. Its backbone and every expert (state dicts)."""
+    with tempfile.TemporaryDirectory(prefix="pcmoe-public-") as scratch:
+        path = Path(scratch) / "public.txt"
+        path.write_text(text)
+        one = validate(replace(cfg, parties=1, data=replace(cfg.data, party_paths=[str(path)]),
+                               train=replace(cfg.train, out_dir=scratch)))
+        party = Party(one, 0)
+        for _ in range(one.train.steps):
+            party.step()
+        return {"backbone": party.backbone.state_dict(), "experts": party.shard.state_dict()}
 
 
 def windows(tokens: torch.Tensor, seq_len: int, count: int) -> torch.Tensor:
@@ -99,38 +128,42 @@ def all_experts(shards: list[ExpertShard], cfg: ModelConfig, device: torch.devic
     return DistributedExperts(whole, Wire())
 
 
-def observe(party: Party, observed: torch.Tensor) -> dict:
+def observe(party: Party, observed: torch.Tensor, shuffle: bool) -> dict:
     """One forward and backward as in a training step, without the update: the victim on ``observed``
-    ([sequences, seq_len + 1] windows), the attacker on a batch of its own. The victim returns ``sent``: per
-    MoE layer, the pair (token * top_k + choice) of each row it sent to the attacker, in the order sent; the
-    attacker ``received``: per (kind, layer), the rows of OBSERVED_KINDS its wire received from the victim."""
-    received = {}
+    ([sequences, seq_len + 1] windows), its rows in the secret order or not (``shuffle``), the attacker on a batch
+    of its own. The victim returns ``sent``: per MoE layer, the pair (token * top_k + choice) of each pair row it
+    sent the attacker, in the order sent; the attacker ``received``: per (kind, layer), the rows of OBSERVED_KINDS
+    its wire received from the victim."""
+    received, sent = {}, {}
 
     def record(kind: str, layer: int, rows: torch.Tensor, recv_splits: list[int]) -> None:
         if kind in OBSERVED_KINDS:
             start = sum(recv_splits[:VICTIM])
             received[kind, layer] = rows[start:start + recv_splits[VICTIM]].detach().clone()
 
+    def plan_sent(layer: int, plan, rows) -> None:  # the pairs hosted by the attacker, in the order sent
+        sent[layer] = plan.sorted_pair[plan.offsets[ATTACKER]:plan.offsets[ATTACKER + 1]].long()
+
     if party.rank == ATTACKER:
         party.wire.observer = record
         batch = party.batches.next()
     else:
+        party.experts.plan_observer = plan_sent
+        default, party.wire.shuffle = party.wire.shuffle, shuffle
         batch = observed[:, :-1], observed[:, 1:]
-    _, routings = party.forward_backward(*batch)
-    party.wire.observer = None
+    party.forward_backward(*batch)
+    party.wire.observer = party.experts.plan_observer = None
     party.optimizer.zero_grad(set_to_none=True)
     if party.rank == ATTACKER:
         return {"received": received}
-    sent = []
-    for routing in routings:  # the pairs hosted by the attacker, in wire order
-        plan = party.experts.plan(routing.expert_ids)
-        sent.append(plan.sorted_pair[plan.offsets[ATTACKER]:plan.offsets[ATTACKER + 1]].long())
-    return {"sent": sent}
+    party.wire.shuffle = default
+    return {"sent": [sent[layer] for layer in sorted(sent)]}
 
 
 def join(sent: list[torch.Tensor], received: dict, top_k: int) -> list[dict]:
-    """The attacker's view of the victim's batch: per MoE layer that hosted any of its pairs, the pair and the
-    token (flat position) of each pair row, the hidden row received for it and the output gradient."""
+    """The attacker's view of the victim's batch: per MoE layer that hosted any of its pairs, in the order the
+    rows arrived: each pair row's pair, token (flat position), hidden row and output gradient, and each hidden
+    row's token and ``mask`` (the bits of the host's local experts it picked, as an integer)."""
     watch = []
     for layer, pairs in enumerate(sent):
         rows, grad, mask = received["hidden", layer], received["output_grad", layer], received["expert_mask", layer]
@@ -142,9 +175,13 @@ def join(sent: list[torch.Tensor], received: dict, top_k: int) -> list[dict]:
                                f"{hidden.shape[0]} hidden and {grad.shape[0]} gradient rows")
         if pairs.numel():
             pairs = pairs.to(hidden.device)
-            watch.append({"layer": layer, "pair": pairs, "token": pairs // top_k, "hidden": hidden, "grad": grad})
+            token = pairs // top_k
+            row_token = torch.empty(rows.shape[0], dtype=torch.int64, device=hidden.device)
+            row_token[pair_row] = token
+            value = sum(mask[:, j].long() << (8 * j) for j in range(mask.shape[1]))
+            watch.append({"layer": layer, "pair": pairs, "token": token, "hidden": hidden, "grad": grad,
+                          "row_token": row_token, "mask": value})
     return watch
-
 
 @dataclass
 class Collaboration:
@@ -154,10 +191,19 @@ class Collaboration:
     start: Backbone  # the victim's starting backbone (the attacker's too, under shared initialisation)
     losses: list[float]  # the victim's training loss per step
     eval_loss: float  # the victim's held-out loss at the end, through the defended wire
-    watch: list[dict]  # what the attacker saw of the victim's observed batch (``join``)
+    watch: list[dict]  # what the attacker saw of the victim's observed batch, rows shuffled (``join``)
+    watch_in_order: list[dict]  # the same batch observed with the victim's rows in token order
 
 
-def _party(rank: int, cfg: Config, shared_init: bool, observed: torch.Tensor, scratch: str, port: int,
+def _start_from(party: Party, start: dict) -> None:
+    """The party's backbone and its own experts from ``start`` (a backbone and a whole shard, as pretrain's)."""
+    party.load_backbone(start["backbone"])
+    with torch.no_grad():
+        for name, weights in party.shard.named_parameters():
+            weights.copy_(start["experts"][name][party.shard.expert_ids])
+
+
+def _party(rank: int, cfg: Config, start: dict | None, observed: torch.Tensor, scratch: str, port: int,
            threads: int) -> None:
     """One party's process: train, evaluate, observe, and leave what the evaluation needs in ``scratch``."""
     torch.set_num_threads(threads)
@@ -165,27 +211,30 @@ def _party(rank: int, cfg: Config, shared_init: bool, observed: torch.Tensor, sc
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.parties)
     try:
         party = Party(cfg, rank)
-        if shared_init:
-            party.load_backbone(initial_backbone(cfg, VICTIM).state_dict())
+        if start is not None:
+            _start_from(party, start)
         losses = [party.step()["loss"] for _ in range(cfg.train.steps)]
         eval_loss = party.evaluate()
-        seen = observe(party, observed)
+        seen = {order: observe(party, observed, order == "shuffled") for order in ("in_order", "shuffled")}
         torch.save({"backbone": party.backbone.state_dict(), "experts": party.shard.state_dict(), "losses": losses,
-                    "eval_loss": eval_loss, **seen}, Path(scratch) / f"party{rank}.pt")
+                    "eval_loss": eval_loss, "seen": seen}, Path(scratch) / f"party{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def collaborate(cfg: Config, shared_init: bool, privacy: PrivacyConfig, observed: torch.Tensor,
+def collaborate(cfg: Config, start: dict | None, privacy: PrivacyConfig, observed: torch.Tensor,
                 threads: int = 1) -> Collaboration:
     """Train both parties together for cfg.train.steps, each on its own text, with ``privacy``'s defences on
-    the wire; under ``shared_init`` both backbones start from the victim's initial weights, else each from
-    its own seed. Then the attacker observes the victim processing ``observed`` (see ``observe``)."""
+    the wire: both from ``start`` (shared initialisation: a public model's backbone and experts, ``pretrain``),
+    or, without it, each backbone from its own seed (private initialisation). Then the attacker observes the
+    victim processing ``observed`` (see ``observe``)."""
     cfg = replace(cfg, privacy=privacy)
     device = torch.device(cfg.train.device)
     with tempfile.TemporaryDirectory(prefix="pcmoe-privacy-") as scratch:
         cfg = replace(cfg, train=replace(cfg.train, out_dir=scratch))
-        mp.spawn(_party, args=(cfg, shared_init, observed.cpu(), scratch, free_port(), threads), nprocs=cfg.parties)
+        start_cpu = None if start is None else {part: {k: v.cpu() for k, v in state.items()}
+                                                 for part, state in start.items()}
+        mp.spawn(_party, args=(cfg, start_cpu, observed.cpu(), scratch, free_port(), threads), nprocs=cfg.parties)
         states = [torch.load(Path(scratch) / f"party{p}.pt", map_location=device, weights_only=False)
                   for p in range(cfg.parties)]
     backbones, shards = [], []
@@ -195,6 +244,11 @@ def collaborate(cfg: Config, shared_init: bool, privacy: PrivacyConfig, observed
         shard.load_state_dict(state["experts"])
         backbones.append(backbone.to(device))
         shards.append(shard.to(device))
+    initial = initial_backbone(cfg, VICTIM)
+    if start is not None:
+        initial.load_state_dict(start["backbone"])
     victim, attacker = states[VICTIM], states[ATTACKER]
-    return Collaboration(backbones, shards, initial_backbone(cfg, VICTIM).to(device), victim["losses"],
-                         victim["eval_loss"], join(victim["sent"], attacker["received"], cfg.model.top_k))
+    watch = {order: join(victim["seen"][order]["sent"], attacker["seen"][order]["received"], cfg.model.top_k)
+             for order in ("shuffled", "in_order")}
+    return Collaboration(backbones, shards, initial.to(device), victim["losses"], victim["eval_loss"],
+                         watch["shuffled"], watch["in_order"])

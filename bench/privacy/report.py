@@ -1,52 +1,162 @@
-"""The evaluation's report: results.json (every number), report.md (the tables) and privacy.png (attack success
-and the victim's loss against the defence's noise)."""
+"""The evaluation's report, from the phases there are: results.json (every number), report.md (the tables, the
+targets and what no attack here tries) and privacy.png (attack success and the victim's loss against the
+defence's noise)."""
 
 import json
 from pathlib import Path
 
+from pcmoe_engine.config import SHARED_START_NOISE
+
 __all__ = ["write_report", "plot"]
 
+SWEPT = {"a": "a. known layers", "c": "c. gradients", "d": "d. BiSR hidden", "e": "e. BiSR gradients",
+         "r_row": "r. routing, shuffled"}
+NOT_TRIED = [
+    "malicious hosts that deviate from the protocol (crafted outputs or gradients to steer the victim's backbone, "
+    "dropped or replayed rows);",
+    "attackers that know part of the victim's text, or its fine-tuned weights, and align its hidden space to their "
+    "own (the known-layer attacks know only the shared starting weights and the attacker's own);",
+    "linking shuffled rows across layers or steps through their hidden states or norms (attacks d and e are given "
+    "every row's position instead, an upper bound that ignores the shuffle; r in token order is given the true "
+    "alignment);",
+    "averaging over many observations of the same text: each attack sees one forward and backward; the same "
+    "held-out text crosses again at every evaluation, and training text at every epoch, with fresh noise;",
+    "language-model priors on the recovered text (beam search over a pretrained LM), which published attacks use "
+    "to turn partial recoveries into more text;",
+    "the routing statistics alone (how often each expert is used, a topic signal), and timing or size side "
+    "channels;",
+    "what the final model memorises, and pooled experts after `pcmoe export --pool`.",
+]
 
-def write_report(results: dict, out: Path, command: str) -> None:
+
+def _rows(results: dict) -> list[dict]:
+    phases = results["phases"]
+    rows = [results["chance"]]
+    for name in ("shared", "private"):
+        rows += [r for r in phases.get(name, {}).get("rows", []) if r["key"] != "fedsgd"]
+    rows += [r for r in phases.get("shared", {}).get("rows", []) if r["key"] == "fedsgd"]
+    return rows
+
+
+def _sweep(results: dict) -> list[dict]:
+    return sorted((p["sweep"] for p in results["phases"].values() if p.get("sweep")), key=lambda s: s["noise"])
+
+
+def _targets(results: dict) -> list[str]:
+    """Each target of issue 15, the number measured against it and its setting."""
+    phases, chance = results["phases"], results["chance"]["token_accuracy"]
+    lines = []
+    private = [r for r in phases.get("private", {}).get("rows", [])]
+    if private:
+        worst = max(private, key=lambda r: r["token_accuracy"])
+        met = "met" if worst["token_accuracy"] <= 0.05 else "NOT met"
+        lines.append(f"- Private initialisation, every attack <= 5% of tokens: {met}. The strongest, "
+                     f"{worst['attack']}, recovers {worst['token_accuracy']:.1%} (undefended)."
+                     + ("" if met == "met" else " "
+                        f"What stands in the way: guessing the most frequent token alone scores {chance:.1%} on this "
+                        "text, so an attack that learns nothing from the wire but falls back on frequent tokens "
+                        "clears 5%; every attack here stays at or below that chance level."))
+    sweep = {s["noise"]: s for s in _sweep(results)}
+    if 0.0 in sweep and SHARED_START_NOISE in sweep:
+        base, default = sweep[0.0], sweep[SHARED_START_NOISE]
+        attacks = {k: default[k] for k in SWEPT if k in default}
+        key = max(attacks, key=attacks.get)
+        cost = default["eval_loss"] / base["eval_loss"] - 1
+        met = "met" if attacks[key] <= 0.10 and cost <= 0.02 else "NOT met"
+        lines.append(f"- Shared initialisation, every attack <= 10% at a default defence that costs <= 2% held-out "
+                     f"loss: {met}. At the default (noise {SHARED_START_NOISE:g} on hidden states and output "
+                     f"gradients, clipped at each exchange's median, rows shuffled), the strongest attack, "
+                     f"{SWEPT[key]}, recovers {attacks[key]:.1%}; the victim's held-out loss is "
+                     f"{default['eval_loss']:.3f} against {base['eval_loss']:.3f} undefended ({cost:+.1%}). The "
+                     "default was chosen from this sweep (one run per point), not checked on a separate run.")
+    routing = [r for name in ("shared", "private") for r in phases.get(name, {}).get("rows", [])
+               if r["key"] == "r_row"]
+    if routing:
+        worst = max(routing, key=lambda r: r["token_accuracy"])
+        met = "met" if worst["token_accuracy"] <= chance + 0.05 else "NOT met"
+        at_default = sweep.get(SHARED_START_NOISE, {}).get("r_row")
+        lines.append(f"- Routing pattern with the shuffle, no better than chance + 5 points: {met} undefended: "
+                     f"{worst['token_accuracy']:.1%} ({worst['setting']}) against chance {chance:.1%}"
+                     + ("." if at_default is None else
+                        f"; {at_default:.1%} at the default defence with init_from (noise {SHARED_START_NOISE:g}: "
+                        "it does not touch the masks, so the difference is the routing of a victim trained through "
+                        "noise, or run-to-run variation; one run each, not separated here)."))
+    return lines
+
+
+def write_report(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    p, m = results["preset"], results["config"]["model"]
-    lines = [
-        "# Privacy evaluation (measured)", "",
-        f"`{command}` on {results['device']}, commit {results['commit']}, {results['date']}, "
-        f"{results['seconds']:.0f} s. Raw numbers: `results.json`; threat model: `docs/privacy.md`.", "",
-        f"Model: {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_experts']} experts top-{m['top_k']}, "
-        f"vocab {m['vocab_size']}; 2 parties trained together for {p['steps']} steps (batch {p['batch_size']} x "
-        f"{p['seq_len']} tokens). Attacked: {p['eval_sequences']} held-out sequences of the victim "
-        f"({p['eval_sequences'] * p['seq_len']} tokens); the attacker's own text: {p['aux_sequences']} sequences.",
-        "", "| attack | setting | target | tokens seen | token accuracy | BLEU-4 | 1-/2-/3-/4-gram precision | "
-        "token set recall |", "|---|---|---|---|---|---|---|---|"]
-    for r in results["rows"]:
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    p, m, phases = results["preset"], results["config"]["model"], results["phases"]
+    lines = ["# Privacy evaluation (measured)", "",
+             "Raw numbers: `results.json`; threat model: `docs/privacy.md`. Each phase is one joint training run and "
+             "its attacks, run by:", "", "| phase | command | device | commit | date | seconds |",
+             "|---|---|---|---|---|---|"]
+    for name, phase in phases.items():
+        lines.append(f"| {name} | `{phase['command']}` | {phase['device']} | {phase['commit']} | {phase['date']} | "
+                     f"{phase['seconds']:.0f} |")
+    if results["missing"]:
+        lines += ["", f"Not run yet: {', '.join(results['missing'])}."]
+    lines += ["", f"Model: {m['num_layers']} layers, hidden {m['hidden_size']}, {m['num_experts']} experts top-"
+              f"{m['top_k']}, vocab {m['vocab_size']}; batch {p['batch_size']} x {p['seq_len']} tokens. Private "
+              f"initialisation: 2 parties, each from its own seed, trained together for {p['steps']} steps. Shared "
+              f"initialisation: a public model (trained {p['steps']} steps by one party on the attacker's own text), "
+              f"fine-tuned together for {p['finetune_steps']} steps. The rows shuffled (the default). Attacked: "
+              f"{p['eval_sequences']} held-out sequences of the victim ({p['eval_sequences'] * p['seq_len']} tokens; "
+              f"d and e: the first {p['refine_sequences']}); the attacker's own text: {p['aux_sequences']} "
+              "sequences.", "", "## What a curious host recovers, undefended", "",
+              "| attack | setting | target | tokens seen | token accuracy | BLEU-4 | 1-/2-/3-/4-gram precision | "
+              "token set recall |", "|---|---|---|---|---|---|---|---|"]
+    for r in _rows(results):
         seen = f"{r['seen']:.0%}" if "seen" in r else "-"
         grams = " / ".join(f"{x:.2f}" for x in r["ngram_precisions"])
         lines.append(f"| {r['attack']} | {r['setting']} | {r['target']} | {seen} | {r['token_accuracy']:.3f} | "
                      f"{r['bleu4']:.3f} | {grams} | {r['token_set_recall']:.2f} |")
-    fedsgd = results["rows"][-1]
-    lines += ["", f"Tokens seen: positions of which the attacker received at least one row. Token set recall: the "
-              f"fraction of a sequence's distinct tokens found anywhere in the recovery (order ignored). FedSGD: "
-              f"the embedding gradient gave the exact token set of {fedsgd['token_set_exact']:.0%} of the "
-              f"{p['dlg_sequences']} attacked sequences (its token set recall); DLG ({p['dlg_steps']} steps) "
-              "orders them (its accuracy and n-grams). Known layers: under shared initialisation the victim's "
-              "starting backbone and the attacker's own, else the attacker's own; attack c reports whichever "
-              "known head scores best (the worst case for the victim)."]
-    c = results["clip"]
-    lines += ["", f"Defence sweep (shared initialisation): dispatched hidden states clipped to L2 norm "
-              f"{c['hidden']:.3g} and returned output gradients to {c['grad']:.3g} (the medians of the undefended "
-              "rows), then Gaussian noise of std noise x clip per coordinate; victim loss = mean training loss of "
-              "its last 10 steps, eval = held-out loss through the defended wire.", "",
-              "| noise | victim train loss | victim eval loss | attack a accuracy | a BLEU-4 | attack c accuracy "
-              "| c BLEU-4 |", "|---|---|---|---|---|---|---|"]
-    for s in results["sweep"]:
-        lines.append(f"| {s['noise']} | {s['final_loss']:.3f} | {s['eval_loss']:.3f} | {s['a']:.3f} | "
-                     f"{s['a_bleu4']:.3f} | {s['c']:.3f} | {s['c_bleu4']:.3f} |")
-    lines += ["", "![attack success against training loss](privacy.png)", ""]
+    lines += ["", "Tokens seen: positions of which the attacker received at least one row. Token set recall: the "
+              "fraction of a sequence's distinct tokens found anywhere in the recovery (order ignored). Known layers: "
+              "under shared initialisation the victim's starting backbone and the attacker's own, else the "
+              "attacker's own; c, d and e report whichever known layers score best (the worst case for the victim). "
+              "d and e are given each row's position (the optimisation runs whole sequences through the known "
+              "layers), which the shuffle hides from a real host: an upper bound. r in token order is given the "
+              "true alignment of its rows to positions (an upper bound on what the order tells)."]
+    fedsgd = next((r for r in _rows(results) if r["key"] == "fedsgd"), None)
+    if fedsgd:
+        lines += ["", f"FedSGD: the embedding gradient gave the exact token set of {fedsgd['token_set_exact']:.0%} of "
+                  f"the {fedsgd['sequences']} attacked sequences (its token set recall); DLG ({p['dlg_steps']} steps) "
+                  "orders them (its accuracy and n-grams)."]
+    lines += ["", "## The routing-pattern attack", "",
+              "The published anchor (arXiv 2602.04105): a transformer decoder over the router choices of all layers "
+              "and all experts recovers 91.2% of tokens top-1. A host here sees one bit per expert of its own for "
+              "each row it receives (`expert_mask`). In token order it can line up a token's rows across layers; "
+              "shuffled, each row stands alone: its best guess is the token most often behind that mask at that "
+              "layer in its own text. Per layer, shuffled (rows received, accuracy on them, and how often the most "
+              "frequent token is right on the same rows):", "",
+              "| setting | layer | rows | accuracy | most frequent token on those rows |", "|---|---|---|---|---|"]
+    for name in ("shared", "private"):
+        for layer in phases.get(name, {}).get("details", {}).get("r_row_per_layer", []):
+            lines.append(f"| {name} init | {layer['layer']} | {layer['rows']} | {layer['accuracy']:.3f} | "
+                         f"{layer['chance']:.3f} |")
+    sweep = _sweep(results)
+    if sweep:
+        base = sweep[0] if sweep[0]["noise"] == 0 else None
+        lines += ["", "## Defence sweep (shared initialisation, the worst case)", "",
+                  "Noise multiplier x on dispatched hidden states and returned output gradients: each row clipped to "
+                  "the median norm of its exchange's rows, then Gaussian noise of std x times that per coordinate, "
+                  "drawn once per (token, host); rows shuffled. Victim loss = mean training loss of its last 10 "
+                  "steps; eval = held-out loss through the defended wire. Token accuracy of each attack:", "",
+                  "| noise | victim train loss | victim eval loss | eval vs undefended | "
+                  + " | ".join(SWEPT.values()) + " |", "|---" * (4 + len(SWEPT)) + "|"]
+        for s in sweep:
+            cost = f"{s['eval_loss'] / base['eval_loss'] - 1:+.1%}" if base else "-"
+            mark = " (default with init_from)" if s["noise"] == SHARED_START_NOISE else ""
+            lines.append(f"| {s['noise']:g}{mark} | {s['final_loss']:.3f} | {s['eval_loss']:.3f} | {cost} | "
+                         + " | ".join(f"{s[k]:.3f}" if k in s else "-" for k in SWEPT) + " |")
+        lines += ["", "![attack success against the defence](privacy.png)"]
+    lines += ["", "## Targets (issue 15)", "", *_targets(results), "", "## What no attack here tries", "",
+              *(f"- {item}" for item in NOT_TRIED), ""]
     (out / "report.md").write_text("\n".join(lines))
-    plot(results, out / "privacy.png")
+    if sweep:
+        plot(results, out / "privacy.png")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -55,22 +165,22 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweep = results["sweep"]
+    sweep = _sweep(results)
     noise = [s["noise"] for s in sweep]
     x = list(range(len(noise)))
-    fedsgd = next(r for r in results["rows"] if r["attack"].startswith("FedSGD"))
-    chance = results["rows"][0]["token_accuracy"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(x, [s["a"] for s in sweep], "o-", label="a. known layers (shared init)")
-    left.plot(x, [s["c"] for s in sweep], "s-", label="c. gradient inversion (shared init)")
-    left.axhline(fedsgd["token_accuracy"], color="red", ls="--", label="FedSGD + DLG, no defence")
-    left.axhline(chance, color="gray", ls=":", label="chance (most frequent token)")
-    left.set(xticks=x, xticklabels=[str(n) for n in noise], xlabel="noise multiplier", ylabel="token accuracy",
-             ylim=(0, 1.05), title="attack success vs defence")
-    left.legend(fontsize=8)
+    fedsgd = next((r for r in _rows(results) if r["key"] == "fedsgd"), None)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in SWEPT.items():
+        left.plot(x, [s.get(key, float("nan")) for s in sweep], "o-", label=label)
+    if fedsgd:
+        left.axhline(fedsgd["token_accuracy"], color="red", ls="--", label="FedSGD + DLG, no defence")
+    left.axhline(results["chance"]["token_accuracy"], color="gray", ls=":", label="chance (most frequent token)")
+    left.set(xticks=x, xticklabels=[f"{n:g}" for n in noise], xlabel="noise multiplier", ylabel="token accuracy",
+             ylim=(0, 1.05), title="attack success vs defence (shared init)")
+    left.legend(fontsize=7)
     right.plot(x, [s["final_loss"] for s in sweep], "o-", label="victim train loss")
     right.plot(x, [s["eval_loss"] for s in sweep], "s-", label="victim held-out loss")
-    right.set(xticks=x, xticklabels=[str(n) for n in noise], xlabel="noise multiplier", ylabel="loss",
+    right.set(xticks=x, xticklabels=[f"{n:g}" for n in noise], xlabel="noise multiplier", ylabel="loss",
               title=f"cost: loss after {results['preset']['steps']} steps")
     right.legend(fontsize=8)
     fig.tight_layout()
