@@ -36,7 +36,7 @@ from .data import Batches, eval_batches, party_tokens, tokenizer_for
 from .hf import checkpoint_files, load_party
 from .model import Backbone, Loss, compute_loss, count_parameters
 from .nvtx import nvtx_range
-from .optim import StepInBackward, build_optimizer
+from .optim import StepInBackward, build_optimizer, clip_grad_norms, grad_bound
 from .placement import pin_to_gpu
 from .protocol import DistributedExperts, ExpertShard, Wire, WireLog
 from .rng import seeded
@@ -102,7 +102,8 @@ class Party:
     ``shard``, ``wire``, ``experts``, ``optimizer``, ``step_count`` (steps taken), ``progress`` (losses and
     timed throughput, checkpointed with the rest) and ``setup`` (the seconds and peak memory of building it)."""
 
-    def __init__(self, cfg: Config, rank: int, transport: Transport | None = None):
+    def __init__(self, cfg: Config, rank: int, transport: Transport | None = None,
+                 tokens: tuple[torch.Tensor, torch.Tensor] | None = None):
         started = time.perf_counter()
         t, init_from = cfg.train, cfg.model.init_from
         self.cfg, self.rank = cfg, rank
@@ -117,7 +118,8 @@ class Party:
 
         self.tokenizer = tokenizer_for(cfg)
         self.hf_files = checkpoint_files(init_from) if init_from else {"tokenizer.json": self.tokenizer.to_str()}
-        train_tokens, self.eval_tokens = party_tokens(cfg, rank, self.tokenizer)
+        # ``tokens``: (train, held-out) tokens made by the caller (bench/convergence.py pools several texts).
+        train_tokens, self.eval_tokens = tokens if tokens is not None else party_tokens(cfg, rank, self.tokenizer)
         self.batches = Batches(train_tokens, cfg.data.seq_len, t.batch_size, seed=(t.seed, "data", rank))
 
         if init_from:
@@ -202,14 +204,14 @@ class Party:
             load += torch.stack([r.tokens_per_expert for r in routings])
         with nvtx_range("optimizer"):
             if isinstance(self.optimizer, StepInBackward):  # backward has stepped every parameter already
-                grad_norm = self.optimizer.grad_norm()
-            else:
-                params = [*self.backbone.parameters(), *self.shard.parameters()]
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+                grad_norms = self.optimizer.grad_norms()
+            else:  # the backbone and the expert shard, each to its own bound (optim.py)
+                grad_norms = clip_grad_norms([(list(m.parameters()), grad_bound(self.cfg, m))
+                                              for m in (self.backbone, self.shard)])
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        ce, balance, z, grad_norm = torch.cat([sums / t.grad_accum, grad_norm.float().reshape(1).to(sums.device)]
-                                              ).tolist()
+        ce, balance, z, grad_norm, expert_grad_norm = torch.cat([sums / t.grad_accum, grad_norms.to(sums.device)]
+                                                                ).tolist()
         seconds = time.perf_counter() - started
         progress = self.progress
         progress["final_loss"] = ce
@@ -219,19 +221,21 @@ class Party:
             progress["timed_tokens"] += self.tokens_per_step
             progress["timed_seconds"] += seconds
         return {"step": self.step_count, "loss": ce, "load_balancing_loss": balance, "z_loss": z, "lr": lr,
-                "grad_norm": grad_norm, "step_time_s": seconds, "tokens_per_s": self.tokens_per_step / seconds,
+                "grad_norm": grad_norm, "expert_grad_norm": expert_grad_norm, "step_time_s": seconds,
+                "tokens_per_s": self.tokens_per_step / seconds,
                 "peak_memory_bytes": peak_memory(self.device)[0], "bytes_sent": self.wire.total_sent,
                 "bytes_received": self.wire.total_received, "expert_load": load.tolist()}
 
-    def evaluate(self) -> float:
-        """Mean held-out cross-entropy over train.eval_batches batches (the same ones every time)."""
+    def evaluate(self, tokens: torch.Tensor | None = None) -> float:
+        """Mean held-out cross-entropy over train.eval_batches batches (the same ones every time) of the party's
+        held-out tokens, or of ``tokens``."""
         t = self.cfg.train
         # Every party runs the same number of forward passes: the experts need all parties in lockstep.
         self.backbone.eval()
         losses = []
         with torch.no_grad(), self.autocast:
-            for inputs, targets in eval_batches(self.eval_tokens, self.cfg.data.seq_len, t.batch_size,
-                                                t.eval_batches):
+            for inputs, targets in eval_batches(self.eval_tokens if tokens is None else tokens, self.cfg.data.seq_len,
+                                                t.batch_size, t.eval_batches):
                 logits, routings = self.backbone(inputs.to(self.device), self.experts)
                 losses.append(compute_loss(logits, targets.to(self.device), routings, 0, 0).ce.item())
         self.backbone.train()
