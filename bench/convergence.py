@@ -73,8 +73,8 @@ class Scale:
 
 SCALES = {
     # The target setting: the `small` preset (245 M parameters) on GPUs, bf16 autocast.
-    "gpu": Scale("small preset on GPUs", ("preset=small",), seq_len=512, batch=16, steps=1000, lr=1e-3, warmup=100,
-                 eval_every=100, eval_windows=128, checkpoint_every=250),
+    "gpu": Scale("small preset on GPUs", ("preset=small",), seq_len=512, batch=16, steps=800, lr=1e-3, warmup=80,
+                 eval_every=100, eval_windows=128, checkpoint_every=200),
     # A first look on a CPU: the `tiny` preset (4 layers, 8 experts, its 2,048-token BPE), fp32.
     "cpu": Scale("CPU-scale: tiny preset, NOT the issue's target setting", ("preset=tiny",), seq_len=128, batch=8,
                  steps=600, lr=3e-3, warmup=30, eval_every=100, eval_windows=64, checkpoint_every=0),

@@ -155,7 +155,7 @@ def write_figure(study: dict, path: Path) -> Path | None:
     for ax in axes:
         ax.set_xlabel("tokens per party (per domain)")
         ax.grid(alpha=0.3)
-        if ax.lines:
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="x-small")
     for ax in axes[:len(domains) + 1]:
         ax.set_ylabel("cross-entropy")
