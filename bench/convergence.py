@@ -227,7 +227,9 @@ def run_state(scale: Scale, run: Run, out: Path) -> dict | None:
         "wall_s": sum(c["seconds"] for c in calls), "calls": calls,
         "peak_memory_bytes": [max((r["peak_memory_bytes"] for r in s), default=None) for s in steps],
         "peak_memory_kind": "gpu_max_allocated" if any("cuda" in c.get("device", "") for c in calls) else "cpu_max_rss",
+        "config": run_config(scale, run, out).to_dict(),
         "train_loss": [[[r["step"], r["loss"]] for r in s] for s in steps],
+        "grad_norms": [[[r["grad_norm"], r["expert_grad_norm"]] for r in s] for s in steps],  # before clipping
         "expert_load": [[r["expert_load"] for r in s[-max(1, len(s) // 10):]] for s in steps],
         "evals": [[{"step": r["step"], "domains": r["eval_domains"], "union": r["eval_union"]}
                    for r in records if "eval_domains" in r] for records in parties],

@@ -68,6 +68,24 @@ def comparison(study: dict) -> list[dict]:
     return rows
 
 
+def diagnostics(state: dict) -> dict:
+    """Per party of a run: the expert load's max / mean over the experts (each layer's, averaged over the layers and
+    the last 10% of steps: this party's routing), and the share of steps whose backbone and expert-shard gradient
+    norms exceeded their clipping bounds (optim.grad_bound)."""
+    model, clip = state["config"]["model"], state["config"]["train"]["grad_clip"]
+    experts = model["num_experts"]
+    out = []
+    for party in range(state["parties"]):
+        loads = [max(layer) / (sum(layer) / experts) for step in state["expert_load"][party] for layer in step]
+        local = len(range(party, experts, state["parties"]))
+        bounds = (clip, clip * (local / experts) ** 0.5)
+        norms = state["grad_norms"][party]
+        clipped = [sum(n[i] > bounds[i] for n in norms) / max(1, len(norms)) for i in (0, 1)] if clip > 0 else [0, 0]
+        out.append({"load_max_over_mean": sum(loads) / max(1, len(loads)), "backbone_clipped": clipped[0],
+                    "experts_clipped": clipped[1]})
+    return out
+
+
 def readme_section(study: dict) -> str:
     """The README's table: final held-out loss per run and domain, union, tokens, wall time, peak memory."""
     s, env, domains = study["scale"], study["environment"], study["domains"]
@@ -89,6 +107,13 @@ def readme_section(study: dict) -> str:
         lines.append(f"| {name}{_steps(state, study)} | {state['parties']} | " + " | ".join(cells) +
                      f" | {' / '.join(unions)} | {state['steps_done'] * s['batch'] * s['seq_len']:,} | "
                      f"{state['wall_s']:,.0f} s | {_memory(state)} |")
+    lines += ["", "Per party: the expert load's max / mean (this party's routing, last 10% of steps), and the share of steps "
+              "whose gradient norm exceeded its clipping bound (backbone; expert shard):", "",
+              "| run | expert load, max / mean | backbone clipped | expert shard clipped |", "|---|---|---|---|"]
+    for name, state in study["runs"].items():
+        d = diagnostics(state)
+        lines.append(f"| {name} | " + " | ".join(" / ".join(fmt.format(p[key]) for p in d) for key, fmt in (
+            ("load_max_over_mean", "{:.2f}"), ("backbone_clipped", "{:.0%}"), ("experts_clipped", "{:.0%}"))) + " |")
     rows = comparison(study)
     if rows:
         within = [r for r in rows if r["gap_central_pct"] is not None]

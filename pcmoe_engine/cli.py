@@ -268,9 +268,9 @@ def main(argv: list[str] | None = None) -> None:
                        help="transport torch: party 0's host and a free port there, the same for every party")
     party.add_argument("--peers", metavar="HOST:PORT,...",
                        help="transport tls (implied): every party's host:port in rank order, the same for every party")
+    run = {"train": _train, "config": _config_show, "plot": _plot, "party": _party, **_model_commands(commands)}
     commands.add_parser("lm-eval", add_help=False, help="run lm-evaluation-harness on a model: pcmoe lm-eval --model "
                         "pcmoe --model_args path=PATH,party=I --tasks ... (the rest is lm-eval's command line)")
-    run = {"train": _train, "config": _config_show, "plot": _plot, "party": _party, **_model_commands(commands)}
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["lm-eval"]:  # every later argument is lm-eval's: argparse must not read them
         return _lm_eval(argv[1:])
