@@ -288,9 +288,10 @@ def schedule(scale_name: str, runs: list[Run], args, deadline: float) -> None:
 
 def results(scale_name: str, runs: list[Run], args, previous: dict) -> dict:
     scale = SCALES[scale_name]
-    kept = previous.get("runs", {}) if previous.get("scale") == asdict(scale) else {}
-    out = {}
-    for run in runs:
+    same_scale = previous.get("scale") == json.loads(json.dumps(asdict(scale)))  # as the file holds it: lists
+    kept = previous.get("runs", {}) if same_scale else {}
+    out = {}  # the runs of this call and those of earlier calls (phases: other --runs, other machines), in RUNS order
+    for run in (run for name, run in KNOWN.items() if name in kept or run in runs):
         state = run_state(scale, run, args.out)
         if state is None or (not state["complete"] and kept.get(run.name, {}).get("complete")):
             state = kept.get(run.name)

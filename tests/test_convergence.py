@@ -10,6 +10,7 @@ import pytest
 
 from bench import convergence
 from bench.convergence_report import main as report
+from bench.convergence_routing import main as routing_main
 from pcmoe_engine.config import corpus_path
 from pcmoe_engine.data import read_text
 
@@ -70,6 +71,17 @@ def test_study_runs_evaluates_every_domain_and_resumes(tmp_path, corpora):
     assert "old" not in text and all(f"| {name} |" in text for name in runs)
     assert (tmp_path / "results-straight" / "convergence_smoke.png").is_file()
 
+    # Where the PC-MoE parties' tokens went: every routing slot counted once, shares and overlaps in range.
+    routing_main(["--scale", "smoke", "--corpora", str(corpora), "--out", str(straight), "--results",
+                  str(tmp_path / "results-straight"), "--runs", "pcmoe-2p,local-kernel"])
+    routed = json.loads((tmp_path / "results-straight" / "routing_smoke.json").read_text())["runs"]
+    assert list(routed) == ["pcmoe-2p"]
+    routing = routed["pcmoe-2p"]
+    assert all(sum(use) == pytest.approx(1) and len(use) == 8 for use in routing["use"])
+    assert routing["use_overlap"][0][0] == pytest.approx(1) and 0 < routing["use_overlap"][0][1] <= 1
+    assert all(0 <= x <= 1 for x in routing["own_local"]) and set(routing["agreement"]) == set(convergence.DOMAINS)
+    assert routing["agreement_by_chance"] == 0.25 and all(0 <= a <= 1 for a in routing["agreement"].values())
+
     # Interrupted after the step-2 checkpoints: the rerun continues from them and ends as the straight run did.
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed)
@@ -83,6 +95,13 @@ def test_study_runs_evaluates_every_domain_and_resumes(tmp_path, corpora):
         assert _metrics(resumed, name, state["parties"]) == _metrics(straight, name, state["parties"]), name
         assert len(state["calls"]) == 2
         assert state["evals"] == runs[name]["evals"]
+
+    # A later phase on a fresh machine (another --runs, an empty --out): the results keep every earlier run.
+    phase = tmp_path / "results-straight"
+    convergence.main(["--scale", "smoke", "--corpora", str(corpora), "--out", str(tmp_path / "fresh"), "--results",
+                      str(phase), "--runs", "local-kernel"])
+    assert json.loads((phase / "convergence_smoke.json").read_text())["runs"] == study["runs"]
+    assert not (tmp_path / "fresh" / "local-kernel").exists()
 
     # A budget already spent: the first run stops before its first step (checkpointed), the others wait; the next
     # call finishes all of them, as if nothing had stopped.
