@@ -33,10 +33,12 @@ advanced it. Rerunning continues every unfinished run from its checkpoint. ``--b
 boundary, all its parties at the same step, and checkpoints, in time for the command to end within the budget; the
 next call resumes. The results (``--results``, committed) are written at the end of every call:
 convergence_<scale>.json (the configuration, every curve, each run's wall time and peak memory) and its figure; a
-run marked complete there and absent from --out (a fresh machine) is kept as it is, not run again.
+run marked complete there and absent from --out (a fresh machine) is kept as it is, not run again, whether or not
+this call's ``--runs`` names it: a study can be run in phases, each on a machine of its own.
 
-GPUs: runs are started greedily in ``RUNS`` order on the free GPUs (a run takes one per party; with no GPU, one run
-at a time on the CPU); bench/README.md gives the device commands and their expected times.
+GPUs: runs are started greedily, in the order ``--runs`` names them, on the free GPUs (a run takes one per party;
+with no GPU, one run at a time on the CPU); bench/README.md gives the device commands, phase by phase, and their
+expected times.
 """
 
 import argparse
