@@ -4,13 +4,14 @@ one per party (bench/corpora.py), the same model everywhere.
     python -m bench.convergence [--scale cpu|gpu] [--corpora DIR] [--out DIR] [--results DIR] [--budget-s S]
                                 [--runs NAME,...] [--readme README.md]
 
-Runs (``RUNS``; ``--runs`` picks some, and also takes the diagnostic ``pcmoe-4p-shared-init``):
+Runs (``RUNS``; ``--runs`` picks some, and also takes the diagnostics ``pcmoe-4p-shared-init``,
+``pcmoe-2p-shared-init``):
 
 - ``central``: one process, the four domains' training splits pooled, batch 4 x B (the tokens per step of the
   four PC-MoE parties together);
 - ``central-2``: the same over the first two domains, batch 2 x B: the centralized run of ``pcmoe-2p``'s data;
 - ``pcmoe-4p``, ``pcmoe-2p``: 4 (2) parties, party i on domain i, batch B each, each with its own backbone drawn
-  from its own seed (the method); ``pcmoe-4p-shared-init``: every party starts from party 0's backbone;
+  from its own seed (the method); ``pcmoe-4p-shared-init`` (``-2p-``): every party starts from party 0's backbone;
 - ``local-<domain>``: one party alone on its domain with the whole model, batch B.
 
 Every run has the same steps, learning-rate schedule and seed: at a step, each party (and each domain of a
@@ -106,7 +107,8 @@ class Run:
 RUNS = (Run("pcmoe-4p", "pcmoe", DOMAINS), Run("central", "central", DOMAINS),
         Run("central-2", "central", DOMAINS[:2]), Run("pcmoe-2p", "pcmoe", DOMAINS[:2]),
         *(Run(f"local-{d}", "local", (d,)) for d in DOMAINS))
-DIAGNOSTICS = (Run("pcmoe-4p-shared-init", "pcmoe", DOMAINS, shared_init=True),)
+DIAGNOSTICS = (Run("pcmoe-4p-shared-init", "pcmoe", DOMAINS, shared_init=True),
+               Run("pcmoe-2p-shared-init", "pcmoe", DOMAINS[:2], shared_init=True))
 KNOWN = {run.name: run for run in (*RUNS, *DIAGNOSTICS)}
 
 

@@ -141,7 +141,8 @@ def write_figure(study: dict, path: Path) -> Path | None:
     fig = Figure(figsize=(15, 8.5))
     axes = fig.subplots(2, 3).flatten()
     styles = {"central": ("black", "-"), "central-2": ("grey", "-"), "pcmoe-4p": ("tab:blue", "-"),
-              "pcmoe-2p": ("tab:orange", "-"), "pcmoe-4p-shared-init": ("tab:purple", ":"), "local": ("tab:red", "--")}
+              "pcmoe-2p": ("tab:orange", "-"), "pcmoe-4p-shared-init": ("tab:purple", ":"),
+              "pcmoe-2p-shared-init": ("tab:brown", ":"), "local": ("tab:red", "--")}
 
     def curve(state, party, key):
         points = [(e["step"] * per_step, key(e)) for e in state["evals"][party]]

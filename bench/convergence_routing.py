@@ -1,10 +1,10 @@
-"""Where the tokens of a finished convergence-study run go: a diagnosis of router divergence between private
+"""Where the tokens of a convergence-study run go: a diagnosis of router divergence between private
 backbones (issue 14). ``python -m bench.convergence_routing --scale cpu [--runs pcmoe-4p,...]`` reads the run
 folders bench/convergence.py left (--out) and writes bench/results/convergence/routing_<scale>.json.
 
-For every party p of a run, its model as it is at the run's last checkpoint (its own backbone and router with every
-party's experts: ``inference.load_model`` on the run folder, in this one process: a measurement, nothing crosses)
-routes each domain's evaluation windows (the study's held-out set). Per layer, averaged over the MoE layers:
+For every party p of a run, its model at the latest checkpoint every party has (``step``: its own backbone and
+router with every party's experts, ``inference.load_model`` on the run folder, in this one process: a measurement,
+nothing crosses) routes each domain's evaluation windows (the study's held-out set). Averaged over the MoE layers:
 
 - ``own_local``: of party p's routing slots (top-k per token) on its own domain, the share that picks an expert p
   owns (expert e mod n == p). 1/n when the router is indifferent to ownership; near 1, the party has fallen back on
@@ -48,6 +48,7 @@ def routing_of_run(study_out: Path, scale_name: str, name: str, corpora: Path) -
     ids = {}  # (party, domain) -> [layers, tokens, k]
     for party in range(n):
         model = load_model(study_out / name, party=party, device="cpu", precision="fp32")
+        step = model.described["step"]
         for d in DOMAINS:
             ids[party, d] = expert_ids(model, held_out[d], scale.seq_len, scale.eval_windows)
     use = []
@@ -63,7 +64,7 @@ def routing_of_run(study_out: Path, scale_name: str, name: str, corpora: Path) -
         pairs = [((ids[p, d].unsqueeze(-1) == ids[q, d].unsqueeze(-2)).any(-1).double().mean().item())
                  for p, q in itertools.combinations(range(n), 2)]
         agreement[d] = sum(pairs) / len(pairs)
-    return {"own_local": own_local, "own_local_if_indifferent": 1 / n, "use": use, "use_overlap": overlap,
+    return {"step": step, "own_local": own_local, "own_local_if_indifferent": 1 / n, "use": use, "use_overlap": overlap,
             "agreement": agreement, "agreement_by_chance": cfg.model.top_k / experts}
 
 
