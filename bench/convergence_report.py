@@ -2,8 +2,9 @@
 the end of every call; ``python -m bench.convergence_report RESULTS.json [--readme README.md]`` redraws them).
 
 Final held-out loss = each run's last evaluation. PC-MoE party i is compared on its own domain with the centralized
-run that pooled the same domains (``central`` for 4 parties, ``central-2`` for 2) and with ``local-<domain>``: the
-gap is (PC-MoE / other - 1), in percent.
+run that pooled the same domains (``central`` for 4 parties, ``central-2`` for 2) and with ``local-<domain>``, at the
+last step all three evaluated (a run a budget stopped is compared where it stopped): the gap is (PC-MoE / other - 1),
+in percent.
 """
 
 import argparse
@@ -19,27 +20,44 @@ def _final(state: dict, party: int) -> dict | None:
     return evals[-1] if evals else None
 
 
-def own_losses(study: dict, name: str) -> dict[str, float]:
-    """{domain: final held-out loss on it} of a run: a PC-MoE party's on its own domain, a centralized run's on
-    each domain it pooled, a local run's on its domain."""
+def own_losses(study: dict, name: str, step: int | None = None) -> dict[str, float]:
+    """{domain: held-out loss on it} of a run at its last evaluation (or at ``step``: the domains it evaluated
+    then): a PC-MoE party's on its own domain, a centralized run's on each domain it pooled, a local run's on its
+    domain."""
     state = study["runs"].get(name)
     if state is None:
         return {}
     out = {}
     for party in range(state["parties"]):
-        final = _final(state, party)
+        evals = state["evals"][party]
+        found = _final(state, party) if step is None else next((e for e in evals if e["step"] == step), None)
         domains = state["domains"] if state["kind"] == "central" else state["domains"][party:party + 1]
-        for d in domains if final else ():
-            out[d] = final["domains"][d]
+        for d in domains if found else ():
+            out[d] = found["domains"][d]
     return out
+
+
+def _evaluated(study: dict, name: str, domain: str) -> set[int] | None:
+    """The steps at which run ``name`` evaluated ``domain`` (for its own party); None if there is no such run."""
+    state = study["runs"].get(name)
+    if state is None or domain not in state["domains"]:
+        return None
+    party = state["domains"].index(domain) if state["kind"] == "pcmoe" else 0
+    return {e["step"] for e in state["evals"][party]}
 
 
 def _central_for(state: dict) -> str:
     return "central" if len(state["domains"]) == 4 else "central-2"
 
 
-def _gap(value: float, reference: float | None) -> str:
-    return "" if reference is None else f" ({100 * (value / reference - 1):+.1f}%)"
+def _gap(row: dict | None, state: dict) -> str:
+    """A PC-MoE cell's gap to centralized and local-only, and the step of that comparison when it is not the last."""
+    if row is None:
+        return ""
+    gaps = [f"{row[key]:+.1f}% {what}" for key, what in (("gap_central_pct", "vs central"),
+                                                          ("gap_local_pct", "vs local")) if row[key] is not None]
+    at = "" if row["step"] == state["steps_done"] else f", at step {row['step']}"
+    return f" ({'; '.join(gaps)}{at})" if gaps else ""
 
 
 def _steps(state: dict, study: dict) -> str:
@@ -54,16 +72,24 @@ def _memory(state: dict) -> str:
 
 
 def comparison(study: dict) -> list[dict]:
-    """Per PC-MoE run and domain: its party's final own-domain loss, the centralized and local-only ones, the gaps."""
+    """Per PC-MoE run and domain: its party's own-domain loss, the centralized and local-only ones and the gaps, at
+    the last step that all three evaluated (the PC-MoE run's last, unless a reference stopped earlier: ``step``)."""
     rows = []
     for name, state in study["runs"].items():
         if state["kind"] != "pcmoe":
             continue
-        central, mine = own_losses(study, _central_for(state)), own_losses(study, name)
-        for d, loss in mine.items():
-            local = own_losses(study, f"local-{d}").get(d)
-            rows.append({"run": name, "domain": d, "loss": loss, "central": central.get(d), "local": local,
-                         "gap_central_pct": None if central.get(d) is None else 100 * (loss / central[d] - 1),
+        for d in state["domains"]:
+            refs = {"central": _central_for(state), "local": f"local-{d}"}
+            steps = [_evaluated(study, run, d) for run in (name, *refs.values())]
+            common = set.intersection(*(s for s in steps if s is not None))
+            if not common:
+                continue
+            step = max(common)
+            loss = own_losses(study, name, step)[d]
+            central, local = (own_losses(study, run, step).get(d) for run in refs.values())
+            rows.append({"run": name, "domain": d, "step": step, "loss": loss, "central": central, "local": local,
+                         "gap_central_pct": None if central is None else 100 * (loss / central - 1),
+                         "gap_local_pct": None if local is None else 100 * (loss / local - 1),
                          "below_local": None if local is None else loss < local})
     return rows
 
@@ -95,14 +121,16 @@ def readme_section(study: dict) -> str:
              f"{env['commit']}, {env['date'][:10]}): model `{', '.join(s['model'])}`, {s['steps']} steps of "
              f"{s['batch']} x {s['seq_len']} tokens per party (per domain, for a centralized run), lr {s['lr']:g}; "
              f"held-out loss on each domain's first {s['eval_windows']} held-out windows (bench/convergence.py "
-             "says exactly what), at the last step. A PC-MoE party is on its own domain; in brackets, against the "
-             "centralized run of the same domains.", "",
+             "says exactly what), at the last step. A PC-MoE party is on its own domain; in brackets, its gap to the "
+             "centralized run of the same domains and to the local-only run of its domain, at the last step all three "
+             "evaluated.", "",
              "| run | parties | " + " | ".join(domains) + " | union (per party) | tokens per party | wall | peak memory "
              "per party |", "|---|---|" + "---|" * len(domains) + "---|---|---|---|"]
+    rows = comparison(study)
     for name, state in study["runs"].items():
         mine = own_losses(study, name)
-        reference = own_losses(study, _central_for(state)) if state["kind"] == "pcmoe" else {}
-        cells = [f"{mine[d]:.3f}{_gap(mine[d], reference.get(d))}" if d in mine else "" for d in domains]
+        gaps = {r["domain"]: r for r in rows if r["run"] == name}
+        cells = [f"{mine[d]:.3f}{_gap(gaps.get(d), state)}" if d in mine else "" for d in domains]
         unions = [f"{f['union']:.3f}" for p in range(state["parties"]) if (f := _final(state, p))]
         lines.append(f"| {name}{_steps(state, study)} | {state['parties']} | " + " | ".join(cells) +
                      f" | {' / '.join(unions)} | {state['steps_done'] * s['batch'] * s['seq_len']:,} | "
@@ -114,7 +142,6 @@ def readme_section(study: dict) -> str:
         d = diagnostics(state)
         lines.append(f"| {name} | " + " | ".join(" / ".join(fmt.format(p[key]) for p in d) for key, fmt in (
             ("load_max_over_mean", "{:.2f}"), ("backbone_clipped", "{:.0%}"), ("experts_clipped", "{:.0%}"))) + " |")
-    rows = comparison(study)
     if rows:
         within = [r for r in rows if r["gap_central_pct"] is not None]
         worst = max(within, key=lambda r: r["gap_central_pct"]) if within else None
