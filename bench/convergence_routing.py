@@ -4,7 +4,7 @@ folders bench/convergence.py left (--out) and writes bench/results/convergence/r
 
 For every party p of a run, its model at the latest checkpoint every party has (``step``: its own backbone and
 router with every party's experts, ``inference.load_model`` on the run folder, in this one process: a measurement,
-nothing crosses) routes each domain's evaluation windows (the study's held-out set). Averaged over the MoE layers:
+nothing crosses) routes each domain's evaluation windows (the study's held-out set). Averaged over the MoE layers unless said:
 
 - ``own_local``: of party p's routing slots (top-k per token) on its own domain, the share that picks an expert p
   owns (expert e mod n == p). 1/n when the router is indifferent to ownership; near 1, the party has fallen back on
@@ -14,6 +14,7 @@ nothing crosses) routes each domain's evaluation windows (the study's held-out s
   they use disjoint experts (each expert then learns from one party's domain only: local training in disguise).
 - ``agreement[d]``: on domain d, the mean over pairs of parties of |top-k of p ∩ top-k of q| / k for the same token:
   whether two parties' routers send the same text to the same experts; k / num_experts is chance.
+  ``agreement_by_layer``: the same per MoE layer, over every domain.
 """
 
 import argparse
@@ -59,13 +60,12 @@ def routing_of_run(study_out: Path, scale_name: str, name: str, corpora: Path) -
         use.append((counts / counts.sum()).tolist())
         own_local.append(((mine % n) == party).double().mean().item())
     overlap = [[sum(min(a, b) for a, b in zip(use[p], use[q])) for q in range(n)] for p in range(n)]
-    agreement = {}
-    for d in DOMAINS:
-        pairs = [((ids[p, d].unsqueeze(-1) == ids[q, d].unsqueeze(-2)).any(-1).double().mean().item())
-                 for p, q in itertools.combinations(range(n), 2)]
-        agreement[d] = sum(pairs) / len(pairs)
+    pairs = {d: torch.stack([(ids[p, d].unsqueeze(-1) == ids[q, d].unsqueeze(-2)).any(-1).double().mean((1, 2))
+                             for p, q in itertools.combinations(range(n), 2)]) for d in DOMAINS}  # [pairs, layers]
+    agreement = {d: pair.mean().item() for d, pair in pairs.items()}
+    by_layer = torch.stack(list(pairs.values())).mean((0, 1)).tolist()
     return {"step": step, "own_local": own_local, "own_local_if_indifferent": 1 / n, "use": use, "use_overlap": overlap,
-            "agreement": agreement, "agreement_by_chance": cfg.model.top_k / experts}
+            "agreement": agreement, "agreement_by_layer": by_layer, "agreement_by_chance": cfg.model.top_k / experts}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -81,6 +81,8 @@ def test_study_runs_evaluates_every_domain_and_resumes(tmp_path, corpora):
     assert routing["use_overlap"][0][0] == pytest.approx(1) and 0 < routing["use_overlap"][0][1] <= 1
     assert all(0 <= x <= 1 for x in routing["own_local"]) and set(routing["agreement"]) == set(convergence.DOMAINS)
     assert routing["agreement_by_chance"] == 0.25 and all(0 <= a <= 1 for a in routing["agreement"].values())
+    assert len(routing["agreement_by_layer"]) == 2
+    assert sum(routing["agreement_by_layer"]) / 2 == pytest.approx(sum(routing["agreement"].values()) / 4)
 
     # Interrupted after the step-2 checkpoints: the rerun continues from them and ends as the straight run did.
     resumed = tmp_path / "resumed"
