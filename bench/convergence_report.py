@@ -142,6 +142,7 @@ def readme_section(study: dict) -> str:
         d = diagnostics(state)
         lines.append(f"| {name} | " + " | ".join(" / ".join(fmt.format(p[key]) for p in d) for key, fmt in (
             ("load_max_over_mean", "{:.2f}"), ("backbone_clipped", "{:.0%}"), ("experts_clipped", "{:.0%}"))) + " |")
+    rows = [r for r in rows if not study["runs"][r["run"]]["shared_init"]]  # the method's runs, not the diagnostics
     if rows:
         within = [r for r in rows if r["gap_central_pct"] is not None]
         worst = max(within, key=lambda r: r["gap_central_pct"]) if within else None
