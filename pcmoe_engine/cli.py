@@ -7,6 +7,7 @@
     pcmoe export RUN_DIR --party I --out DIR [--pool [--rendezvous HOST:PORT]]   (export.py)
     pcmoe eval PATH [--party I] --text FILE                                       (inference.py)
     pcmoe generate PATH [--party I] --prompt TEXT
+    pcmoe lm-eval --model pcmoe --model_args path=PATH,party=I --tasks ...      (harness.py; lm-eval's arguments)
 
 `pcmoe train` launches one training process per party on this machine (what torchrun would, with a free port on
 127.0.0.1): one GPU per party with NCCL when there are enough GPUs, else CPU processes over gloo
@@ -19,7 +20,8 @@ losses (plot.py).
 `pcmoe party` runs party I alone, one party per host (multihost.py, docs/multihost.md). `pcmoe export` writes party
 I's model as a transformers checkpoint folder (with --pool the parties pool their experts: a complete model),
 `pcmoe eval` prints one JSON object with a model's mean next-token loss on FILE, `pcmoe generate` samples from a
-model; PATH is a run folder or a transformers checkpoint folder.
+model; PATH is a run folder or a transformers checkpoint folder. `pcmoe lm-eval` runs EleutherAI's
+lm-evaluation-harness on such a model (the optional `lm-eval` package).
 
 The launcher checks the run folder before any party starts, forwards SIGINT, SIGTERM and SIGHUP to the
 parties, and takes them with it if it dies (even by SIGKILL). A party that fails is noticed by the others
@@ -286,6 +288,19 @@ def _model_commands(commands) -> dict:
     return {"export": _export, "eval": _eval, "generate": _generate}
 
 
+def _lm_eval(argv: list[str]) -> None:
+    try:
+        from .harness import main as lm_eval_main  # registers the model type "pcmoe" with lm-eval
+    except ImportError as e:
+        if e.name is None or not e.name.startswith("lm_eval"):
+            raise
+        sys.exit("pcmoe: error: pcmoe lm-eval needs the lm-eval package: pip install 'pcmoe[eval]'")
+    try:
+        lm_eval_main(argv)
+    except ValueError as e:  # a bad model_args value (PCMoELM, inference.load_model): one line
+        sys.exit(f"pcmoe: error: {e}")
+
+
 def _party(args: argparse.Namespace) -> int:
     from .multihost import run_party  # imports torch: not for `pcmoe train`'s launcher
 
@@ -324,6 +339,11 @@ def main(argv: list[str] | None = None) -> None:
     party.add_argument("--peers", metavar="HOST:PORT,...",
                        help="transport tls (implied): every party's host:port in rank order, the same for every party")
     run = {"train": _train, "config": _config_show, "plot": _plot, "party": _party, **_model_commands(commands)}
+    commands.add_parser("lm-eval", add_help=False, help="run lm-evaluation-harness on a model: pcmoe lm-eval --model "
+                        "pcmoe --model_args path=PATH,party=I --tasks ... (the rest is lm-eval's command line)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # every later argument is lm-eval's: argparse must not read them
+        return _lm_eval(argv[1:])
     args = parser.parse_args(argv)
     args.argv = argv  # how the run was started: a stopping party prints the command that resumes it
     try:

@@ -120,7 +120,11 @@ class TrainConfig:
     weight_decay: float = 0.1  # AdamW's, on matrices only (not on norms and biases)
     beta1: float = 0.9  # AdamW's first-moment decay
     beta2: float = 0.95  # AdamW's second-moment decay
-    grad_clip: float = 1.0  # on the norm of this party's own gradients (backbone + expert shard); 0: off
+    # Bounds two gradient norms of this party, each clipped on its own: its backbone's to grad_clip, its expert
+    # shard's to grad_clip x sqrt(local experts / model.num_experts), so that the parties' shards together are held
+    # to grad_clip, as a centralized run's whole expert set is (an expert's gradient is the mean over every party's
+    # tokens: protocol.py); 0: off
+    grad_clip: float = 1.0
     aux_loss_coef: float = 0.01  # weight of the load-balancing loss
     z_loss_coef: float = 0.001  # weight of the router z-loss
     # Recompute each block in backward from what its forward received: the exchanges replay, nothing crosses

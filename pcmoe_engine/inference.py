@@ -25,6 +25,7 @@ model, slow for long outputs. Temperature 0 is greedy; it stops at the model's e
 import contextlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,10 +167,10 @@ def evaluate(model: Model, text_file, seq_len: int, batch_size: int) -> dict:
 
 
 @torch.no_grad()
-def generate(model: Model, ids: list[int], max_new_tokens: int, temperature: float = 1.0,
-             seed: int = 0) -> list[int]:
+def generate(model: Model, ids: list[int], max_new_tokens: int, temperature: float = 1.0, seed: int = 0,
+             stop: Callable[[list[int]], bool] | None = None) -> list[int]:
     """``ids`` followed by up to ``max_new_tokens`` sampled ones (greedy at temperature 0), up to and including
-    the first end-of-text token."""
+    the first end-of-text token, or the first after which ``stop(the new tokens)`` is true."""
     if not ids:
         raise ValueError("the prompt encodes to no tokens: give a longer --prompt")
     generator = torch.Generator(model.device).manual_seed(seed)
@@ -181,6 +182,6 @@ def generate(model: Model, ids: list[int], max_new_tokens: int, temperature: flo
         else:
             token = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator)[0]
         tokens = torch.cat([tokens, token.view(1, 1)], dim=1)
-        if token.item() in model.eos_ids:
+        if token.item() in model.eos_ids or (stop is not None and stop(tokens[0, len(ids):].tolist())):
             break
     return tokens[0].tolist()

@@ -125,7 +125,8 @@ class MetricsLog:
             say(line)
         if self.tensorboard is not None:
             names = ("eval_loss",) if "eval_loss" in record else (
-                "loss", "load_balancing_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "bytes_sent")
+                "loss", "load_balancing_loss", "z_loss", "lr", "grad_norm", "expert_grad_norm", "tokens_per_s",
+                "bytes_sent")
             for name in names:
                 self.tensorboard.add_scalar(name, record[name], record["step"])
 

@@ -40,7 +40,7 @@ from .faults import Diverged, say
 from .hf import checkpoint_files, load_party
 from .model import Backbone, Loss, compute_loss, count_parameters
 from .nvtx import nvtx_range
-from .optim import StepInBackward, build_optimizer
+from .optim import StepInBackward, build_optimizer, clip_grad_norms, grad_bound, grad_norms
 from .placement import pin_to_gpu
 from .protocol import DistributedExperts, ExpertShard, Wire, WireLog
 from .rng import seeded
@@ -103,7 +103,8 @@ class Party:
     checkpoint, and of the latest one every party holds; None: none) and ``setup`` (the seconds and peak memory
     of building it)."""
 
-    def __init__(self, cfg: Config, rank: int, transport: Transport | None = None):
+    def __init__(self, cfg: Config, rank: int, transport: Transport | None = None,
+                 tokens: tuple[torch.Tensor, torch.Tensor] | None = None):
         started = time.perf_counter()
         t, init_from = cfg.train, cfg.model.init_from
         self.cfg, self.rank = cfg, rank
@@ -119,7 +120,8 @@ class Party:
 
         self.tokenizer = tokenizer_for(cfg)
         self.hf_files = checkpoint_files(init_from) if init_from else {"tokenizer.json": self.tokenizer.to_str()}
-        train_tokens, self.eval_tokens = party_tokens(cfg, rank, self.tokenizer)
+        # ``tokens``: (train, held-out) tokens made by the caller (bench/convergence.py pools several texts).
+        train_tokens, self.eval_tokens = tokens if tokens is not None else party_tokens(cfg, rank, self.tokenizer)
         self.batches = Batches(train_tokens, cfg.data.seq_len, t.batch_size, seed=(t.seed, "data", rank))
 
         if init_from:
@@ -225,13 +227,9 @@ class Party:
             load += torch.stack([r.tokens_per_expert for r in routings])
         with nvtx_range("optimizer"):
             in_backward = isinstance(self.optimizer, StepInBackward)  # backward has stepped every parameter already
-            if in_backward:
-                norms = self.optimizer.grad_norm().reshape(1).expand(2)
-            else:
-                norms = torch.stack([torch.nn.utils.get_total_norm([p.grad for p in m.parameters()
-                                                                    if p.grad is not None])
-                                     for m in (self.backbone, self.shard)])
-            grad_norm = torch.linalg.vector_norm(norms) if not in_backward else norms[0]
+            # The backbone and the expert shard, each clipped to its own bound (optim.py).
+            param_sets = [(list(m.parameters()), grad_bound(self.cfg, m)) for m in (self.backbone, self.shard)]
+            norms = self.optimizer.grad_norms() if in_backward else grad_norms([params for params, _ in param_sets])
             nonfinite = torch.cat([(~sums.isfinite()).any().reshape(1), ~norms.isfinite()]).tolist()
             votes = lockstep.vote(self.wire, self.step_count, nonfinite, -1 if self.saved is None else self.saved,
                                   self.device)
@@ -241,13 +239,10 @@ class Party:
             else:
                 self.nonfinite_streak = 0
                 if not in_backward:
-                    if t.grad_clip > 0:
-                        params = [*self.backbone.parameters(), *self.shard.parameters()]
-                        torch.nn.utils.clip_grads_with_norm_(params, t.grad_clip, grad_norm)
+                    clip_grad_norms(param_sets, norms)
                     self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)  # (a no-op in backward: there are no gradients left)
-        ce, balance, z, grad_norm = torch.cat([sums / t.grad_accum, grad_norm.float().reshape(1).to(sums.device)]
-                                              ).tolist()
+        ce, balance, z, grad_norm, expert_grad_norm = torch.cat([sums / t.grad_accum, norms.to(sums.device)]).tolist()
         seconds = time.perf_counter() - started
         progress = self.progress
         progress["final_loss"] = ce
@@ -257,8 +252,8 @@ class Party:
             progress["timed_tokens"] += self.tokens_per_step
             progress["timed_seconds"] += seconds
         return {"step": self.step_count, "loss": ce, "load_balancing_loss": balance, "z_loss": z, "lr": lr,
-                "skipped": bool(votes.nonfinite), "grad_norm": grad_norm, "step_time_s": seconds,
-                "tokens_per_s": self.tokens_per_step / seconds,
+                "skipped": bool(votes.nonfinite), "grad_norm": grad_norm, "expert_grad_norm": expert_grad_norm,
+                "step_time_s": seconds, "tokens_per_s": self.tokens_per_step / seconds,
                 "peak_memory_bytes": peak_memory(self.device)[0], "bytes_sent": self.wire.total_sent,
                 "bytes_received": self.wire.total_received, "expert_load": load.tolist()}
 
@@ -293,15 +288,16 @@ class Party:
         if self.saved is not None and self.saved != self.committed:
             self._commit(lockstep.vote(self.wire, self.step_count, [False] * 3, self.saved, self.device).saved)
 
-    def evaluate(self) -> float:
-        """Mean held-out cross-entropy over train.eval_batches batches (the same ones every time)."""
+    def evaluate(self, tokens: torch.Tensor | None = None) -> float:
+        """Mean held-out cross-entropy over train.eval_batches batches (the same ones every time) of the party's
+        held-out tokens, or of ``tokens``."""
         t = self.cfg.train
         # Every party runs the same number of forward passes: the experts need all parties in lockstep.
         self.backbone.eval()
         losses = []
         with torch.no_grad(), self.autocast:
-            for inputs, targets in eval_batches(self.eval_tokens, self.cfg.data.seq_len, t.batch_size,
-                                                t.eval_batches):
+            for inputs, targets in eval_batches(self.eval_tokens if tokens is None else tokens, self.cfg.data.seq_len,
+                                                t.batch_size, t.eval_batches):
                 logits, routings = self.backbone(inputs.to(self.device), self.experts)
                 losses.append(compute_loss(logits, targets.to(self.device), routings, 0, 0).ce.item())
         self.backbone.train()

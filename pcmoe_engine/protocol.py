@@ -15,13 +15,21 @@ every MoE layer, the routed experts e with e mod n == i. At each MoE layer (``Di
    ``wire.combine=host``, the origin sends the host its "routing_weights" and gets one combined row per
    (token, host).
 
-Backward retraces the route: "output_grad" to the hosts, whose expert gradients thus sum every party's
+Backward retraces the route: "output_grad" to the hosts, whose expert gradients thus gather every party's
 contributions, "hidden_grad" back, one row per dispatched row (the host sums a row's per-expert gradients
 first); with combine at host also "routing_weights_grad". The hidden_grad exchange is launched and left in
 flight while autograd runs the host's own rows and the shared expert; its wait sits on the origin's rows
 (``_AwaitGrad``). Nothing else crosses: no token ids, labels, positions, masks, backbone parameters or their
 gradients. Every transfer goes through ``Wire.exchange`` (wire.py: the kinds, counters, log, defences, fp8
 packing, the observer, and the tape that replays a checkpointed block's forward in its recompute).
+
+The expert gradient's scale. Each party's loss is the mean over its own tokens, so the sum of the parties'
+gradients of an expert is n times the gradient of the mean loss over all their tokens. The host scales its shard's
+gradient by 1 / n (``_ScaleGrad``, on the host's side of the weights: nothing that crosses changes), so an expert's
+gradient is that of the mean over every party's tokens: n parties with batches of B sequences give each expert the
+gradient a centralized run gives it on one batch of the n x B sequences (tests/test_engine_parity.py). AdamW is
+nearly blind to a constant scale, but gradient clipping is not: the backbone and the shard are clipped separately
+(optim.py, train.grad_clip), so a bound means the same at every n.
 
 Beside the model's traffic, two control kinds carry numbers about the run, never data (lockstep.py): the
 "handshake" when the parties start (protocol version, per-option digests of the configuration, the checkpoint
@@ -91,6 +99,19 @@ class ExpertShard(nn.Module):
                 w_gate_up, w_down = self.w_gate_up[layer][local], self.w_down[layer][local]
                 w_gate_up.copy_(torch.randn(w_gate_up.shape, generator=gen) * std)
                 w_down.copy_(torch.randn(w_down.shape, generator=gen) * (std / math.sqrt(2 * num_layers)))
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward scales the gradient (a host's expert weights: by 1 / parties)."""
+
+    @staticmethod
+    def forward(ctx, weights, scale: float):
+        ctx.scale = scale
+        return weights.view_as(weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
 
 
 class _Arrive(torch.autograd.Function):
@@ -264,7 +285,9 @@ class DistributedExperts:
                                            async_op=True)
         side = concurrent() if concurrent is not None else None
         with stage("experts") as s:
-            w_gate_up, w_down = shard.w_gate_up[layer].to(x.dtype), shard.w_down[layer].to(x.dtype)
+            # An expert's gradient is the mean over every party's tokens (the module docstring): 1 / n of the sum.
+            w_gate_up, w_down = ((w if n == 1 else _ScaleGrad.apply(w, 1 / n)).to(x.dtype)
+                                 for w in (shard.w_gate_up[layer], shard.w_down[layer]))
             own_weights = pair_weights[own_pairs] if self.combine_at_host else None
             y_own = s.output(self._host(layer, s.input(x_own), rows.mask[own], route.pairs_to[me], own_weights,
                                         w_gate_up, w_down))

@@ -10,8 +10,8 @@ from pcmoe_engine.party import Party, initial_backbone
 
 SMALL = ["parties=1", "model.hidden_size=32", "model.num_layers=2", "model.expert_intermediate_size=32",
          "data.seq_len=16", "train.batch_size=2", "train.steps=4", "train.warmup_steps=1", "train.eval_batches=1"]
-RECORD = {"step", "loss", "load_balancing_loss", "z_loss", "lr", "skipped", "grad_norm", "step_time_s", "tokens_per_s",
-          "peak_memory_bytes", "bytes_sent", "bytes_received", "expert_load"}
+RECORD = {"step", "loss", "load_balancing_loss", "z_loss", "lr", "skipped", "grad_norm", "expert_grad_norm",
+          "step_time_s", "tokens_per_s", "peak_memory_bytes", "bytes_sent", "bytes_received", "expert_load"}
 TIMINGS = ("step_time_s", "tokens_per_s", "peak_memory_bytes")
 
 

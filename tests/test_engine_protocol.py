@@ -3,7 +3,8 @@
 Each party (a process, gloo over 127.0.0.1) runs its own backbone on its own batch through the protocol,
 then the same backbone with ALL experts in-process (csrc_triton.expert_mlp, no protocol) on the same batch.
 Per party: logits and every backbone gradient match. Per owner: each local expert's gradient matches the
-SUM over parties of that expert's single-process gradients. n = 3 with 8 experts is the uneven split. Every
+MEAN over parties of that expert's single-process gradients (each party's loss is the mean over its own tokens, and
+the owner scales the sum by 1 / n: the mean over every party's tokens, protocol.py). n = 3 with 8 experts is the uneven split. Every
 mode (dispatch once per (token, host) or per pair, combine at the origin or the host) and activation
 checkpointing, with the rows in a secret order (privacy.shuffle, the default) and once without; the bytes of
 each kind are exactly what the routing implies, and a checkpointed run's recompute sends nothing. With enough GPUs
@@ -181,7 +182,8 @@ def check_parties(parties, checkpointing, mode, backend, tmp_path, rtol=1e-5, at
         _close(r["dist"]["skewed"]["out"], r["oracle"]["skewed"]["out"], f"party {p} skewed out")
         _close(r["dist"]["skewed"]["x_grad"], r["oracle"]["skewed"]["x_grad"], f"party {p} skewed x grad")
 
-    # An owner's expert gradients sum the contributions of every party's tokens.
+    # An owner's expert gradients gather the contributions of every party's tokens: their mean (before the expert
+    # gradient scale was defined, issue 14, the sum; the owner now scales it by 1 / n, protocol.py).
     for phase in ("full", "skewed"):
         for owner, r in enumerate(results):
             local = r["dist"]["experts"] if phase == "full" else r["dist"]["skewed"]["experts"]
@@ -189,9 +191,9 @@ def check_parties(parties, checkpointing, mode, backend, tmp_path, rtol=1e-5, at
                 for name in ("w_gate_up", "w_down"):
                     for layer in range(CFG.num_layers):
                         key = f"{name}.{layer}"
-                        summed = sum((q["oracle"]["experts"] if phase == "full" else
-                                      q["oracle"]["skewed"]["experts"])[key][expert] for q in results)
-                        _close(local[key][j], summed, f"{phase}: owner {owner} expert {expert} {key}")
+                        mean = sum((q["oracle"]["experts"] if phase == "full" else
+                                    q["oracle"]["skewed"]["experts"])[key][expert] for q in results) / parties
+                        _close(local[key][j], mean, f"{phase}: owner {owner} expert {expert} {key}")
 
     # Only the allowed kinds of this mode crossed, and every byte sent was received.
     sent = sum(r["wire"]["sent"] for r in results)

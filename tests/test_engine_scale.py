@@ -148,7 +148,7 @@ def test_step_in_backward_clips_each_share_so_the_global_norm_is_bounded():
         seen[groups[0]["params"][0]] = opt
         return opt
 
-    opt = StepInBackward([{"params": params}], make, clip=0.5)
+    opt = StepInBackward([{"params": params}], make, [(params, 0.5)])
     loss = sum((p * torch.full_like(p, 10.0)).sum() for p in params)
     loss.backward()
     assert all(p.grad is None for p in params)
@@ -156,7 +156,7 @@ def test_step_in_backward_clips_each_share_so_the_global_norm_is_bounded():
     assert torch.cat(steps).norm() <= 0.5 + 1e-6
     for p, step in zip(params, steps, strict=True):
         assert math.isclose(step.norm().item(), 0.5 * math.sqrt(p.numel() / 16), rel_tol=1e-5)
-    assert math.isclose(opt.grad_norm().item(), 10 * 4.0, rel_tol=1e-6)
+    assert math.isclose(opt.grad_norms()[0].item(), 10 * 4.0, rel_tol=1e-6)
 
 
 def test_fused_optimizer_only_on_cuda():

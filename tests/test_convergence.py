@@ -1,0 +1,116 @@
+"""bench/convergence.py on its `smoke` scale (a 2-layer model, 4 steps), four small domains cut from Tiny Shakespeare:
+its runs, their evaluations on every domain, the results file and README table, and resuming: from a checkpoint,
+and after a budget stop, a run ends exactly as one that never stopped."""
+
+import gzip
+import json
+import shutil
+
+import pytest
+
+from bench import convergence
+from bench.convergence_report import main as report
+from bench.convergence_routing import main as routing_main
+from pcmoe_engine.config import corpus_path
+from pcmoe_engine.data import read_text
+
+RUNS = "central-2,pcmoe-2p,local-kernel"
+TIMINGS = ("step_time_s", "tokens_per_s", "peak_memory_bytes")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("PCMOE_CACHE", str(tmp_path_factory.getbasetemp() / "pcmoe-cache"))
+
+
+@pytest.fixture
+def corpora(tmp_path):
+    text = read_text(corpus_path("tinyshakespeare"))
+    folder = tmp_path / "corpora"
+    folder.mkdir()
+    for i, domain in enumerate(convergence.DOMAINS):
+        with gzip.open(folder / f"{domain}.txt.gz", "wt") as f:
+            f.write(text[i * 30_000:(i + 1) * 30_000])
+    return folder
+
+
+def _study(tmp_path, corpora, out, *extra):
+    convergence.main(["--scale", "smoke", "--corpora", str(corpora), "--out", str(out), "--results",
+                      str(tmp_path / f"results-{out.name}"), "--runs", RUNS, *extra])
+    return json.loads((tmp_path / f"results-{out.name}" / "convergence_smoke.json").read_text())
+
+
+def _metrics(out, run: str, parties: int) -> list[list[dict]]:
+    return [[{k: v for k, v in json.loads(line).items() if k not in TIMINGS}
+             for line in (out / run / f"party{p}" / "metrics.jsonl").read_text().splitlines()] for p in range(parties)]
+
+
+@pytest.mark.slow
+def test_study_runs_evaluates_every_domain_and_resumes(tmp_path, corpora):
+    straight = tmp_path / "straight"
+    study = _study(tmp_path, corpora, straight)
+    runs = study["runs"]
+    assert list(runs) == RUNS.split(",") and all(state["complete"] for state in runs.values())
+    assert [runs[name]["tokens_per_step"] for name in runs] == [2 * 2 * 16, 2 * 16, 2 * 16]
+    for name, state in runs.items():
+        for party, evals in enumerate(state["evals"]):
+            assert [e["step"] for e in evals] == [0, 2, 4]
+            for e in evals:
+                assert set(e["domains"]) == set(convergence.DOMAINS)
+                assert e["union"] == pytest.approx(sum(e["domains"].values()) / 4)
+            own = state["domains"][party] if state["kind"] == "pcmoe" else state["domains"][0]
+            assert evals[-1]["domains"][own] < evals[0]["domains"][own], f"{name} party {party} did not learn"
+    # The PC-MoE parties start from their own backbones: different held-out losses at step 0.
+    assert runs["pcmoe-2p"]["evals"][0][0]["union"] != runs["pcmoe-2p"]["evals"][1][0]["union"]
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- convergence:start -->\nold\n<!-- convergence:end -->\nrest\n")
+    report([str(tmp_path / "results-straight" / "convergence_smoke.json"), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- convergence:start -->\n") and text.endswith("<!-- convergence:end -->\nrest\n")
+    assert "old" not in text and all(f"| {name} |" in text for name in runs)
+    assert (tmp_path / "results-straight" / "convergence_smoke.png").is_file()
+
+    # Where the PC-MoE parties' tokens went: every routing slot counted once, shares and overlaps in range.
+    routing_main(["--scale", "smoke", "--corpora", str(corpora), "--out", str(straight), "--results",
+                  str(tmp_path / "results-straight"), "--runs", "pcmoe-2p,local-kernel"])
+    routed = json.loads((tmp_path / "results-straight" / "routing_smoke.json").read_text())["runs"]
+    assert list(routed) == ["pcmoe-2p"]
+    routing = routed["pcmoe-2p"]
+    assert all(sum(use) == pytest.approx(1) and len(use) == 8 for use in routing["use"])
+    assert routing["use_overlap"][0][0] == pytest.approx(1) and 0 < routing["use_overlap"][0][1] <= 1
+    assert all(0 <= x <= 1 for x in routing["own_local"]) and set(routing["agreement"]) == set(convergence.DOMAINS)
+    assert routing["agreement_by_chance"] == 0.25 and all(0 <= a <= 1 for a in routing["agreement"].values())
+    assert len(routing["agreement_by_layer"]) == 2
+    assert sum(routing["agreement_by_layer"]) / 2 == pytest.approx(sum(routing["agreement"].values()) / 4)
+
+    # Interrupted after the step-2 checkpoints: the rerun continues from them and ends as the straight run did.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    for checkpoint in resumed.glob("*/party*/checkpoints/step_0000004.pt"):
+        checkpoint.unlink()
+    for summary in resumed.glob("*/party*/summary.json"):
+        summary.unlink()
+    again = _study(tmp_path, corpora, resumed)
+    assert all(state["complete"] for state in again["runs"].values())
+    for name, state in again["runs"].items():
+        assert _metrics(resumed, name, state["parties"]) == _metrics(straight, name, state["parties"]), name
+        assert len(state["calls"]) == 2
+        assert state["evals"] == runs[name]["evals"]
+
+    # A later phase on a fresh machine (another --runs, an empty --out): the results keep every earlier run.
+    phase = tmp_path / "results-straight"
+    convergence.main(["--scale", "smoke", "--corpora", str(corpora), "--out", str(tmp_path / "fresh"), "--results",
+                      str(phase), "--runs", "local-kernel"])
+    assert json.loads((phase / "convergence_smoke.json").read_text())["runs"] == study["runs"]
+    assert not (tmp_path / "fresh" / "local-kernel").exists()
+
+    # A budget already spent: the first run stops before its first step (checkpointed), the others wait; the next
+    # call finishes all of them, as if nothing had stopped.
+    budget = tmp_path / "budget"
+    stopped = _study(tmp_path, corpora, budget, "--budget-s", "0", "--reserve-s", "0")
+    assert list(stopped["runs"]) == ["central-2"]
+    assert not stopped["runs"]["central-2"]["complete"] and stopped["runs"]["central-2"]["steps_done"] == 0
+    finished = _study(tmp_path, corpora, budget)
+    for name, state in finished["runs"].items():
+        assert state["complete"] and state["evals"] == runs[name]["evals"], name
