@@ -50,7 +50,6 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -120,7 +119,10 @@ def run_config(scale: Scale, run: Run, out: Path):
         *(f"model.{o}" for o in scale.model), f"parties={run.parties}", f"data.seq_len={scale.seq_len}",
         f"train.batch_size={batch}", f"train.steps={scale.steps}", f"train.lr={scale.lr}",
         f"train.warmup_steps={scale.warmup}", f"train.eval_batches={scale.eval_windows // batch}",
-        "train.keep_checkpoints=1", f"train.out_dir={out}", f"train.name={run.name}", "train.resume=true"])
+        "train.keep_checkpoints=1", f"train.out_dir={out}", f"train.name={run.name}", "train.resume=true",
+        # Rows in token order: the secret order (privacy.shuffle) changes no result but the order of the experts'
+        # gradient sums, and a run that starts in a later call would draw another, so it would not repeat bitwise.
+        "privacy.shuffle=false"])
 
 
 # --- data --------------------------------------------------------------------------------------------------------
@@ -150,7 +152,8 @@ def domain_tokens(cfg, corpora: Path, domain: str, cache: Path, split: str) -> t
 # --- one party of one run (a process: python -m bench.convergence --worker RUN, launched per party) ----------------
 
 def worker(args) -> None:
-    from pcmoe_engine.metrics import MetricsLog, say, write_summary
+    from pcmoe_engine.faults import say
+    from pcmoe_engine.metrics import MetricsLog, write_summary
     from pcmoe_engine.party import Party, initial_backbone
     from pcmoe_engine.train import open_transport
 
@@ -160,7 +163,7 @@ def worker(args) -> None:
     train = torch.cat([domain_tokens(cfg, args.corpora, d, args.out / "tokens", "train") for d in mine]).long()
     windows = scale.eval_windows * scale.seq_len + 1
     held_out = {d: domain_tokens(cfg, args.corpora, d, args.out / "tokens", "eval")[:windows].long() for d in DOMAINS}
-    transport = open_transport(cfg, rank, timedelta(minutes=10)) if run.parties > 1 else None
+    transport = open_transport(cfg, rank, 600) if run.parties > 1 else None
     party = Party(cfg, rank, transport, tokens=(train, held_out[mine[0]]))
     if run.shared_init:
         party.load_backbone(initial_backbone(cfg, 0).state_dict())

@@ -39,6 +39,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -115,7 +116,9 @@ def launch(parties: int, args: list[str], env: dict | None = None, module: str =
             if p.poll() is None:
                 p.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    # Only the main thread may set handlers: a caller launching runs from threads (bench/convergence.py) keeps its own.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS} if in_main_thread else {}
     killed = set()
     try:
         for local, party in enumerate(ranks):

@@ -32,7 +32,7 @@ from .party import Party, process_group_backend
 from .tls import TLSMesh
 from .transport import PeerFailure, TorchTransport, Transport
 
-__all__ = ["main", "train"]
+__all__ = ["main", "train", "open_transport"]
 
 
 def train(cfg: Config, rank: int, transport: Transport | None = None, quiet: bool = False,
@@ -102,23 +102,32 @@ def _on_signal(signum, frame):
     raise Interrupted(signum)
 
 
+def open_transport(cfg: Config, rank: int, timeout_s: float) -> Transport:
+    """Connect to the other parties within ``timeout_s``: the TLS mesh with transport.kind=tls, else
+    torch.distributed's process group (its rendezvous from MASTER_ADDR and MASTER_PORT, as the launchers and
+    torchrun set them)."""
+    if cfg.transport.kind == "tls":
+        return TLSMesh.from_config(cfg, rank, timeout_s)
+    dist.init_process_group(process_group_backend(cfg), rank=rank, world_size=cfg.parties,
+                            timeout=timedelta(seconds=timeout_s))
+    return TorchTransport()
+
+
 def _join(cfg: Config, rank: int, progress: Progress) -> tuple[Transport, Watchdog | None]:
     """Connect to the other parties; they have SETUP_FACTOR x train.peer_timeout_s to join. Over the process group
-    (its rendezvous from MASTER_ADDR and MASTER_PORT, as the launchers and torchrun set them) a watchdog names a
-    silent party after peer_timeout_s, and the collectives' own timeout is only the backstop. The TLS mesh
-    (transport.kind=tls) has no shared store: it raises PeerFailure for a peer silent for its whole timeout."""
+    a watchdog names a silent party after peer_timeout_s, and the collectives' own timeout is only the backstop.
+    The TLS mesh has no shared store: it raises PeerFailure for a peer silent for its whole timeout."""
     timeout_s = SETUP_FACTOR * cfg.train.peer_timeout_s
-    if cfg.transport.kind == "tls":
-        return TLSMesh.from_config(cfg, rank, timeout_s), None
     try:
-        dist.init_process_group(process_group_backend(cfg), rank=rank, world_size=cfg.parties,
-                                timeout=timedelta(seconds=timeout_s))
+        transport = open_transport(cfg, rank, timeout_s)
     except dist.DistError as e:
         error_line(rank, f"not every party joined within {timeout_s:g} s ({type(e).__name__}): start all "
                    f"{cfg.parties} parties, with the same --config and --set options")
         raise SystemExit(ExitCode.PEER_LOST) from None
+    if cfg.transport.kind == "tls":
+        return transport, None
     store = dist.distributed_c10d._get_default_store().clone()  # a connection of its own, for its own thread
-    return TorchTransport(), Watchdog(store, rank, cfg.parties, cfg.train.peer_timeout_s, progress)
+    return transport, Watchdog(store, rank, cfg.parties, cfg.train.peer_timeout_s, progress)
 
 
 def main(argv: list[str] | None = None) -> None:
