@@ -191,8 +191,7 @@ class Party:
         self.optimizer.load_state_dict(state["optimizer"])
         self.batches.load_state_dict(state["data"])
         self.wire.bytes_sent, self.wire.bytes_received = state["bytes_sent"], state["bytes_received"]
-        if "wire" in state:  # (checkpoints before issue 15 have none: the wire keeps its fresh secret)
-            self.wire.load_state_dict(state["wire"])
+        self.wire.load_state_dict(state["wire"])  # its secret: the noise and row order go on as if never stopped
         self.step_count, self.progress = state["step"], state["progress"]
         self.saved = self.committed = step
         return path
