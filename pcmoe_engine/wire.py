@@ -34,8 +34,8 @@ from .config import PrivacyConfig
 from .rng import seeded
 from .transport import Transport, TorchTransport
 
-__all__ = ["WIRE_KINDS", "TRAINING_KINDS", "CONTROL_KINDS", "EXPORT_KINDS", "FP8_MAX", "WireEntry", "WireLog", "Wire", "Observer",
-           "Transfer", "Tape", "ExchangeTimer", "clip_and_noise", "pack_fp8", "unpack_fp8"]
+__all__ = ["WIRE_KINDS", "TRAINING_KINDS", "CONTROL_KINDS", "EXPORT_KINDS", "FP8_MAX", "WireEntry", "WireLog", "Wire",
+           "Observer", "Transfer", "Tape", "ExchangeTimer", "clip_and_noise", "pack_fp8", "unpack_fp8"]
 
 # What crosses between parties in training and evaluation (docs/privacy.md says what each reveals).
 TRAINING_KINDS = (

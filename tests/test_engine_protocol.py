@@ -4,8 +4,8 @@ Each party (a process, gloo over 127.0.0.1) runs its own backbone on its own bat
 then the same backbone with ALL experts in-process (csrc_triton.expert_mlp, no protocol) on the same batch.
 Per party: logits and every backbone gradient match. Per owner: each local expert's gradient matches the
 MEAN over parties of that expert's single-process gradients (each party's loss is the mean over its own tokens, and
-the owner scales the sum by 1 / n: the mean over every party's tokens, protocol.py). n = 3 with 8 experts is the uneven split. Every
-mode (dispatch once per (token, host) or per pair, combine at the origin or the host) and activation
+the owner scales the sum by 1 / n: the mean over every party's tokens, protocol.py). n = 3 with 8 experts is the
+uneven split. Every mode (dispatch once per (token, host) or per pair, combine at the origin or the host) and activation
 checkpointing, with the rows in a secret order (privacy.shuffle, the default) and once without; the bytes of
 each kind are exactly what the routing implies, and a checkpointed run's recompute sends nothing. With enough GPUs
 the same runs over NCCL, one GPU per party, the kernels compiled (``gpu``).

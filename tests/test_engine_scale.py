@@ -218,7 +218,8 @@ def test_eight_bit_optimizer_needs_bitsandbytes(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
-    with pytest.raises(ValueError, match=re.escape("train.optimizer_8bit needs bitsandbytes: pip install 'pcmoe[memory]'")):
+    needs = "train.optimizer_8bit needs bitsandbytes: pip install 'pcmoe[memory]'"
+    with pytest.raises(ValueError, match=re.escape(needs)):
         load_config(None, ["train.optimizer_8bit=true"])
 
 
