@@ -645,4 +645,4 @@ def test_privacy_command_runs_routing_seeds(tmp_path, monkeypatch):
     shuffled = [next(r["token_accuracy"] for r in run["rows"] if r["key"] == "r_row") for run in runs]
     assert spread[0]["seeds"] == [1, 2] and math.isclose(spread[0]["r_row"]["mean"], sum(shuffled) / 2)
     report = (tmp_path / "report.md").read_text()
-    assert "| 0 | 2 runs |" in report and "on the mean of 2 runs (shared init, train.seed 1, 2)" in report
+    assert "| 0 | 2 runs |" in report and "on the mean of 2 runs (shared init, train.seed 1, 2), by " in report
