@@ -603,14 +603,17 @@ def test_routing_spread_over_seeds():
                                   {"key": "a", "token_accuracy": 0.9}]},
               noise: {"rows": [], "sweep": {"noise": SHARED_START_NOISE, "r_row": 0.03}},
               "seed=1": {"seed": 1, "noise": 0.0, "chance": {"token_accuracy": 0.08},
-                         "rows": [{"key": "r_row", "token_accuracy": 0.09}, {"key": "r_linked", "token_accuracy": 0.1}]},
+                         "rows": [{"key": "r_row", "token_accuracy": 0.09},
+                                  {"key": "r_linked", "token_accuracy": 0.1}]},
               "seed=2": {"seed": 2, "noise": 0.0, "chance": {"token_accuracy": 0.12},
-                         "rows": [{"key": "r_row", "token_accuracy": 0.12}, {"key": "r_linked", "token_accuracy": 0.3}]}}
+                         "rows": [{"key": "r_row", "token_accuracy": 0.12},
+                                  {"key": "r_linked", "token_accuracy": 0.3}]}}
     spread = privacy.routing_spread({"phases": phases, "chance": {"token_accuracy": 0.1}})
     assert len(spread) == 1  # the default noise has one run only
     point = spread[0]
     assert point["noise"] == 0.0 and point["seeds"] == [0, 1, 2]
-    assert math.isclose(point["r_row"]["mean"], 0.12) and point["r_row"]["min"] == 0.09 and point["r_row"]["max"] == 0.15
+    assert math.isclose(point["r_row"]["mean"], 0.12)
+    assert point["r_row"]["min"] == 0.09 and point["r_row"]["max"] == 0.15
     assert math.isclose(point["r_linked"]["mean"], 0.2) and point["r_linked"]["max"] == 0.3
     assert math.isclose(point["chance"]["mean"], 0.1) and point["chance"]["min"] == 0.08
     phases["seed=1:" + noise] = {"seed": 1, "noise": SHARED_START_NOISE, "chance": {"token_accuracy": 0.08},

@@ -62,7 +62,8 @@ TARGETS = {"a": "inputs", "b": "inputs", "c": "next tokens", "d": "inputs", "e":
 
 def phases(preset: Preset) -> list[str]:
     return ["shared", "private", *(f"noise={noise}" for noise in preset.noise if noise > 0),
-            *(f"seed={seed}{suffix}" for seed in preset.routing_seeds for suffix in ("", f":noise={SHARED_START_NOISE}"))]
+            *(f"seed={seed}{suffix}" for seed in preset.routing_seeds
+              for suffix in ("", f":noise={SHARED_START_NOISE}"))]
 
 
 def phase_seed(name: str) -> int:

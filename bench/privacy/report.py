@@ -184,7 +184,8 @@ def write_report(results: dict, out: Path) -> None:
                   "parties (the victim's held-out text, the attacker's own) and seeds the public model, the "
                   "fine-tuning and the token-order inverter; the rows' order and noise come from each run's fresh "
                   "secret). Token accuracy per run, then mean (min to max):", "",
-                  "| noise | seed | r shuffled | r token order | chance (most frequent token) |", "|---|---|---|---|---|"]
+                  "| noise | seed | r shuffled | r token order | chance (most frequent token) |",
+                  "|---|---|---|---|---|"]
         for point in results["routing_spread"]:
             for run in point["runs"]:
                 linked = f"{run['r_linked']:.3f}" if "r_linked" in run else "-"
