@@ -359,7 +359,8 @@ def test_noise_is_on_by_default_from_a_public_checkpoint_and_its_absence_is_said
 
 
 SMOKE = replace(privacy.PRESETS["tiny"], model=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4,
-                                                    expert_intermediate_size=32), seq_len=16, batch_size=4, steps=10)
+                                                    expert_intermediate_size=32), seq_len=16, batch_size=4, steps=10,
+                routing_seeds=[])
 
 
 def test_scores_on_known_inputs():
@@ -592,3 +593,59 @@ def test_privacy_command_keeps_each_phase_and_resumes(tmp_path, monkeypatch, cap
     capsys.readouterr()
     privacy.main(args)
     assert "shared: done already" in capsys.readouterr().out and saved.read_text() == first
+
+
+def test_routing_spread_over_seeds():
+    """The routing attack's spread: seed 0 from the shared and noise=<default> phases, seed k from seed=<k>[...]
+    phases; mean, min and max per noise, only where more than one run measured it."""
+    noise = f"noise={SHARED_START_NOISE}"
+    phases = {"shared": {"rows": [{"key": "r_row", "token_accuracy": 0.15}, {"key": "r_linked", "token_accuracy": 0.2},
+                                  {"key": "a", "token_accuracy": 0.9}]},
+              noise: {"rows": [], "sweep": {"noise": SHARED_START_NOISE, "r_row": 0.03}},
+              "seed=1": {"seed": 1, "noise": 0.0, "chance": {"token_accuracy": 0.08},
+                         "rows": [{"key": "r_row", "token_accuracy": 0.09},
+                                  {"key": "r_linked", "token_accuracy": 0.1}]},
+              "seed=2": {"seed": 2, "noise": 0.0, "chance": {"token_accuracy": 0.12},
+                         "rows": [{"key": "r_row", "token_accuracy": 0.12},
+                                  {"key": "r_linked", "token_accuracy": 0.3}]}}
+    spread = privacy.routing_spread({"phases": phases, "chance": {"token_accuracy": 0.1}})
+    assert len(spread) == 1  # the default noise has one run only
+    point = spread[0]
+    assert point["noise"] == 0.0 and point["seeds"] == [0, 1, 2]
+    assert math.isclose(point["r_row"]["mean"], 0.12)
+    assert point["r_row"]["min"] == 0.09 and point["r_row"]["max"] == 0.15
+    assert math.isclose(point["r_linked"]["mean"], 0.2) and point["r_linked"]["max"] == 0.3
+    assert math.isclose(point["chance"]["mean"], 0.1) and point["chance"]["min"] == 0.08
+    phases["seed=1:" + noise] = {"seed": 1, "noise": SHARED_START_NOISE, "chance": {"token_accuracy": 0.08},
+                                 "rows": [{"key": "r_row", "token_accuracy": 0.05}]}
+    default = privacy.routing_spread({"phases": phases, "chance": {"token_accuracy": 0.1}})[1]
+    assert default["seeds"] == [0, 1] and math.isclose(default["r_row"]["mean"], 0.04) and "r_linked" not in default
+
+
+def test_privacy_seed_deals_other_text():
+    """A routing_seeds run is independent of seed 0's: train.seed deals other text blocks to the victim's held-out
+    text and to the attacker."""
+    first, other = (privacy.evaluate.Setting(SMOKE, 1, None, seed) for seed in (0, 1))
+    assert other.cfg.train.seed == 1 and privacy.evaluate.phase_seed("seed=1:noise=0.5") == 1
+    assert not torch.equal(first.held_out, other.held_out) and not torch.equal(first.aux, other.aux)
+
+
+@pytest.mark.slow
+def test_privacy_command_runs_routing_seeds(tmp_path, monkeypatch):
+    """seed=<k> phases run the routing attack on a public model and split of seed k, and the report gives their
+    spread and judges the routing target on the mean."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setitem(privacy.PRESETS, "smoke", replace(
+        SMOKE, finetune_steps=5, eval_sequences=4, aux_sequences=32, noise=[0.0], routing_steps=10,
+        routing_seeds=[1, 2]))
+    privacy.main(["--preset", "smoke", "--out", str(tmp_path), "--phase", "seed=1,seed=2"])
+    runs = [json.loads((tmp_path / "phases" / f"seed={k}.json").read_text()) for k in (1, 2)]
+    assert [run["seed"] for run in runs] == [1, 2] and runs[0]["chance"] != runs[1]["chance"]
+    assert all({r["key"] for r in run["rows"]} == {"r_linked", "r_row"} for run in runs)
+    assert torch.load(tmp_path / "phases" / "public-seed=2.pt")["seed"] == 2
+    spread = json.loads((tmp_path / "results.json").read_text())["routing_spread"]
+    shuffled = [next(r["token_accuracy"] for r in run["rows"] if r["key"] == "r_row") for run in runs]
+    assert spread[0]["seeds"] == [1, 2] and math.isclose(spread[0]["r_row"]["mean"], sum(shuffled) / 2)
+    report = (tmp_path / "report.md").read_text()
+    assert "| 0 | 2 runs |" in report and "on the mean of 2 runs (shared init, train.seed 1, 2), by " in report

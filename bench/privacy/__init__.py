@@ -14,7 +14,7 @@ from .evaluate import main, phases, run_phase
 from .harness import (ATTACKER, PRESETS, VICTIM, Collaboration, Preset, all_experts, collaborate, config, finetuning,
                       join, observe, pretrain, windows)
 from .refine import refine_gradients, refine_hidden
-from .report import write_report
+from .report import routing_spread, write_report
 from .routing import host_masks, linked_attack, row_attack
 from .scores import bleu, scores, token_accuracy, token_set_recall
 
@@ -22,4 +22,4 @@ __all__ = ["VICTIM", "ATTACKER", "Preset", "PRESETS", "config", "finetuning", "p
            "collaborate", "observe", "join", "all_experts", "trace", "hidden_states", "nearest_neighbour_attack", "decoder_attack",
            "gradient_attack", "fedsgd_attack", "host_masks", "linked_attack", "row_attack", "refine_hidden",
            "refine_gradients", "token_accuracy", "bleu", "token_set_recall", "scores", "phases", "run_phase",
-           "write_report", "main"]
+           "routing_spread", "write_report", "main"]

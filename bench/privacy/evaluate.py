@@ -18,8 +18,11 @@ public.pt``), so a run that stops keeps what it measured and the next run of the
 are done (``--redo``: run them again; ``--phase``: only those): ``shared`` (shared initialisation, undefended,
 with the FedSGD baseline), ``private`` (private initialisation, undefended), then ``noise=<x>`` per point of the
 defence sweep (shared initialisation, the worst case: noise multiplier x on hidden states and returned output
-gradients, clipped at each exchange's median norm, the rows shuffled). The report is written from whatever
-phases are there.
+gradients, clipped at each exchange's median norm, the rows shuffled), then ``seed=<k>`` and
+``seed=<k>:noise=<default>`` per seed of the preset's routing_seeds: the routing attack alone, undefended and at
+the default noise, under shared initialisation with train.seed k (a data split, public model, in
+``public-seed=<k>.pt``, and fine-tuning run of their own), for its run-to-run spread. The report is written from
+whatever phases are there.
 """
 
 import argparse
@@ -34,7 +37,7 @@ from pathlib import Path
 import torch
 
 from bench.common import source_commit
-from pcmoe_engine.config import PrivacyConfig
+from pcmoe_engine.config import SHARED_START_NOISE, PrivacyConfig
 from pcmoe_engine.data import encode, party_texts, tokenizer_for
 
 from .attacks import decoder_attack, fedsgd_attack, gradient_attack, nearest_neighbour_attack
@@ -58,15 +61,23 @@ TARGETS = {"a": "inputs", "b": "inputs", "c": "next tokens", "d": "inputs", "e":
 
 
 def phases(preset: Preset) -> list[str]:
-    return ["shared", "private", *(f"noise={noise}" for noise in preset.noise if noise > 0)]
+    return ["shared", "private", *(f"noise={noise}" for noise in preset.noise if noise > 0),
+            *(f"seed={seed}{suffix}" for seed in preset.routing_seeds
+              for suffix in ("", f":noise={SHARED_START_NOISE}"))]
+
+
+def phase_seed(name: str) -> int:
+    """The train.seed a phase runs under: k for seed=<k>[:...], else 0."""
+    return int(name.removeprefix("seed=").split(":")[0]) if name.startswith("seed=") else 0
 
 
 class Setting:
-    """What every phase shares: the configuration, the victim's held-out text and the attacker's own."""
+    """What every phase of one train.seed shares: the configuration, the victim's held-out text and the
+    attacker's own (the seed deals the text blocks to the parties)."""
 
-    def __init__(self, preset: Preset, threads: int, cache: Path):
-        self.preset, self.threads, self.cache = preset, threads, cache
-        self.cfg = cfg = config(preset)
+    def __init__(self, preset: Preset, threads: int, cache: Path, seed: int = 0):
+        self.preset, self.threads, self.cache, self.seed = preset, threads, cache, seed
+        self.cfg = cfg = config(preset, seed)
         self.device = torch.device(cfg.train.device)
         tokenizer = tokenizer_for(cfg)
         victim_eval, attacker_text = party_texts(cfg, VICTIM)[1], party_texts(cfg, ATTACKER)[0]
@@ -85,11 +96,16 @@ class Setting:
         own) starts from the same weights without training them again."""
         if self._public is None:
             saved = torch.load(self.cache, map_location=self.device) if self.cache.exists() else {}
-            if saved.get("preset") != asdict(self.preset):
-                saved = {"preset": asdict(self.preset), **pretrain(self.cfg, self.public_text)}
+            if saved.get("preset") != asdict(self.preset) or saved.get("seed", 0) != self.seed:
+                saved = {"preset": asdict(self.preset), "seed": self.seed, **pretrain(self.cfg, self.public_text)}
                 torch.save(saved, self.cache)
             self._public = {part: saved[part] for part in ("backbone", "experts")}
         return self._public
+
+    def chance(self) -> dict:
+        """The baseline row: the attacker's most frequent token guessed at every position of the held-out text."""
+        return {"attack": "chance (most frequent token)", "key": "chance", "setting": "-", "target": "inputs",
+                **scores(torch.full(self.shape, self.most_frequent), self.inputs.cpu())}
 
 
 def _first(watch: list[dict], tokens: int) -> list[dict]:
@@ -129,7 +145,7 @@ def attack(s: Setting, run: Collaboration, setting: str, which: tuple[str, ...])
     host = (ATTACKER, cfg.parties)
     if "r_linked" in which:
         recovered["r_linked"] = linked_attack(run.watch_in_order, known, run.shards, s.aux, shape, *host,
-                                              p.routing_steps)
+                                              p.routing_steps, s.seed)
     if "r_row" in which:
         recovered["r_row"], guesses = row_attack(watch, known, run.shards, s.aux, shape, *host)
         truth = s.inputs.reshape(-1)
@@ -192,6 +208,12 @@ def run_phase(name: str, s: Setting, log) -> dict:
             result["sweep"] = _sweep_point(0.0, run, {k: rows[k] for k in ("a", "c", "d", "e", "r_row")})
             result["row_norms"] = {kind: torch.cat([w[kind] for w in run.watch]).norm(dim=1).median().item()
                                    for kind in ("hidden", "grad")}
+    elif name.startswith("seed="):  # the routing attack alone, for its spread over seeds
+        noise = float(name.partition(":noise=")[2] or 0)
+        run = collaborate(finetuning(s.cfg, s.preset), s.public, PrivacyConfig(hidden_noise=noise, grad_noise=noise),
+                          s.held_out, s.threads)
+        rows, result["details"] = attack(s, run, "shared init", ("r_linked", "r_row") if noise == 0 else ("r_row",))
+        result.update(rows=list(rows.values()), seed=s.seed, noise=noise, chance=s.chance(), eval_loss=run.eval_loss)
     else:
         noise = float(name.removeprefix("noise="))
         run = collaborate(finetuning(s.cfg, s.preset), s.public, PrivacyConfig(hidden_noise=noise, grad_noise=noise),
@@ -240,24 +262,24 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join(["python -m bench.privacy", *(argv if argv is not None else sys.argv[1:])])
     log = lambda message: print(message, flush=True)  # noqa: E731
     try:
-        setting = Setting(preset, args.threads, done / "public.pt")
+        settings = {0: Setting(preset, args.threads, done / "public.pt")}
         for name in chosen:
             path = done / f"{name}.json"
             if path.exists() and not args.redo:
                 log(f"{name}: done already ({path}); --redo runs it again")
                 continue
-            result = run_phase(name, setting, log)
-            device = setting.device
+            seed = phase_seed(name)
+            if seed not in settings:
+                settings[seed] = Setting(preset, args.threads, done / f"public-seed={seed}.pt", seed)
+            result = run_phase(name, settings[seed], log)
+            device = settings[seed].device
             result.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
                           commit=source_commit(), command=command, torch=torch.__version__,
                           date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
             path.write_text(json.dumps(result, indent=1) + "\n")
     except ValueError as e:
         parser.exit(2, f"bench.privacy: error: {e}\n")
-    results = {"preset": asdict(preset), "config": setting.cfg.to_dict(),
-               "chance": {"attack": "chance (most frequent token)", "key": "chance", "setting": "-",
-                          "target": "inputs", **scores(torch.full(setting.shape, setting.most_frequent),
-                                                       setting.inputs.cpu())},
+    results = {"preset": asdict(preset), "config": settings[0].cfg.to_dict(), "chance": settings[0].chance(),
                "phases": {n: json.loads((done / f"{n}.json").read_text()) for n in names
                           if (done / f"{n}.json").exists()},
                "missing": [n for n in names if not (done / f"{n}.json").exists()]}

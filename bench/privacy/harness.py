@@ -61,27 +61,30 @@ class Preset:
     refine_sequences: int = 16  # victim sequences attacks d and e optimise (the first ones)
     refine_steps: int = 100  # their optimisation steps
     routing_steps: int = 400  # training steps of the routing attack's inverter
+    # train.seed of the extra runs that measure the routing attack's run-to-run spread (phases seed=<k>): each a new
+    # data split (victim's held-out text, attacker's text), public model, fine-tuning order and inverter
+    routing_seeds: list[int] = field(default_factory=list)
     device: str = "cpu"  # auto: both parties on this machine's GPU (over gloo) if it has one
 
 
 PRESETS = {
     "tiny": Preset(model=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
-                              expert_intermediate_size=128)),
+                              expert_intermediate_size=128), routing_seeds=[1, 2, 3]),
     "base": Preset(model=dict(), seq_len=128, steps=600, finetune_steps=200, eval_sequences=64, aux_sequences=1024,
                    noise=[0.0, 0.1, 0.3, 0.5, 1.0], dlg_sequences=4, dlg_steps=200, refine_sequences=4,
                    device="auto"),
 }
 
 
-def config(preset: Preset) -> Config:
-    """The engine configuration of a preset's two parties (fp32, no checkpoints)."""
+def config(preset: Preset, seed: int = 0) -> Config:
+    """The engine configuration of a preset's two parties (fp32, no checkpoints), train.seed ``seed``."""
     model = {**asdict(ModelConfig()), **preset.model}
     device = preset.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     train = TrainConfig(steps=preset.steps, batch_size=preset.batch_size, lr=preset.lr,
                         warmup_steps=max(1, preset.steps // 10), eval_batches=8, checkpoints=False, device=device,
-                        precision="fp32")
+                        precision="fp32", seed=seed)
     return validate(Config(parties=2, model=ModelConfig(**model), data=DataConfig(seq_len=preset.seq_len),
                            train=train))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pcmoe_engine.config import SHARED_START_NOISE
 
-__all__ = ["write_report", "plot"]
+__all__ = ["routing_spread", "write_report", "plot"]
 
 SWEPT = {"a": "a. known layers", "c": "c. gradients", "d": "d. BiSR hidden", "e": "e. BiSR gradients",
          "r_row": "r. routing, shuffled"}
@@ -42,6 +42,32 @@ def _sweep(results: dict) -> list[dict]:
     return sorted((p["sweep"] for p in results["phases"].values() if p.get("sweep")), key=lambda s: s["noise"])
 
 
+def routing_spread(results: dict) -> list[dict]:
+    """The routing attack's run-to-run spread under shared initialisation, per noise (0 and the default) measured at
+    more than one train.seed: each run's shuffled and token-order accuracy and chance (seed 0: the shared and
+    noise=<default> phases; seed k: the seed=<k> phases), and their mean, min and max."""
+    phases, spread = results["phases"], []
+    for noise in (0.0, SHARED_START_NOISE):
+        runs = [{"seed": p["seed"], "chance": p["chance"]["token_accuracy"],
+                 **{r["key"]: r["token_accuracy"] for r in p["rows"]}}
+                for p in phases.values() if p.get("seed") is not None and p["noise"] == noise]
+        zero = phases.get("shared" if noise == 0 else f"noise={noise}")
+        if zero is not None:
+            found = {r["key"]: r["token_accuracy"] for r in zero["rows"] if r["key"] in ("r_row", "r_linked")}
+            runs.insert(0, {"seed": 0, "chance": results["chance"]["token_accuracy"],
+                            **(found or {"r_row": zero["sweep"]["r_row"]})})
+        if len(runs) > 1:
+            summary = {key: {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+                       for key in ("r_row", "r_linked", "chance")
+                       if len(values := [run[key] for run in runs if key in run]) == len(runs)}
+            spread.append({"noise": noise, "seeds": [run["seed"] for run in runs], "runs": runs, **summary})
+    return spread
+
+
+def _spread(stat: dict) -> str:
+    return f"{stat['mean']:.1%} ({stat['min']:.1%} to {stat['max']:.1%})"
+
+
 def _targets(results: dict) -> list[str]:
     """Each target of issue 15, the number measured against it and its setting."""
     phases, chance = results["phases"], results["chance"]["token_accuracy"]
@@ -71,7 +97,23 @@ def _targets(results: dict) -> list[str]:
                      "default was chosen from this sweep (one run per point), not checked on a separate run.")
     routing = [r for name in ("shared", "private") for r in phases.get(name, {}).get("rows", [])
                if r["key"] == "r_row"]
-    if routing:
+    spread = {point["noise"]: point for point in results.get("routing_spread", [])}
+    if 0.0 in spread:
+        undefended, default = spread[0.0], spread.get(SHARED_START_NOISE)
+        margin = undefended["chance"]["mean"] + 0.05 - undefended["r_row"]["mean"]
+        above = sum(run["r_row"] > run["chance"] + 0.05 for run in undefended["runs"])
+        lines.append(f"- Routing pattern with the shuffle, no better than chance + 5 points: "
+                     f"{'met' if margin >= 0 else 'NOT met'} undefended on the mean of {len(undefended['runs'])} runs "
+                     f"(shared init, train.seed {', '.join(map(str, undefended['seeds']))}), by "
+                     f"{abs(margin) * 100:.1f} points: "
+                     f"mean (range) {_spread(undefended['r_row'])} against chance {_spread(undefended['chance'])}; "
+                     f"{above} of the {len(undefended['runs'])} runs are above their own chance + 5 points, so the "
+                     "margin is inside the run-to-run spread"
+                     + ("." if default is None else
+                        f"; at the default defence with init_from (noise {SHARED_START_NOISE:g}), "
+                        f"{_spread(default['r_row'])} over {len(default['runs'])} runs against chance "
+                        f"{_spread(default['chance'])}."))
+    elif routing:
         worst = max(routing, key=lambda r: r["token_accuracy"])
         met = "met" if worst["token_accuracy"] <= chance + 0.05 else "NOT met"
         at_default = sweep.get(SHARED_START_NOISE, {}).get("r_row")
@@ -86,6 +128,7 @@ def _targets(results: dict) -> list[str]:
 
 def write_report(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    results["routing_spread"] = routing_spread(results)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     p, m, phases = results["preset"], results["config"]["model"], results["phases"]
     lines = ["# Privacy evaluation (measured)", "",
@@ -136,6 +179,21 @@ def write_report(results: dict, out: Path) -> None:
         for layer in phases.get(name, {}).get("details", {}).get("r_row_per_layer", []):
             lines.append(f"| {name} init | {layer['layer']} | {layer['rows']} | {layer['accuracy']:.3f} | "
                          f"{layer['chance']:.3f} |")
+    if results["routing_spread"]:
+        lines += ["", "Run to run (shared initialisation; seed = train.seed, which deals the text blocks to the "
+                  "parties (the victim's held-out text, the attacker's own) and seeds the public model, the "
+                  "fine-tuning and the token-order inverter; the rows' order and noise come from each run's fresh "
+                  "secret). Token accuracy per run, then mean (min to max):", "",
+                  "| noise | seed | r shuffled | r token order | chance (most frequent token) |",
+                  "|---|---|---|---|---|"]
+        for point in results["routing_spread"]:
+            for run in point["runs"]:
+                linked = f"{run['r_linked']:.3f}" if "r_linked" in run else "-"
+                lines.append(f"| {point['noise']:g} | {run['seed']} | {run['r_row']:.3f} | {linked} | "
+                             f"{run['chance']:.3f} |")
+            linked = _spread(point["r_linked"]) if "r_linked" in point else "-"
+            lines.append(f"| {point['noise']:g} | {len(point['runs'])} runs | {_spread(point['r_row'])} | {linked} | "
+                         f"{_spread(point['chance'])} |")
     sweep = _sweep(results)
     if sweep:
         base = sweep[0] if sweep[0]["noise"] == 0 else None
