@@ -75,6 +75,10 @@ def train(cfg: Config, rank: int, transport: Transport | None = None, quiet: boo
 
 def _stopped(e: BaseException, progress: Progress, watchdog: Watchdog | None) -> tuple[int, str, str]:
     """(exit code, the line to print, the state the heartbeat ends in) for whatever stopped this party."""
+    if _received and not isinstance(e, (Interrupted, KeyboardInterrupt)):
+        # A stop signal came, but another error surfaced first (a peer stopped by the same signal closed its
+        # connections, or the signal interrupted a call that reports it its own way): the signal stopped it.
+        e = Interrupted(_received[0])
     if isinstance(e, (Interrupted, KeyboardInterrupt)):
         signum = getattr(e, "signum", signal.SIGINT)
         name = signal.Signals(signum).name
@@ -96,7 +100,11 @@ def _stopped(e: BaseException, progress: Progress, watchdog: Watchdog | None) ->
     return ExitCode.BAD_INPUT, f"stopped by the error above ({type(e).__name__}) {progress.status()}", "fail"
 
 
+_received: list[int] = []  # the stop signals this process got
+
+
 def _on_signal(signum, frame):
+    _received.append(signum)
     for s in STOP_SIGNALS:  # one is enough: the party is on its way out
         signal.signal(s, signal.SIG_IGN)
     raise Interrupted(signum)
