@@ -45,7 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .checkpoint import check_run_dir
-from .config import add_config_arguments, load_config
+from .config import add_config_arguments, load_config, parse_address
 from .config_text import options_help, to_toml
 from .faults import STOP_SIGNALS, ExitCode, die_with_parent, say
 
@@ -207,7 +207,6 @@ def _plot(args: argparse.Namespace) -> int:
 def _export(args) -> None:
     from .export import export_dtype, write
     from .hf import check_new_folder
-    from .rendezvous import parse_address
     from .runs import common_step, read_party
 
     saved = read_party(args.run_dir, args.party, args.step)
@@ -222,7 +221,11 @@ def _export(args) -> None:
             f"its own {len(ids)} of the {total} experts (step {saved.step}): a partial checkpoint, which transformers "
             "cannot load whole; pcmoe eval and pcmoe generate read the run folder, or --pool writes a complete one"))
         return
-    rendezvous = parse_address(args.rendezvous) if args.rendezvous else None
+    try:
+        rendezvous = parse_address(args.rendezvous) if args.rendezvous else None
+    except ValueError as e:
+        raise ValueError(f"--rendezvous {e}: party 0's address and a free port on it, the same for every party") \
+            from None
     step = args.step if args.step is not None or rendezvous else common_step(args.run_dir, saved.parties)
     worker = [args.run_dir, "--party", str(args.party), "--out", args.out, "--timeout", str(args.timeout),
               *(["--step", str(step)] if step is not None else []), *(["--dtype", args.dtype] if args.dtype else [])]

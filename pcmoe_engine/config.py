@@ -385,7 +385,7 @@ def parse_address(text: str) -> tuple[str, int]:
     host, colon, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
-        raise ValueError(f"{text!r} is not host:port (e.g. 10.0.0.5:29500)")
+        raise ValueError(f"{text!r} is not host:port (expected HOST:PORT, e.g. 10.0.0.5:29500)")
     return host, int(port)
 
 

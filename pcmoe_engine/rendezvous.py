@@ -1,8 +1,8 @@
 """How the parties' processes find each other: the torchrun way, from RANK, WORLD_SIZE, MASTER_ADDR and
 MASTER_PORT in the environment, party 0 listening at MASTER_ADDR:MASTER_PORT. ``pcmoe``'s launcher (cli.launch)
 sets them for the parties of one machine (a free port on 127.0.0.1), or for one party of a run spread over
-hosts (``--rendezvous HOST:PORT``, the same address given to every party). A party that does not come within
-the timeout is one line saying so, not a hang or a c10d traceback.
+hosts (``--rendezvous HOST:PORT``, the same address given to every party; config.parse_address reads it). A
+party that does not come within the timeout is one line saying so, not a hang or a c10d traceback.
 """
 
 import os
@@ -10,16 +10,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-__all__ = ["parse_address", "join"]
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """HOST:PORT -> (host, port)."""
-    host, colon, port = text.rpartition(":")
-    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--rendezvous {text!r}: expected HOST:PORT, party 0's address and a free port on it "
-                         "(e.g. 10.0.0.1:29500), the same for every party")
-    return host, int(port)
+__all__ = ["join"]
 
 
 def join(backend: str, timeout_s: float, hint: str) -> tuple[int, int]:
