@@ -5,11 +5,13 @@ one per party (bench/corpora.py), the same model everywhere.
                                 [--runs NAME,...] [--readme README.md]
 
 Runs (``RUNS``; ``--runs`` picks some, and also takes the diagnostics ``pcmoe-4p-shared-init``,
-``pcmoe-2p-shared-init``):
+``pcmoe-2p-shared-init`` and ``central-2-party-batch``):
 
 - ``central``: one process, the four domains' training splits pooled, batch 4 x B (the tokens per step of the
   four PC-MoE parties together);
 - ``central-2``: the same over the first two domains, batch 2 x B: the centralized run of ``pcmoe-2p``'s data;
+  ``central-2-party-batch``: the same at batch B (one party's), so its backbone trains on as many tokens as a
+  PC-MoE party's, half of them from the other domain;
 - ``pcmoe-4p``, ``pcmoe-2p``: 4 (2) parties, party i on domain i, batch B each, each with its own backbone drawn
   from its own seed (the method); ``pcmoe-4p-shared-init`` (``-2p-``): every party starts from party 0's backbone;
 - ``local-<domain>``: one party alone on its domain with the whole model, batch B.
@@ -93,6 +95,7 @@ class Run:
     kind: str  # central, pcmoe or local
     domains: tuple[str, ...]
     shared_init: bool = False
+    party_batch: bool = False  # a centralized run at one party's batch (B), not every pooled domain's share of it
 
     @property
     def parties(self) -> int:
@@ -100,14 +103,15 @@ class Run:
 
     def batch_size(self, scale: Scale) -> int:
         """A centralized run's batch holds every pooled domain's share: the parties' tokens per step together."""
-        return scale.batch * (len(self.domains) if self.kind == "central" else 1)
+        return scale.batch * (len(self.domains) if self.kind == "central" and not self.party_batch else 1)
 
 
 RUNS = (Run("pcmoe-4p", "pcmoe", DOMAINS), Run("central", "central", DOMAINS),
         Run("central-2", "central", DOMAINS[:2]), Run("pcmoe-2p", "pcmoe", DOMAINS[:2]),
         *(Run(f"local-{d}", "local", (d,)) for d in DOMAINS))
 DIAGNOSTICS = (Run("pcmoe-4p-shared-init", "pcmoe", DOMAINS, shared_init=True),
-               Run("pcmoe-2p-shared-init", "pcmoe", DOMAINS[:2], shared_init=True))
+               Run("pcmoe-2p-shared-init", "pcmoe", DOMAINS[:2], shared_init=True),
+               Run("central-2-party-batch", "central", DOMAINS[:2], party_batch=True))
 KNOWN = {run.name: run for run in (*RUNS, *DIAGNOSTICS)}
 
 
@@ -255,7 +259,10 @@ def _launch_run(scale_name: str, run: Run, args, gpus: list[int], deadline: floa
     calls_path = args.out / run.name / "calls.json"
     calls = json.loads(calls_path.read_text()) if calls_path.is_file() else []
     device = f"cuda x {len(gpus)}" if gpus else "cpu"
-    calls.append({"seconds": time.time() - started, "exit": code, "device": device, "date": time.strftime("%F %T")})
+    from bench.common import source_commit  # noqa: E402  (bench's own helpers)
+
+    calls.append({"seconds": time.time() - started, "exit": code, "device": device, "date": time.strftime("%F %T"),
+                  "commit": source_commit()})
     calls_path.parent.mkdir(parents=True, exist_ok=True)
     calls_path.write_text(json.dumps(calls, indent=1) + "\n")
     if code:
@@ -302,8 +309,8 @@ def results(scale_name: str, runs: list[Run], args, previous: dict) -> dict:
         state = run_state(scale, run, args.out)
         if state is None or (not state["complete"] and kept.get(run.name, {}).get("complete")):
             state = kept.get(run.name)
-        if state is not None:
-            out[run.name] = state
+        if state is not None:  # "diagnostic" from the run's name, for runs kept from earlier calls too
+            out[run.name] = {**state, "diagnostic": run in DIAGNOSTICS}
     from bench.common import environment  # noqa: E402  (bench's own helpers)
 
     return {"study": "issue 14: PC-MoE against centralized and local-only training", "scale_name": scale_name,

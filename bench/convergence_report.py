@@ -46,6 +46,11 @@ def _evaluated(study: dict, name: str, domain: str) -> set[int] | None:
     return {e["step"] for e in state["evals"][party]}
 
 
+def _tokens_per_step(state: dict) -> int:
+    """The tokens a run trains on per step and party; for a centralized run, per pooled domain."""
+    return state["tokens_per_step"] // (len(state["domains"]) if state["kind"] == "central" else 1)
+
+
 def _central_for(state: dict) -> str:
     return "central" if len(state["domains"]) == 4 else "central-2"
 
@@ -116,9 +121,13 @@ def readme_section(study: dict) -> str:
     """The README's table: final held-out loss per run and domain, union, tokens, wall time, peak memory."""
     s, env, domains = study["scale"], study["environment"], study["domains"]
     tokens = s["steps"] * s["batch"] * s["seq_len"]
+    calls = [call for state in study["runs"].values() for call in state["calls"]]
+    commits = sorted({call["commit"] for call in calls if "commit" in call})
+    unrecorded = "; older calls recorded none" if any("commit" not in call for call in calls) else ""
     lines = [f"**{study['label']}** (`python -m bench.convergence --scale {study['scale_name']}`, "
-             f"`bench/results/convergence/convergence_{study['scale_name']}.json`, {env['device'] or 'CPU'}, commit "
-             f"{env['commit']}, {env['date'][:10]}): model `{', '.join(s['model'])}`, {s['steps']} steps of "
+             f"`bench/results/convergence/convergence_{study['scale_name']}.json`, {env['device'] or 'CPU'}, "
+             f"{'commit' if len(commits) == 1 else 'commits'} {', '.join(commits)}{unrecorded}, "
+             f"{env['date'][:10]}): model `{', '.join(s['model'])}`, {s['steps']} steps of "
              f"{s['batch']} x {s['seq_len']} tokens per party (per domain, for a centralized run), lr {s['lr']:g}; "
              f"held-out loss on each domain's first {s['eval_windows']} held-out windows (bench/convergence.py "
              "says exactly what), at the last step. A PC-MoE party is on its own domain; in brackets, its gap to the "
@@ -133,7 +142,7 @@ def readme_section(study: dict) -> str:
         cells = [f"{mine[d]:.3f}{_gap(gaps.get(d), state)}" if d in mine else "" for d in domains]
         unions = [f"{f['union']:.3f}" for p in range(state["parties"]) if (f := _final(state, p))]
         lines.append(f"| {name}{_steps(state, study)} | {state['parties']} | " + " | ".join(cells) +
-                     f" | {' / '.join(unions)} | {state['steps_done'] * s['batch'] * s['seq_len']:,} | "
+                     f" | {' / '.join(unions)} | {state['steps_done'] * _tokens_per_step(state):,} | "
                      f"{state['wall_s']:,.0f} s | {_memory(state)} |")
     lines += ["", "Per party: the expert load's max / mean (this party's routing, last 10% of steps), and the share of steps "
               "whose gradient norm exceeded its clipping bound (backbone; expert shard):", "",
@@ -142,7 +151,7 @@ def readme_section(study: dict) -> str:
         d = diagnostics(state)
         lines.append(f"| {name} | " + " | ".join(" / ".join(fmt.format(p[key]) for p in d) for key, fmt in (
             ("load_max_over_mean", "{:.2f}"), ("backbone_clipped", "{:.0%}"), ("experts_clipped", "{:.0%}"))) + " |")
-    rows = [r for r in rows if not study["runs"][r["run"]]["shared_init"]]  # the method's runs, not the diagnostics
+    rows = [r for r in rows if not study["runs"][r["run"]]["diagnostic"]]  # the method's runs
     if rows:
         within = [r for r in rows if r["gap_central_pct"] is not None]
         worst = max(within, key=lambda r: r["gap_central_pct"]) if within else None
@@ -165,15 +174,15 @@ def write_figure(study: dict, path: Path) -> Path | None:
     except ImportError:
         return None
     s, domains, runs = study["scale"], study["domains"], study["runs"]
-    per_step = s["batch"] * s["seq_len"]
     fig = Figure(figsize=(15, 8.5))
     axes = fig.subplots(2, 3).flatten()
     styles = {"central": ("black", "-"), "central-2": ("grey", "-"), "pcmoe-4p": ("tab:blue", "-"),
               "pcmoe-2p": ("tab:orange", "-"), "pcmoe-4p-shared-init": ("tab:purple", ":"),
-              "pcmoe-2p-shared-init": ("tab:brown", ":"), "local": ("tab:red", "--")}
+              "pcmoe-2p-shared-init": ("tab:brown", ":"), "central-2-party-batch": ("grey", ":"),
+              "local": ("tab:red", "--")}
 
     def curve(state, party, key):
-        points = [(e["step"] * per_step, key(e)) for e in state["evals"][party]]
+        points = [(e["step"] * _tokens_per_step(state), key(e)) for e in state["evals"][party]]
         return [x for x, _ in points], [y for _, y in points]
 
     for ax, d in zip(axes, domains):
@@ -200,7 +209,7 @@ def write_figure(study: dict, path: Path) -> Path | None:
             continue
         for party, d in enumerate(state["domains"]):
             reference = {e["step"]: e["domains"][d] for e in central["evals"][0]}
-            points = [(e["step"] * per_step, 100 * (e["domains"][d] / reference[e["step"]] - 1))
+            points = [(e["step"] * _tokens_per_step(state), 100 * (e["domains"][d] / reference[e["step"]] - 1))
                       for e in state["evals"][party] if e["step"] in reference]
             ax.plot([x for x, _ in points], [y for _, y in points], styles[name][1], marker=".", label=f"{name}: {d}")
     ax.axhline(TARGET, color="green", linewidth=0.8)
@@ -235,9 +244,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def rewrite_readme(readme: Path, study: dict) -> str:
-    """Replace the README's section between the convergence markers with ``readme_section(study)``."""
+    """Replace the README's section between the study's scale's markers with ``readme_section(study)``."""
     text = readme.read_text()
-    start, end = "<!-- convergence:start -->", "<!-- convergence:end -->"
+    start, end = (f"<!-- convergence:{study['scale_name']}:{mark} -->" for mark in ("start", "end"))
     if start not in text or end not in text:
         raise SystemExit(f"convergence: error: {readme} has no {start} ... {end} section to rewrite")
     head, rest = text.split(start, 1)

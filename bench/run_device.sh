@@ -42,7 +42,10 @@
 #                                8 x 1024 tokens, the optimizer before issue 13, today's default, the memory options
 #   bench/run_device.sh alltests the whole tests/ suite on the GPU, kernels compiled; with 2 GPUs
 #                                (nvidia-h100-x2) also the protocol's n-party equality over NCCL. Extra
-#                                arguments go to its pytest (e.g. -x, -k, -m "not slow")
+#                                arguments go to its pytest (e.g. -x, -k, -m "not slow"). It takes more than one
+#                                call (2026-11-27, nvidia-h100-x2, beside a privacy run: the first 139 tests,
+#                                test_bench.py into test_engine_faults.py, in 454 s): TESTS picks each call's
+#                                files, e.g. TESTS="tests/test_engine_[f-z]*.py tests/test_ex*.py tests/test_[f-z]*.py"
 #
 # Writes into $OUT (the device tool's folder; default bench/results/device): bench_*.json, e2e_*.json,
 # small_<n>p.json, engine_profile.json, engine_trace.json.gz, engine_memory.pickle.gz, ncu.txt,
@@ -134,7 +137,7 @@ gpu_tests() {  # gpu_tests CAP
 all_tests() {  # the whole tests/ suite on the GPU: every kernel test compiled (not the interpreter), the `gpu` ones
     # included (the protocol over NCCL with 2+ GPUs); the engine's own runs put a party on each GPU when there
     # are enough. Slowest first in the log, so a cut-short run still says where the time went.
-    phase "all tests on the GPU" 9999 120 python3 -m pytest -q tests/ --durations=15 -p no:cacheprovider "$@"
+    phase "all tests on the GPU" 9999 120 python3 -m pytest -q ${TESTS:-tests/} --durations=15 -p no:cacheprovider "$@"
 }
 
 megablocks_build() {  # megablocks' CUDA extension (sort, histogram, cumsum), sm_90 only, on the CPUs

@@ -172,8 +172,9 @@ def test_one_party_run_exports_and_evaluates_as_transformers(olmoe, corpus, text
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert info["missing_keys"] == info["unexpected_keys"] == set() and not info["mismatched_keys"]
     reference = transformers_loss(out, text, 16)
-    of_run = pcmoe_json(capsys, "eval", run, "--text", text, "--seq-len", 16, "--batch-size", 4)
-    of_folder = pcmoe_json(capsys, "eval", out, "--text", text, "--seq-len", 16)
+    # on the CPU in fp32 like the reference (on a GPU machine `pcmoe eval` would pick the GPU and bf16)
+    of_run = pcmoe_json(capsys, "eval", run, "--text", text, "--seq-len", 16, "--batch-size", 4, "--device", "cpu")
+    of_folder = pcmoe_json(capsys, "eval", out, "--text", text, "--seq-len", 16, "--device", "cpu")
     for result in (of_run, of_folder):
         assert abs(result["loss"] / reference - 1) < 1e-4, (result, reference)
     assert of_run["model"] == {"path": str(run), "kind": "run", "party": 0, "step": 3, "parties": 1,
