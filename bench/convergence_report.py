@@ -194,6 +194,9 @@ def write_figure(study: dict, path: Path) -> Path | None:
             ax.plot(*curve(state, party, lambda e: e["domains"][d]), line, color=colour, marker=".",
                     label=name if state["kind"] != "pcmoe" else f"{name} (party {party})")
         ax.set_title(f"held-out loss on {d}")
+        if not ax.lines:  # a study in phases: no run of this domain yet
+            ax.text(0.5, 0.5, "no run on this domain yet", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
     ax = axes[len(domains)]
     for name, state in runs.items():
         colour, line = styles["local" if state["kind"] == "local" else name]

@@ -52,6 +52,7 @@ def test_study_runs_evaluates_every_domain_and_resumes(tmp_path, corpora):
     runs = study["runs"]
     assert list(runs) == RUNS.split(",") and all(state["complete"] for state in runs.values())
     assert [runs[name]["tokens_per_step"] for name in runs] == [2 * 2 * 16, 2 * 16, 2 * 16]
+    assert not any(state["diagnostic"] for state in runs.values())
     for name, state in runs.items():
         for party, evals in enumerate(state["evals"]):
             assert [e["step"] for e in evals] == [0, 2, 4]
@@ -117,3 +118,11 @@ def test_study_runs_evaluates_every_domain_and_resumes(tmp_path, corpora):
     finished = _study(tmp_path, corpora, budget)
     for name, state in finished["runs"].items():
         assert state["complete"] and state["evals"] == runs[name]["evals"], name
+
+
+def test_the_party_batch_diagnostic_pools_the_domains_at_one_partys_batch():
+    scale = convergence.SCALES["smoke"]
+    assert convergence.KNOWN["central-2"].batch_size(scale) == 2 * scale.batch
+    diagnostic = convergence.KNOWN["central-2-party-batch"]
+    assert diagnostic.batch_size(scale) == scale.batch and diagnostic.domains == convergence.DOMAINS[:2]
+    assert diagnostic in convergence.DIAGNOSTICS
