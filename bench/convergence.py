@@ -56,6 +56,8 @@ from pathlib import Path
 
 import torch
 
+from bench.common import environment, source_commit
+
 ROOT = Path(__file__).resolve().parent.parent
 DOMAINS = ("kernel", "manuals", "dictionary", "scripture")
 
@@ -259,8 +261,6 @@ def _launch_run(scale_name: str, run: Run, args, gpus: list[int], deadline: floa
     calls_path = args.out / run.name / "calls.json"
     calls = json.loads(calls_path.read_text()) if calls_path.is_file() else []
     device = f"cuda x {len(gpus)}" if gpus else "cpu"
-    from bench.common import source_commit  # noqa: E402  (bench's own helpers)
-
     calls.append({"seconds": time.time() - started, "exit": code, "device": device, "date": time.strftime("%F %T"),
                   "commit": source_commit()})
     calls_path.parent.mkdir(parents=True, exist_ok=True)
@@ -311,8 +311,6 @@ def results(scale_name: str, runs: list[Run], args, previous: dict) -> dict:
             state = kept.get(run.name)
         if state is not None:  # "diagnostic" from the run's name, for runs kept from earlier calls too
             out[run.name] = {**state, "diagnostic": run in DIAGNOSTICS}
-    from bench.common import environment  # noqa: E402  (bench's own helpers)
-
     return {"study": "issue 14: PC-MoE against centralized and local-only training", "scale_name": scale_name,
             "label": scale.label, "scale": asdict(scale), "domains": list(DOMAINS),
             "eval": {"windows_per_domain": scale.eval_windows, "seq_len": scale.seq_len,
