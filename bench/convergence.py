@@ -253,8 +253,9 @@ def _launch_run(scale_name: str, run: Run, args, gpus: list[int], deadline: floa
     from pcmoe_engine.cli import launch
 
     env = dict(os.environ)
-    if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+    if gpus:  # indexes into this process's visible GPUs, which a CUDA_VISIBLE_DEVICES of its own may restrict
+        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[g] if visible else str(g) for g in gpus)
     started = time.time()
     code = launch(run.parties, ["--worker", run.name, "--scale", scale_name, "--out", str(args.out), "--corpora",
                                 str(args.corpora), "--deadline", str(deadline)], env=env, module="bench.convergence")

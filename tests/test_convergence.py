@@ -126,3 +126,22 @@ def test_the_party_batch_diagnostic_pools_the_domains_at_one_partys_batch():
     diagnostic = convergence.KNOWN["central-2-party-batch"]
     assert diagnostic.batch_size(scale) == scale.batch and diagnostic.domains == convergence.DOMAINS[:2]
     assert diagnostic in convergence.DIAGNOSTICS
+
+
+@pytest.mark.parametrize("visible, expected", [(None, "1,2"), ("4,5,6", "5,6")])
+def test_a_run_gets_the_gpus_it_was_given_among_those_visible(tmp_path, monkeypatch, visible, expected):
+    """The study may itself be confined to some GPUs (another job beside it): a run's GPU indexes are its."""
+    import argparse
+
+    import pcmoe_engine.cli
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    seen = {}
+    monkeypatch.setattr(pcmoe_engine.cli, "launch", lambda n, argv, env, module: seen.update(env) or 0)
+    args = argparse.Namespace(out=tmp_path, corpora=tmp_path)
+    convergence._launch_run("smoke", convergence.KNOWN["pcmoe-2p"], args, [1, 2], deadline=0.0)
+    assert seen["CUDA_VISIBLE_DEVICES"] == expected
+    assert json.loads((tmp_path / "pcmoe-2p" / "calls.json").read_text())[0]["device"] == "cuda x 2"
