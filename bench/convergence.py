@@ -5,10 +5,10 @@ one per party (bench/corpora.py), the same model everywhere.
                                 [--runs NAME,...] [--readme README.md]
 
 Runs (``RUNS``; ``--runs`` picks some, and also takes the diagnostics ``pcmoe-4p-shared-init``,
-``pcmoe-2p-shared-init`` and ``central-2-party-batch``):
+``pcmoe-2p-shared-init``, ``central-party-batch`` and ``central-2-party-batch``):
 
 - ``central``: one process, the four domains' training splits pooled, batch 4 x B (the tokens per step of the
-  four PC-MoE parties together);
+  four PC-MoE parties together); ``central-party-batch``: the same at batch B;
 - ``central-2``: the same over the first two domains, batch 2 x B: the centralized run of ``pcmoe-2p``'s data;
   ``central-2-party-batch``: the same at batch B (one party's), so its backbone trains on as many tokens as a
   PC-MoE party's, half of them from the other domain;
@@ -113,6 +113,7 @@ RUNS = (Run("pcmoe-4p", "pcmoe", DOMAINS), Run("central", "central", DOMAINS),
         *(Run(f"local-{d}", "local", (d,)) for d in DOMAINS))
 DIAGNOSTICS = (Run("pcmoe-4p-shared-init", "pcmoe", DOMAINS, shared_init=True),
                Run("pcmoe-2p-shared-init", "pcmoe", DOMAINS[:2], shared_init=True),
+               Run("central-party-batch", "central", DOMAINS, party_batch=True),
                Run("central-2-party-batch", "central", DOMAINS[:2], party_batch=True))
 KNOWN = {run.name: run for run in (*RUNS, *DIAGNOSTICS)}
 
