@@ -94,6 +94,11 @@ def _stopped(e: BaseException, progress: Progress, watchdog: Watchdog | None) ->
             f"out of {kind} memory at step {progress.step}: lower train.batch_size or data.seq_len (raise "
             "train.grad_accum to keep the tokens per step), set train.activation_checkpointing=true, or use a "
             "smaller model"), "fail"
+    if "Duplicate GPU detected" in str(e):  # NCCL, at the first collective: two ranks on one device
+        return ExitCode.BAD_INPUT, (
+            "two parties are on one GPU, and NCCL needs a GPU per party: on one machine start them together "
+            "(`pcmoe train --parties N`), or give each `pcmoe party` a GPU of its own (CUDA_VISIBLE_DEVICES), or "
+            "set train.device=cpu"), "fail"
     if watchdog is not None:
         watchdog.blame()  # did a collective fail because a party stopped? then the watchdog ends this process
     traceback.print_exception(e)

@@ -338,3 +338,17 @@ def test_handshake_names_the_first_party_and_option_that_differ_and_agrees_on_th
     assert _handshake([resumed] * 3, [[5, 10, 20], [10, 20], [5, 10]]) == 10
     assert _handshake([resumed] * 3, [[5], [10], []]) is None
     assert _handshake([base] * 3, [None] * 3) is None
+
+
+def test_two_parties_on_one_gpu_get_one_line():
+    """`pcmoe party` processes on one machine all take its first GPU (each behaves as on a host of its own); NCCL
+    refuses at the first collective with this message (seen on two H100s, NCCL 2.28.9): one line says what to do."""
+    from pcmoe_engine.faults import Progress
+    from pcmoe_engine.train import _stopped
+
+    nccl = RuntimeError("NCCL error in: NCCLUtils.cpp:93, invalid usage (run with NCCL_DEBUG=WARN for details), NCCL "
+                        "version 2.28.9\nncclInvalidUsage: This usually reflects invalid usage of NCCL library.\nLast "
+                        "error:\nDuplicate GPU detected : rank 0 and rank 1 both on CUDA device 80")
+    code, line, state = _stopped(nccl, Progress("pcmoe party --rank 0"), None)
+    assert (code, state) == (ExitCode.BAD_INPUT, "fail")
+    assert line.startswith("two parties are on one GPU") and "CUDA_VISIBLE_DEVICES" in line and "\n" not in line

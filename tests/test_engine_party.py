@@ -62,5 +62,5 @@ def test_load_backbone_starts_from_another_partys_weights(tmp_path):
     own = {k: v.clone() for k, v in party.backbone.state_dict().items()}
     assert not torch.equal(own["embed.weight"], other["embed.weight"])  # each party draws its own
     party.load_backbone(other)
-    assert all(torch.equal(v, other[k]) for k, v in party.backbone.state_dict().items())
+    assert all(torch.equal(v.cpu(), other[k]) for k, v in party.backbone.state_dict().items())
     assert party.step()["loss"] > 0

@@ -42,7 +42,8 @@ COLLECTIVES = ("all_to_all_single", "all_to_all", "all_reduce", "broadcast", "al
 AUDIT = ["parties=2", "model.hidden_size=32", "model.num_layers=2", "model.expert_intermediate_size=32",
          "model.shared_intermediate_size=16", "data.seq_len=16", "train.batch_size=2", "train.steps=2",
          "train.warmup_steps=1", "train.eval_batches=1", "train.log_every=100", "train.wire_log=true",
-         "privacy.hidden_clip=1.0", "privacy.grad_clip=1e-4"]
+         "privacy.hidden_clip=1.0", "privacy.grad_clip=1e-4",
+         "train.device=cpu"]  # the fp32 rows over gloo the audit counts; the GPUs' path: test_engine_protocol (NCCL)
 PATHS = ("data.corpus", "train.out_dir")  # set in the audit run, and no option that crosses has their values
 
 

@@ -38,7 +38,8 @@ def _append(path, *records, end="\n"):
         f.write("\n".join(json.dumps(r) if r else "" for r in records) + end)
 
 
-def test_start_line_says_what_the_run_does():
+def test_start_line_says_what_the_run_does(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the default run on a machine without GPUs
     cfg = load_config(None, ["train.grad_accum=2"])
     assert start_line(cfg) == ("pcmoe: 2 parties train tiny (8 experts) on CPU over gloo | 2,048 tokens per party "
                                "and step (8 x 2 x 128), 300 steps | run folder runs/tiny-2p")
@@ -54,7 +55,8 @@ def test_start_line_names_the_gpus(monkeypatch, device, gpus, where):
     assert f"train tiny (8 experts) on {where} | " in start_line(cfg)
 
 
-def test_plain_progress_comes_from_the_metrics_files(tmp_path, capsys):
+def test_plain_progress_comes_from_the_metrics_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the parties' peak memory is their RSS
     cfg = load_config(None, [f"train.out_dir='{tmp_path}'", "train.steps=20", "train.log_every=10"])
     files = [cfg.run_dir / f"party{p}" / "metrics.jsonl" for p in range(2)]
     _append(files[1], _record(20, 1))  # an earlier run's file, until this run's party rewrites it
@@ -129,13 +131,14 @@ def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, monkeypatch, caps
 
 @pytest.mark.slow
 def test_pcmoe_train_prints_start_progress_and_summary(tmp_path, capfd):
-    args = ["train", "--parties", "2", "--set", f"train.out_dir={tmp_path}", "--set", "train.steps=6",
-            "--set", "train.log_every=3", "--set", "train.eval_every=3", "--set", "train.tensorboard=true"]
-    pcmoe(args + [a for o in SMALL for a in ("--set", o)])
+    options = [f"train.out_dir={tmp_path}", "train.steps=6", "train.log_every=3", "train.eval_every=3",
+               "train.tensorboard=true", *SMALL]
+    pcmoe(["train", "--parties", "2"] + [a for o in options for a in ("--set", o)])
     out = capfd.readouterr().out.splitlines()
     run = tmp_path / "tiny-2p"
     summary = json.loads((run / "summary.json").read_text())
-    assert out[0].startswith("pcmoe: 2 parties train tiny (8 experts) on CPU over gloo | 128 tokens per party")
+    assert out[0] == start_line(load_config(None, ["parties=2", *options]))  # on CPU or GPUs, as this machine has
+    assert out[0].endswith(f"| 128 tokens per party and step (4 x 32), 6 steps | run folder {run}")
     for p in range(2):  # drawn once, by the launcher: the parties themselves print nothing
         assert sum(line.startswith(f"party {p} | step 1/6") for line in out) == 1
         assert sum(line.startswith(f"party {p} | eval loss") for line in out) == 2
