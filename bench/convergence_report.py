@@ -178,8 +178,14 @@ def write_figure(study: dict, path: Path) -> Path | None:
     axes = fig.subplots(2, 3).flatten()
     styles = {"central": ("black", "-"), "central-2": ("grey", "-"), "pcmoe-4p": ("tab:blue", "-"),
               "pcmoe-2p": ("tab:orange", "-"), "pcmoe-4p-shared-init": ("tab:purple", ":"),
-              "pcmoe-2p-shared-init": ("tab:brown", ":"), "central-2-party-batch": ("grey", ":"),
-              "local": ("tab:red", "--")}
+              "pcmoe-2p-shared-init": ("tab:brown", ":"), "central-party-batch": ("black", ":"),
+              "central-2-party-batch": ("grey", ":"), "local": ("tab:red", "--")}
+    spare = iter(("tab:green", "tab:olive", "tab:cyan", "tab:pink", "tab:gray"))
+
+    def style(name: str, state: dict) -> tuple[str, str]:
+        """A run's colour and line: its own, or (a run this figure does not know) a spare colour, dotted."""
+        key = "local" if state["kind"] == "local" else name
+        return styles.setdefault(key, (next(spare, "black"), ":"))
 
     def curve(state, party, key):
         points = [(e["step"] * _tokens_per_step(state), key(e)) for e in state["evals"][party]]
@@ -190,7 +196,7 @@ def write_figure(study: dict, path: Path) -> Path | None:
             if d not in state["domains"]:
                 continue
             party = 0 if state["kind"] != "pcmoe" else state["domains"].index(d)
-            colour, line = styles["local" if state["kind"] == "local" else name]
+            colour, line = style(name, state)
             ax.plot(*curve(state, party, lambda e: e["domains"][d]), line, color=colour, marker=".",
                     label=name if state["kind"] != "pcmoe" else f"{name} (party {party})")
         ax.set_title(f"held-out loss on {d}")
@@ -199,7 +205,7 @@ def write_figure(study: dict, path: Path) -> Path | None:
             ax.set_axis_off()
     ax = axes[len(domains)]
     for name, state in runs.items():
-        colour, line = styles["local" if state["kind"] == "local" else name]
+        colour, line = style(name, state)
         for party in range(state["parties"]):
             first = party == 0 and (state["kind"] != "local" or name == f"local-{domains[0]}")
             ax.plot(*curve(state, party, lambda e: e["union"]), line, color=colour, linewidth=1,
@@ -214,7 +220,8 @@ def write_figure(study: dict, path: Path) -> Path | None:
             reference = {e["step"]: e["domains"][d] for e in central["evals"][0]}
             points = [(e["step"] * _tokens_per_step(state), 100 * (e["domains"][d] / reference[e["step"]] - 1))
                       for e in state["evals"][party] if e["step"] in reference]
-            ax.plot([x for x, _ in points], [y for _, y in points], styles[name][1], marker=".", label=f"{name}: {d}")
+            ax.plot([x for x, _ in points], [y for _, y in points], style(name, state)[1], marker=".",
+                    label=f"{name}: {d}")
     ax.axhline(TARGET, color="green", linewidth=0.8)
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_title(f"PC-MoE's own-domain gap to centralized, % (target {TARGET:g}%)")
