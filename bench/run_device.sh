@@ -42,10 +42,11 @@
 #                                8 x 1024 tokens, the optimizer before issue 13, today's default, the memory options
 #   bench/run_device.sh alltests the whole tests/ suite on the GPU, kernels compiled; with 2 GPUs
 #                                (nvidia-h100-x2) also the protocol's n-party equality over NCCL. Extra
-#                                arguments go to its pytest (e.g. -x, -k, -m "not slow"). It takes more than one
-#                                call (2026-11-27, nvidia-h100-x2, beside a privacy run: the first 139 tests,
-#                                test_bench.py into test_engine_faults.py, in 454 s): TESTS picks each call's
-#                                files, e.g. TESTS="tests/test_engine_[f-z]*.py tests/test_ex*.py tests/test_[f-z]*.py"
+#                                arguments go to its pytest (e.g. -x, -k, -m "not slow", -n 4 --dist loadfile:
+#                                the device image has pytest-xdist). It takes more than one call; TESTS picks each
+#                                call's files (bench/results/gpu_alltests.md: three calls on 2026-11-27, e.g.
+#                                TESTS="tests/test_engine_nvtx.py tests/test_engine_[o-z]*.py tests/test_ex*.py
+#                                tests/test_[f-z]*.py" with -n 4 --dist loadfile: 221 tests in 369 s on 4 H100s)
 #
 # Writes into $OUT (the device tool's folder; default bench/results/device): bench_*.json, e2e_*.json,
 # small_<n>p.json, engine_profile.json, engine_trace.json.gz, engine_memory.pickle.gz, ncu.txt,
