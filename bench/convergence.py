@@ -116,6 +116,8 @@ class Run:
         return len(self.domains) if self.kind == "pcmoe" else 1
 
     def steps(self, scale: Scale) -> int:
+        """The public checkpoint is pretrained for half the study's steps: at the CPU scale, about one pass over
+        Tiny Shakespeare's training split."""
         return scale.steps // 2 if self.kind == "public" else scale.steps
 
     def batch_size(self, scale: Scale) -> int:
@@ -149,7 +151,8 @@ def run_config(scale: Scale, run: Run, out: Path):
     public += [f"model.init_from={out / PUBLIC_CHECKPOINT}"] if run.public_init else []
     quiet = ["privacy.hidden_noise=0", "privacy.grad_noise=0"] if run.no_noise else []
     return load_config(None, [
-        *(f"model.{o}" for o in scale.model), *public, *quiet, f"parties={run.parties}", f"data.seq_len={scale.seq_len}",
+        *(f"model.{o}" for o in scale.model), *public, *quiet, f"parties={run.parties}",
+        f"data.seq_len={scale.seq_len}",
         f"train.batch_size={batch}", f"train.steps={run.steps(scale)}", f"train.lr={scale.lr}",
         f"train.warmup_steps={scale.warmup}", f"train.eval_batches={scale.eval_windows // batch}",
         "train.keep_checkpoints=1", f"train.out_dir={out}", f"train.name={run.name}", "train.resume=true",
@@ -287,17 +290,11 @@ def public_checkpoint(scale_name: str, args, deadline: float) -> bool:
     """Make the -ft runs' public checkpoint under --out unless it is there: run (or resume) ``public-pretrain``,
     then export its party 0 with the engine's export, written whole or not at all. Whether it is there now."""
     from pcmoe_engine.export import export_dtype, write
-    from pcmoe_engine.hf_config import hf_config
     from pcmoe_engine.runs import read_party
 
     folder = args.out / PUBLIC_CHECKPOINT
     if folder.is_dir():
         return True
-    try:  # refused before any pretraining
-        hf_config(run_config(SCALES[scale_name], PUBLIC, args.out).model)
-    except ValueError as e:
-        sys.exit(f"convergence: error: the -ft runs start from a transformers checkpoint of the {scale_name} scale's "
-                 f"model, which is none: {e}")
     if not (args.out / PUBLIC.name / "party0" / "summary.json").is_file():
         gpus = [0] if torch.cuda.device_count() else []
         print(f"convergence: {PUBLIC.name}: pretraining the public checkpoint on Tiny Shakespeare", flush=True)
@@ -419,13 +416,22 @@ def main(argv: list[str] | None = None) -> None:
     done = {name for name, state in results(args.scale, runs, args, previous)["runs"].items() if state["complete"]}
     todo = [run for run in runs if run.name not in done and run is not PUBLIC]
     deadline = started + args.budget_s - args.reserve_s
-    if (PUBLIC in runs and PUBLIC.name not in done or any(run.public_init for run in todo)) \
-            and not public_checkpoint(args.scale, args, deadline):
-        todo = [run for run in todo if not run.public_init]
-    if todo:  # encoded here once, before the parties start (each would encode every domain)
-        cfg = run_config(SCALES[args.scale], todo[0], args.out)
+    public = PUBLIC in runs and PUBLIC.name not in done or any(run.public_init for run in todo)
+    if public:  # refused before anything runs
+        from pcmoe_engine.hf_config import hf_config
+
+        try:
+            hf_config(run_config(SCALES[args.scale], PUBLIC, args.out).model)
+        except ValueError as e:
+            sys.exit(f"convergence: error: the -ft runs start from a transformers checkpoint of the {args.scale} "
+                     f"scale's model, which is none: {e}")
+    if todo or public:  # encoded here once, before the parties start (each would encode every domain)
+        # The public checkpoint carries the bundled BPE, so a -ft run's tokens are the from-scratch runs'.
+        cfg = run_config(SCALES[args.scale], PUBLIC if public else todo[0], args.out)
         for domain in DOMAINS:
             domain_tokens(cfg, args.corpora, domain, args.out / "tokens", "eval")
+    if public and not public_checkpoint(args.scale, args, deadline):
+        todo = [run for run in todo if not run.public_init]
     print(f"convergence: {SCALES[args.scale].label}; done: {', '.join(sorted(done)) or 'none'}; to run: "
           f"{', '.join(run.name for run in todo) or 'none'}", flush=True)
     schedule(args.scale, todo, args, deadline)

@@ -162,9 +162,9 @@ def readme_section(study: dict) -> str:
     shipped = [r for r in rows if r["run"] == "pcmoe-2p-ft"]  # the method as shipped, from the public checkpoint
     if method or shipped:
         lines += ["", f"Target (issue 14): PC-MoE within {TARGET:g}% of centralized on every domain, and below "
-                      f"local-only on every party's domain, at {tokens:,} tokens per party. Here: "
-                  + " ".join(f"{what}: {_verdict(found)}" for what, found in (
-                      ("from scratch", method), ("from the public checkpoint (pcmoe-2p-ft)", shipped)) if found)]
+                      f"local-only on every party's domain, at {tokens:,} tokens per party. "
+                  + " ".join(f"{what}, {_verdict(found)}" for what, found in (
+                      ("From scratch", method), ("From the public checkpoint (pcmoe-2p-ft)", shipped)) if found)]
     return "\n".join(lines) + "\n"
 
 
@@ -172,8 +172,9 @@ def _verdict(rows: list[dict]) -> str:
     within = [r for r in rows if r["gap_central_pct"] is not None]
     worst = max(within, key=lambda r: r["gap_central_pct"]) if within else None
     below = [r for r in rows if r["below_local"] is not None]
-    return ((f"the largest gap to centralized is {worst['gap_central_pct']:+.1f}% ({worst['run']}, {worst['domain']}), "
-             f"{'within' if worst['gap_central_pct'] <= TARGET else 'not within'} the target; " if worst else "")
+    verdict = "within" if worst and worst["gap_central_pct"] <= TARGET else "not within"
+    return ((f"the largest gap to centralized is {worst['gap_central_pct']:+.1f}% ({worst['run']}, "
+             f"{worst['domain']}), {verdict} the target; " if worst else "")
             + (f"PC-MoE is below local-only on {sum(r['below_local'] for r in below)} of {len(below)} party domains."
                if below else ""))
 
