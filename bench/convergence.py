@@ -5,7 +5,7 @@ one per party (bench/corpora.py), the same model everywhere.
                                 [--runs NAME,...] [--readme README.md]
 
 Runs (``RUNS``; ``--runs`` picks some, and also takes the diagnostics ``pcmoe-4p-shared-init``,
-``pcmoe-2p-shared-init``, ``central-party-batch`` and ``central-2-party-batch``):
+``pcmoe-2p-shared-init``, ``central-party-batch``, ``central-2-party-batch`` and the ``-ft`` family below):
 
 - ``central``: one process, the four domains' training splits pooled, batch 4 x B (the tokens per step of the
   four PC-MoE parties together); ``central-party-batch``: the same at batch B;
@@ -14,7 +14,17 @@ Runs (``RUNS``; ``--runs`` picks some, and also takes the diagnostics ``pcmoe-4p
   PC-MoE party's, half of them from the other domain;
 - ``pcmoe-4p``, ``pcmoe-2p``: 4 (2) parties, party i on domain i, batch B each, each with its own backbone drawn
   from its own seed (the method); ``pcmoe-4p-shared-init`` (``-2p-``): every party starts from party 0's backbone;
-- ``local-<domain>``: one party alone on its domain with the whole model, batch B.
+- ``local-<domain>``: one party alone on its domain with the whole model, batch B;
+- fine-tuning one public checkpoint together (the paper's setting: ``model.init_from``): ``central-2-ft``,
+  ``pcmoe-2p-ft``, ``local-kernel-ft`` and ``local-manuals-ft`` are ``central-2``, ``pcmoe-2p`` and ``local-<domain>``
+  with every party's backbone and experts read from ``public-checkpoint/`` under ``--out``. That is ``public-pretrain``
+  (a run of its own, made first and once when a ``-ft`` run needs it): the scale's model at one party on Tiny
+  Shakespeare (the engine's built-in corpus: public, none of the four domains) for half the study's steps at its
+  batch, lr and warmup, then written by the engine's export (export.write) as a transformers folder. With
+  ``model.init_from`` the engine noises the rows that cross by default (privacy.SHARED_START_NOISE), so
+  ``pcmoe-2p-ft`` is the method as shipped, and ``pcmoe-2p-ft-no-noise`` the same with privacy.hidden_noise and
+  grad_noise 0: the noise's cost apart from the method's. The checkpoint folder is remade (the same, on the same
+  hardware) where --out lacks it.
 
 Every run has the same steps, learning-rate schedule and seed: at a step, each party (and each domain of a
 centralized run) has trained on the same number of tokens, B x seq_len per step.
@@ -98,10 +108,17 @@ class Run:
     domains: tuple[str, ...]
     shared_init: bool = False
     party_batch: bool = False  # a centralized run at one party's batch (B), not every pooled domain's share of it
+    public_init: bool = False  # every party starts from the public checkpoint (the -ft family)
+    no_noise: bool = False  # privacy.hidden_noise and grad_noise 0 (the engine's default with model.init_from: 0.5)
 
     @property
     def parties(self) -> int:
         return len(self.domains) if self.kind == "pcmoe" else 1
+
+    def steps(self, scale: Scale) -> int:
+        """The public checkpoint is pretrained for half the study's steps: at the CPU scale, about one pass over
+        Tiny Shakespeare's training split."""
+        return scale.steps // 2 if self.kind == "public" else scale.steps
 
     def batch_size(self, scale: Scale) -> int:
         """A centralized run's batch holds every pooled domain's share: the parties' tokens per step together."""
@@ -111,10 +128,16 @@ class Run:
 RUNS = (Run("pcmoe-4p", "pcmoe", DOMAINS), Run("central", "central", DOMAINS),
         Run("central-2", "central", DOMAINS[:2]), Run("pcmoe-2p", "pcmoe", DOMAINS[:2]),
         *(Run(f"local-{d}", "local", (d,)) for d in DOMAINS))
+PUBLIC = Run("public-pretrain", "public", ())  # the public checkpoint's run: Tiny Shakespeare, at one party
+PUBLIC_CHECKPOINT = "public-checkpoint"  # its export, under --out
 DIAGNOSTICS = (Run("pcmoe-4p-shared-init", "pcmoe", DOMAINS, shared_init=True),
                Run("pcmoe-2p-shared-init", "pcmoe", DOMAINS[:2], shared_init=True),
                Run("central-party-batch", "central", DOMAINS, party_batch=True),
-               Run("central-2-party-batch", "central", DOMAINS[:2], party_batch=True))
+               Run("central-2-party-batch", "central", DOMAINS[:2], party_batch=True),
+               PUBLIC, Run("central-2-ft", "central", DOMAINS[:2], public_init=True),
+               Run("pcmoe-2p-ft", "pcmoe", DOMAINS[:2], public_init=True),
+               Run("pcmoe-2p-ft-no-noise", "pcmoe", DOMAINS[:2], public_init=True, no_noise=True),
+               *(Run(f"local-{d}-ft", "local", (d,), public_init=True) for d in DOMAINS[:2]))
 KNOWN = {run.name: run for run in (*RUNS, *DIAGNOSTICS)}
 
 
@@ -122,9 +145,15 @@ def run_config(scale: Scale, run: Run, out: Path):
     from pcmoe_engine.config import load_config
 
     batch = run.batch_size(scale)
+    # The public model is named a transformers family to be exported as one: the tiny preset is exactly Mixtral's
+    # architecture (the name changes no weight or computation); a -ft run reads its model from the checkpoint.
+    public = ["model.family=mixtral"] if run.kind == "public" else []
+    public += [f"model.init_from={out / PUBLIC_CHECKPOINT}"] if run.public_init else []
+    quiet = ["privacy.hidden_noise=0", "privacy.grad_noise=0"] if run.no_noise else []
     return load_config(None, [
-        *(f"model.{o}" for o in scale.model), f"parties={run.parties}", f"data.seq_len={scale.seq_len}",
-        f"train.batch_size={batch}", f"train.steps={scale.steps}", f"train.lr={scale.lr}",
+        *(f"model.{o}" for o in scale.model), *public, *quiet, f"parties={run.parties}",
+        f"data.seq_len={scale.seq_len}",
+        f"train.batch_size={batch}", f"train.steps={run.steps(scale)}", f"train.lr={scale.lr}",
         f"train.warmup_steps={scale.warmup}", f"train.eval_batches={scale.eval_windows // batch}",
         "train.keep_checkpoints=1", f"train.out_dir={out}", f"train.name={run.name}", "train.resume=true",
         # Rows in token order: the secret order (privacy.shuffle) changes no result but the order of the experts'
@@ -167,11 +196,14 @@ def worker(args) -> None:
     scale, run, rank = SCALES[args.scale], KNOWN[args.worker], int(os.environ.get("RANK", 0))
     cfg = run_config(scale, run, args.out)
     mine = run.domains if run.kind == "central" else run.domains[rank:rank + 1]
-    train = torch.cat([domain_tokens(cfg, args.corpora, d, args.out / "tokens", "train") for d in mine]).long()
     windows = scale.eval_windows * scale.seq_len + 1
     held_out = {d: domain_tokens(cfg, args.corpora, d, args.out / "tokens", "eval")[:windows].long() for d in DOMAINS}
+    tokens = None  # the public run: the engine's own split of data.corpus (Tiny Shakespeare)
+    if mine:
+        train = torch.cat([domain_tokens(cfg, args.corpora, d, args.out / "tokens", "train") for d in mine]).long()
+        tokens = (train, held_out[mine[0]])
     transport = open_transport(cfg, rank, 600) if run.parties > 1 else None
-    party = Party(cfg, rank, transport, tokens=(train, held_out[mine[0]]))
+    party = Party(cfg, rank, transport, tokens=tokens)
     if run.shared_init:
         party.load_backbone(initial_backbone(cfg, 0).state_dict())
     party.resume()
@@ -180,7 +212,8 @@ def worker(args) -> None:
     def evaluate() -> None:
         losses = {d: party.evaluate(held_out[d]) for d in DOMAINS}
         union = sum(losses.values()) / len(losses)
-        log.write({"step": party.step_count, "eval_loss": losses[mine[0]], "eval_domains": losses,
+        own = losses[mine[0]] if mine else party.evaluate()
+        log.write({"step": party.step_count, "eval_loss": own, "eval_domains": losses,
                    "eval_union": union})
         say(f"{run.name} party {rank} | step {party.step_count} | held out: "
               + ", ".join(f"{d} {v:.3f}" for d, v in losses.items()) + f" | union {union:.3f}")
@@ -233,21 +266,47 @@ def run_state(scale: Scale, run: Run, out: Path) -> dict | None:
         return None
     calls = json.loads((folder / "calls.json").read_text()) if (folder / "calls.json").is_file() else []
     steps = [[r for r in records if "loss" in r] for records in parties]
+    cfg = run_config(scale, run, out)
+    noise = cfg.privacy.resolved(bool(cfg.model.init_from))
     return {
         "kind": run.kind, "parties": run.parties, "domains": list(run.domains), "shared_init": run.shared_init,
+        "public_init": run.public_init, "noise": {"hidden": noise.hidden_noise, "output_grad": noise.grad_noise},
         "batch_size": run.batch_size(scale), "tokens_per_step": run.batch_size(scale) * scale.seq_len,
         "steps_done": min(len(s) for s in steps),
         "complete": all((folder / f"party{p}" / "summary.json").is_file() for p in range(run.parties)),
         "wall_s": sum(c["seconds"] for c in calls), "calls": calls,
         "peak_memory_bytes": [max((r["peak_memory_bytes"] for r in s), default=None) for s in steps],
         "peak_memory_kind": "gpu_max_allocated" if any("cuda" in c.get("device", "") for c in calls) else "cpu_max_rss",
-        "config": run_config(scale, run, out).to_dict(),
+        "config": cfg.to_dict(),
         "train_loss": [[[r["step"], r["loss"]] for r in s] for s in steps],
         "grad_norms": [[[r["grad_norm"], r["expert_grad_norm"]] for r in s] for s in steps],  # before clipping
         "expert_load": [[r["expert_load"] for r in s[-max(1, len(s) // 10):]] for s in steps],
         "evals": [[{"step": r["step"], "domains": r["eval_domains"], "union": r["eval_union"]}
                    for r in records if "eval_domains" in r] for records in parties],
     }
+
+
+def public_checkpoint(scale_name: str, args, deadline: float) -> bool:
+    """Make the -ft runs' public checkpoint under --out unless it is there: run (or resume) ``public-pretrain``,
+    then export its party 0 with the engine's export, written whole or not at all. Whether it is there now."""
+    from pcmoe_engine.export import export_dtype, write
+    from pcmoe_engine.runs import read_party
+
+    folder = args.out / PUBLIC_CHECKPOINT
+    if folder.is_dir():
+        return True
+    if not (args.out / PUBLIC.name / "party0" / "summary.json").is_file():
+        gpus = [0] if torch.cuda.device_count() else []
+        print(f"convergence: {PUBLIC.name}: pretraining the public checkpoint on Tiny Shakespeare", flush=True)
+        _launch_run(scale_name, PUBLIC, args, gpus, deadline)
+        if not (args.out / PUBLIC.name / "party0" / "summary.json").is_file():
+            return False  # stopped by the budget (or failed, as it said): the next call resumes it
+    saved = read_party(args.out / PUBLIC.name, 0)
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    write(saved, tmp, [saved.shard("cpu")], export_dtype(saved))
+    os.replace(tmp, folder)
+    print(f"convergence: wrote {folder} ({PUBLIC.name}, step {saved.step})", flush=True)
+    return True
 
 
 def _launch_run(scale_name: str, run: Run, args, gpus: list[int], deadline: float) -> None:
@@ -350,17 +409,32 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         sys.exit(f"convergence: error: unknown run(s) {', '.join(unknown)}: choose among {', '.join(KNOWN)}")
     runs = [KNOWN[name] for name in args.runs.split(",")]
+    if any(run.public_init for run in runs) and PUBLIC not in runs:
+        runs.insert(0, PUBLIC)
     path = args.results / f"convergence_{args.scale}.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     done = {name for name, state in results(args.scale, runs, args, previous)["runs"].items() if state["complete"]}
-    todo = [run for run in runs if run.name not in done]
-    if todo:  # encoded here once, before the parties start (each would encode every domain)
-        cfg = run_config(SCALES[args.scale], todo[0], args.out)
+    todo = [run for run in runs if run.name not in done and run is not PUBLIC]
+    deadline = started + args.budget_s - args.reserve_s
+    public = PUBLIC in runs and PUBLIC.name not in done or any(run.public_init for run in todo)
+    if public:  # refused before anything runs
+        from pcmoe_engine.hf_config import hf_config
+
+        try:
+            hf_config(run_config(SCALES[args.scale], PUBLIC, args.out).model)
+        except ValueError as e:
+            sys.exit(f"convergence: error: the -ft runs start from a transformers checkpoint of the {args.scale} "
+                     f"scale's model, which is none: {e}")
+    if todo or public:  # encoded here once, before the parties start (each would encode every domain)
+        # The public checkpoint carries the bundled BPE, so a -ft run's tokens are the from-scratch runs'.
+        cfg = run_config(SCALES[args.scale], PUBLIC if public else todo[0], args.out)
         for domain in DOMAINS:
             domain_tokens(cfg, args.corpora, domain, args.out / "tokens", "eval")
+    if public and not public_checkpoint(args.scale, args, deadline):
+        todo = [run for run in todo if not run.public_init]
     print(f"convergence: {SCALES[args.scale].label}; done: {', '.join(sorted(done)) or 'none'}; to run: "
           f"{', '.join(run.name for run in todo) or 'none'}", flush=True)
-    schedule(args.scale, todo, args, started + args.budget_s - args.reserve_s)
+    schedule(args.scale, todo, args, deadline)
     study = results(args.scale, runs, args, previous)
     args.results.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(study) + "\n")

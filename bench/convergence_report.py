@@ -2,9 +2,10 @@
 the end of every call; ``python -m bench.convergence_report RESULTS.json [--readme README.md]`` redraws them).
 
 Final held-out loss = each run's last evaluation. PC-MoE party i is compared on its own domain with the centralized
-run that pooled the same domains (``central`` for 4 parties, ``central-2`` for 2) and with ``local-<domain>``, at the
-last step all three evaluated (a run a budget stopped is compared where it stopped): the gap is (PC-MoE / other - 1),
-in percent.
+run that pooled the same domains (``central`` for 4 parties, ``central-2`` for 2) and with ``local-<domain>``, both
+of its own family (a run from the public checkpoint, ``-ft``, with ``central-2-ft`` and ``local-<domain>-ft``), at
+the last step all three evaluated (a run a budget stopped is compared where it stopped): the gap is
+(PC-MoE / other - 1), in percent.
 """
 
 import argparse
@@ -51,8 +52,13 @@ def _tokens_per_step(state: dict) -> int:
     return state["tokens_per_step"] // (len(state["domains"]) if state["kind"] == "central" else 1)
 
 
+def _family(state: dict) -> str:
+    """The suffix of a run's family: "-ft" for the runs from the public checkpoint, "" for those from scratch."""
+    return "-ft" if state.get("public_init") else ""
+
+
 def _central_for(state: dict) -> str:
-    return "central" if len(state["domains"]) == 4 else "central-2"
+    return ("central" if len(state["domains"]) == 4 else "central-2") + _family(state)
 
 
 def _gap(row: dict | None, state: dict) -> str:
@@ -84,7 +90,7 @@ def comparison(study: dict) -> list[dict]:
         if state["kind"] != "pcmoe":
             continue
         for d in state["domains"]:
-            refs = {"central": _central_for(state), "local": f"local-{d}"}
+            refs = {"central": _central_for(state), "local": f"local-{d}{_family(state)}"}
             steps = [_evaluated(study, run, d) for run in (name, *refs.values())]
             common = set.intersection(*(s for s in steps if s is not None))
             if not common:
@@ -131,7 +137,8 @@ def readme_section(study: dict) -> str:
              f"{s['batch']} x {s['seq_len']} tokens per party (per domain, for a centralized run), lr {s['lr']:g}; "
              f"held-out loss on each domain's first {s['eval_windows']} held-out windows (bench/convergence.py "
              "says exactly what), at the last step. A PC-MoE party is on its own domain; in brackets, its gap to the "
-             "centralized run of the same domains and to the local-only run of its domain, at the last step all three "
+             "centralized run of the same domains and to the local-only run of its domain, both of its family (a -ft "
+             "run, from the public checkpoint, to central-2-ft and local-<domain>-ft), at the last step all three "
              "evaluated.", "",
              "| run | parties | " + " | ".join(domains) + " | union (per party) | tokens per party | wall | peak memory "
              "per party |", "|---|---|" + "---|" * len(domains) + "---|---|---|---|"]
@@ -151,19 +158,25 @@ def readme_section(study: dict) -> str:
         d = diagnostics(state)
         lines.append(f"| {name} | " + " | ".join(" / ".join(fmt.format(p[key]) for p in d) for key, fmt in (
             ("load_max_over_mean", "{:.2f}"), ("backbone_clipped", "{:.0%}"), ("experts_clipped", "{:.0%}"))) + " |")
-    rows = [r for r in rows if not study["runs"][r["run"]]["diagnostic"]]  # the method's runs
-    if rows:
-        within = [r for r in rows if r["gap_central_pct"] is not None]
-        worst = max(within, key=lambda r: r["gap_central_pct"]) if within else None
-        below = [r for r in rows if r["below_local"] is not None]
+    method = [r for r in rows if not study["runs"][r["run"]]["diagnostic"]]  # the method's runs, from scratch
+    shipped = [r for r in rows if r["run"] == "pcmoe-2p-ft"]  # the method as shipped, from the public checkpoint
+    if method or shipped:
         lines += ["", f"Target (issue 14): PC-MoE within {TARGET:g}% of centralized on every domain, and below "
-                      f"local-only on every party's domain, at {tokens:,} tokens per party. Here: "
-                  + (f"the largest gap to centralized is {worst['gap_central_pct']:+.1f}% ({worst['run']}, "
-                     f"{worst['domain']}), {'within' if worst['gap_central_pct'] <= TARGET else 'not within'} the "
-                     "target; " if worst else "")
-                  + (f"PC-MoE is below local-only on {sum(r['below_local'] for r in below)} of {len(below)} "
-                     "party domains." if below else "")]
+                      f"local-only on every party's domain, at {tokens:,} tokens per party. "
+                  + " ".join(f"{what}, {_verdict(found)}" for what, found in (
+                      ("From scratch", method), ("From the public checkpoint (pcmoe-2p-ft)", shipped)) if found)]
     return "\n".join(lines) + "\n"
+
+
+def _verdict(rows: list[dict]) -> str:
+    within = [r for r in rows if r["gap_central_pct"] is not None]
+    worst = max(within, key=lambda r: r["gap_central_pct"]) if within else None
+    below = [r for r in rows if r["below_local"] is not None]
+    verdict = "within" if worst and worst["gap_central_pct"] <= TARGET else "not within"
+    return ((f"the largest gap to centralized is {worst['gap_central_pct']:+.1f}% ({worst['run']}, "
+             f"{worst['domain']}), {verdict} the target; " if worst else "")
+            + (f"PC-MoE is below local-only on {sum(r['below_local'] for r in below)} of {len(below)} party domains."
+               if below else ""))
 
 
 def write_figure(study: dict, path: Path) -> Path | None:
@@ -179,12 +192,14 @@ def write_figure(study: dict, path: Path) -> Path | None:
     styles = {"central": ("black", "-"), "central-2": ("grey", "-"), "pcmoe-4p": ("tab:blue", "-"),
               "pcmoe-2p": ("tab:orange", "-"), "pcmoe-4p-shared-init": ("tab:purple", ":"),
               "pcmoe-2p-shared-init": ("tab:brown", ":"), "central-party-batch": ("black", ":"),
-              "central-2-party-batch": ("grey", ":"), "local": ("tab:red", "--")}
-    spare = iter(("tab:green", "tab:olive", "tab:cyan", "tab:pink", "tab:gray"))
+              "central-2-party-batch": ("grey", ":"), "local": ("tab:red", "--"), "public-pretrain": ("tab:green", "-."),
+              "central-2-ft": ("grey", "-."), "pcmoe-2p-ft": ("tab:orange", "-."),
+              "pcmoe-2p-ft-no-noise": ("tab:olive", "-."), "local-ft": ("tab:red", "-.")}
+    spare = iter(("tab:cyan", "tab:pink", "tab:gray"))
 
     def style(name: str, state: dict) -> tuple[str, str]:
         """A run's colour and line: its own, or (a run this figure does not know) a spare colour, dotted."""
-        key = "local" if state["kind"] == "local" else name
+        key = f"local{_family(state)}" if state["kind"] == "local" else name
         return styles.setdefault(key, (next(spare, "black"), ":"))
 
     def curve(state, party, key):
@@ -207,9 +222,9 @@ def write_figure(study: dict, path: Path) -> Path | None:
     for name, state in runs.items():
         colour, line = style(name, state)
         for party in range(state["parties"]):
-            first = party == 0 and (state["kind"] != "local" or name == f"local-{domains[0]}")
+            first = party == 0 and (state["kind"] != "local" or name == f"local-{domains[0]}{_family(state)}")
             ax.plot(*curve(state, party, lambda e: e["union"]), line, color=colour, linewidth=1,
-                    label=("local-only" if state["kind"] == "local" else name) if first else None)
+                    label=(f"local-only{_family(state)}" if state["kind"] == "local" else name) if first else None)
     ax.set_title("held-out loss on the union (every party)")
     ax = axes[len(domains) + 1]
     for name, state in runs.items():

@@ -145,3 +145,63 @@ def test_a_run_gets_the_gpus_it_was_given_among_those_visible(tmp_path, monkeypa
     convergence._launch_run("smoke", convergence.KNOWN["pcmoe-2p"], args, [1, 2], deadline=0.0)
     assert seen["CUDA_VISIBLE_DEVICES"] == expected
     assert json.loads((tmp_path / "pcmoe-2p" / "calls.json").read_text())[0]["device"] == "cuda x 2"
+
+
+FINE_TUNED = "central-2-ft,pcmoe-2p-ft,pcmoe-2p-ft-no-noise,local-kernel-ft"
+
+
+@pytest.mark.slow
+def test_the_ft_runs_start_from_one_public_checkpoint_made_once(tmp_path, corpora):
+    from bench.convergence_report import comparison, own_losses
+    from pcmoe_engine.data import tokenizer_for
+
+    out, results = tmp_path / "out", tmp_path / "results"
+    args = ["--scale", "smoke", "--corpora", str(corpora), "--out", str(out), "--results", str(results)]
+    convergence.main([*args, "--runs", FINE_TUNED])
+    study = json.loads((results / "convergence_smoke.json").read_text())
+    runs = study["runs"]
+    assert list(runs) == ["public-pretrain", *FINE_TUNED.split(",")] and all(s["complete"] for s in runs.values())
+    public = out / convergence.PUBLIC_CHECKPOINT
+    assert (public / "config.json").is_file() and any(public.glob("*.safetensors"))
+    assert runs["public-pretrain"]["steps_done"] == convergence.SCALES["smoke"].steps // 2
+    for name in FINE_TUNED.split(","):
+        assert runs[name]["config"]["model"]["init_from"] == str(public) and runs[name]["public_init"]
+    assert runs["pcmoe-2p-ft"]["noise"] == {"hidden": 0.5, "output_grad": 0.5}  # the engine's default
+    assert runs["pcmoe-2p-ft-no-noise"]["noise"] == {"hidden": 0.0, "output_grad": 0.0}
+
+    # Every party of every noiseless -ft run starts as the pretrained model ended; from scratch, it started higher.
+    pretrained, scratch = (runs["public-pretrain"]["evals"][0][i]["domains"] for i in (-1, 0))
+    starts = [evals[0]["domains"] for name in ("central-2-ft", "pcmoe-2p-ft-no-noise", "local-kernel-ft")
+              for evals in runs[name]["evals"]]
+    for start in starts:
+        assert start == pytest.approx(pretrained, abs=1e-4) and start != pytest.approx(scratch, abs=1e-2)
+    # The noised run's evaluation goes through the noised protocol: another step 0.
+    assert runs["pcmoe-2p-ft"]["evals"][0][0]["domains"] != pytest.approx(pretrained, abs=1e-6)
+    # The held-out tokens are the from-scratch runs' (the cache is shared): the checkpoint carries the same BPE.
+    text = "Documentation of the kernel's memory manager, and its manual page."
+    tokenizers = [tokenizer_for(convergence.run_config(convergence.SCALES["smoke"], convergence.KNOWN[name], out))
+                  for name in ("central-2", "central-2-ft")]
+    assert tokenizers[0].encode(text).ids == tokenizers[1].encode(text).ids
+
+    # A -ft PC-MoE party is compared with its own family, central-2-ft and local-<domain>-ft.
+    row = next(r for r in comparison(study) if r["run"] == "pcmoe-2p-ft" and r["domain"] == "kernel")
+    assert row["central"] == own_losses(study, "central-2-ft")["kernel"]
+    assert row["local"] == own_losses(study, "local-kernel-ft")["kernel"]
+    assert not any(r["domain"] == "manuals" and r["local"] is not None for r in comparison(study))  # not run
+
+    # Another -ft run later reuses the checkpoint: the pretraining ran in one call, the folder was not rewritten.
+    written = {p.name: p.stat().st_mtime_ns for p in public.iterdir()}
+    convergence.main([*args, "--runs", "local-manuals-ft"])
+    again = json.loads((results / "convergence_smoke.json").read_text())["runs"]
+    assert again["local-manuals-ft"]["complete"] and len(again["public-pretrain"]["calls"]) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in public.iterdir()} == written
+    assert again["local-manuals-ft"]["evals"][0][0]["domains"] == pytest.approx(pretrained, abs=1e-4)
+
+
+def test_the_ft_runs_need_a_model_of_a_transformers_family(tmp_path, capsys):
+    """The gpu scale's `small` preset (an ungated shared expert) is no transformers architecture: refused before
+    anything runs."""
+    with pytest.raises(SystemExit, match="-ft runs start from a transformers checkpoint of the gpu scale's model"):
+        convergence.main(["--scale", "gpu", "--out", str(tmp_path / "out"), "--results", str(tmp_path), "--runs",
+                          "pcmoe-2p-ft"])
+    assert not (tmp_path / "out" / "public-pretrain").exists()
