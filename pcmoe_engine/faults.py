@@ -14,7 +14,8 @@ process with PEER_LOST, even while the main thread is blocked in a collective. W
 ``grace`` seconds for the culprit's heartbeat. A party still setting up (reading and tokenising its data,
 building or loading its model) gets SETUP_FACTOR x peer_timeout_s: tokenising a large corpus holds the GIL, and
 the heartbeat thread with it; so does the process group's own timeout, the backstop for a party that answers
-but makes no progress. Nothing here depends on how the rows travel (gloo, NCCL) or on where a party runs: the
+but makes no progress. Once this party has exchanged the handshake with every other, none is setting up any more:
+a heartbeat that still says setup is stale, and its party is judged like a running one. Nothing here depends on how the rows travel (gloo, NCCL) or on where a party runs: the
 store is the rendezvous every party reaches anyway.
 """
 
@@ -124,10 +125,11 @@ def _state(heartbeat: str) -> str:
 
 class Progress:
     """Where a run stands, for the line a stopping party prints: ``party`` (the Party, once built: its step and
-    last committed checkpoint) and ``resume`` (the command that resumes the run)."""
+    last committed checkpoint) and ``resume`` (the command that resumes the run); ``joined``: the party has
+    exchanged its handshake with every other, so none of them is still setting up."""
 
     def __init__(self, resume: str):
-        self.party, self.resume = None, resume
+        self.party, self.resume, self.joined = None, resume, False
 
     @property
     def step(self) -> int:
@@ -185,6 +187,10 @@ class Watchdog:
             gone[0] = "is unreachable (it hosts the rendezvous store)"
         for p, (heartbeat, changed) in self._seen.items():
             state, _, detail = _state(heartbeat).partition(":")
+            if state == "setup" and self.progress.joined:
+                # Stale: that party has joined the handshake, so it is past setup; it ran its first steps before
+                # its heartbeat thread next beat (the main thread had the GIL), then stopped. Silent like a runner.
+                state = "run"
             if state == "setup":
                 if now - changed > (limit if self.blaming else self.setup_s):
                     setting_up[p] = f"stopped answering while setting up (killed, hung or cut off; or reading more " \

@@ -53,6 +53,8 @@ def train(cfg: Config, rank: int, transport: Transport | None = None, quiet: boo
                 f"party {rank} | no checkpoint every party holds: starting from step 0")
     else:
         party.handshake()
+    if progress is not None:
+        progress.joined = True
     record_config(party.dir, cfg)
     log = MetricsLog(party, quiet)
     while party.step_count < t.steps:

@@ -352,3 +352,21 @@ def test_two_parties_on_one_gpu_get_one_line():
     code, line, state = _stopped(nccl, Progress("pcmoe party --rank 0"), None)
     assert (code, state) == (ExitCode.BAD_INPUT, "fail")
     assert line.startswith("two parties are on one GPU") and "CUDA_VISIBLE_DEVICES" in line and "\n" not in line
+
+
+def test_a_setup_heartbeat_is_stale_once_every_party_has_joined():
+    """A party can finish setting up, join the handshake and run its first steps before its heartbeat thread beats
+    again (its main thread had the GIL), then hang: its last heartbeat still says setup. Before the handshake that
+    earns the long setup allowance; after it, the party is judged like any runner (seen: a SIGSTOP at step 12
+    went unnoticed for 50 s instead of peer_timeout_s, about one run in 16 on a 2-core machine)."""
+    from pcmoe_engine.faults import SETUP_FACTOR, Progress, Watchdog
+
+    progress = Progress("pcmoe train --set train.resume=true")
+    watchdog = Watchdog(dist.HashStore(), 0, 2, 100.0, progress)
+    assert watchdog.claim("done")  # its own judge stands down: only _gone is asked here
+    watchdog._stopped = True
+    silent_s = 2 * 100.0
+    watchdog._seen = {1: ("3 0 setup", time.monotonic() - silent_s)}
+    assert silent_s < SETUP_FACTOR * 100.0 and watchdog._gone(100.0) == {}  # still setting up: waited for
+    progress.joined = True
+    assert watchdog._gone(100.0) == {1: "stopped answering (killed, hung or cut off)"}
