@@ -192,8 +192,8 @@ def write_figure(study: dict, path: Path) -> Path | None:
     styles = {"central": ("black", "-"), "central-2": ("grey", "-"), "pcmoe-4p": ("tab:blue", "-"),
               "pcmoe-2p": ("tab:orange", "-"), "pcmoe-4p-shared-init": ("tab:purple", ":"),
               "pcmoe-2p-shared-init": ("tab:brown", ":"), "central-party-batch": ("black", ":"),
-              "central-2-party-batch": ("grey", ":"), "local": ("tab:red", "--"), "public-pretrain": ("tab:green", "-."),
-              "central-2-ft": ("grey", "-."), "pcmoe-2p-ft": ("tab:orange", "-."),
+              "central-2-party-batch": ("grey", ":"), "local": ("tab:red", "--"),
+              "public-pretrain": ("tab:green", "-."), "central-2-ft": ("grey", "-."), "pcmoe-2p-ft": ("tab:orange", "-."),
               "pcmoe-2p-ft-no-noise": ("tab:olive", "-."), "local-ft": ("tab:red", "-.")}
     spare = iter(("tab:cyan", "tab:pink", "tab:gray"))
 

@@ -15,8 +15,8 @@ process with PEER_LOST, even while the main thread is blocked in a collective. W
 building or loading its model) gets SETUP_FACTOR x peer_timeout_s: tokenising a large corpus holds the GIL, and
 the heartbeat thread with it; so does the process group's own timeout, the backstop for a party that answers
 but makes no progress. Once this party has exchanged the handshake with every other, none is setting up any more:
-a heartbeat that still says setup is stale, and its party is judged like a running one. Nothing here depends on how the rows travel (gloo, NCCL) or on where a party runs: the
-store is the rendezvous every party reaches anyway.
+a heartbeat that still says setup is stale, and its party is judged like a running one. Nothing here depends on
+how the rows travel (gloo, NCCL) or on where a party runs: the store is the rendezvous every party reaches anyway.
 """
 
 import ctypes

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.expert_intermediate_size=32",
          "model.shared_intermediate_size=16", "data.seq_len=16", "train.batch_size=2", "train.steps=3",
          "train.warmup_steps=1", "train.eval_batches=1", "train.log_every=1", "train.name=multihost",
-         "train.device=cpu"]  # several parties on one machine: on its GPU each would take cuda:0, as on a host of its own
+         "train.device=cpu"]  # parties on one machine: on its GPU each would take cuda:0, as on a host of its own
 TIMINGS = ("step_time_s", "tokens_per_s", "peak_memory_bytes")
 
 
