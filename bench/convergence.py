@@ -149,9 +149,9 @@ def run_config(scale: Scale, run: Run, out: Path):
     # architecture (the name changes no weight or computation); a -ft run reads its model from the checkpoint.
     public = ["model.family=mixtral"] if run.kind == "public" else []
     public += [f"model.init_from={out / PUBLIC_CHECKPOINT}"] if run.public_init else []
-    quiet = ["privacy.hidden_noise=0", "privacy.grad_noise=0"] if run.no_noise else []
+    noiseless = ["privacy.hidden_noise=0", "privacy.grad_noise=0"] if run.no_noise else []
     return load_config(None, [
-        *(f"model.{o}" for o in scale.model), *public, *quiet, f"parties={run.parties}",
+        *(f"model.{o}" for o in scale.model), *public, *noiseless, f"parties={run.parties}",
         f"data.seq_len={scale.seq_len}",
         f"train.batch_size={batch}", f"train.steps={run.steps(scale)}", f"train.lr={scale.lr}",
         f"train.warmup_steps={scale.warmup}", f"train.eval_batches={scale.eval_windows // batch}",
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     done = {name for name, state in results(args.scale, runs, args, previous)["runs"].items() if state["complete"]}
     todo = [run for run in runs if run.name not in done and run is not PUBLIC]
     deadline = started + args.budget_s - args.reserve_s
-    public = PUBLIC in runs and PUBLIC.name not in done or any(run.public_init for run in todo)
+    public = (PUBLIC in runs and PUBLIC.name not in done) or any(run.public_init for run in todo)
     if public:  # refused before anything runs
         from pcmoe_engine.hf_config import hf_config
 

@@ -2,12 +2,14 @@
 its runs, their evaluations on every domain, the results file and README table, and resuming: from a checkpoint,
 and after a budget stop, a run ends exactly as one that never stopped."""
 
+import argparse
 import gzip
 import json
 import shutil
 
 import pytest
 
+import pcmoe_engine.cli
 from bench import convergence
 from bench.convergence_report import main as report
 from bench.convergence_routing import main as routing_main
@@ -131,10 +133,6 @@ def test_the_party_batch_diagnostic_pools_the_domains_at_one_partys_batch():
 @pytest.mark.parametrize("visible, expected", [(None, "1,2"), ("4,5,6", "5,6")])
 def test_a_run_gets_the_gpus_it_was_given_among_those_visible(tmp_path, monkeypatch, visible, expected):
     """The study may itself be confined to some GPUs (another job beside it): a run's GPU indexes are its."""
-    import argparse
-
-    import pcmoe_engine.cli
-
     if visible is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
