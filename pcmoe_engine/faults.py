@@ -159,8 +159,10 @@ class Watchdog:
         self._store_ok = now
         self._claim = threading.Lock()
         self._stopped = False
-        threading.Thread(target=self._beat, name="pcmoe-heartbeat", daemon=True).start()
-        threading.Thread(target=self._judge, name="pcmoe-watchdog", daemon=True).start()
+        self._threads = [threading.Thread(target=self._beat, name="pcmoe-heartbeat", daemon=True),
+                         threading.Thread(target=self._judge, name="pcmoe-watchdog", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     def _beat(self) -> None:
         beats = 0
@@ -234,9 +236,9 @@ class Watchdog:
             return True
 
     def leave(self) -> None:
-        """Let this party's last state reach the store, then stop. Party 0, which hosts the store, first waits for
-        the others to read it (done: for their files, which they write before they say done), until each has
-        stopped running or gone silent."""
+        """Let this party's last state reach the store, then stop both threads. Party 0, which hosts the store,
+        first waits for the others to read it (done: for their files, which they write before they say done),
+        until each has stopped running or gone silent."""
         deadline = time.monotonic() + 2 * self.interval + 0.25
         while (self.published != self.state and time.monotonic() < deadline
                and time.monotonic() - self._store_ok < 2 * self.interval):  # not when the store is gone
@@ -247,3 +249,8 @@ class Watchdog:
                    and any(_state(heartbeat) in ("run", "setup") for heartbeat, _ in self._seen.values())):
                 time.sleep(self.interval / 2)
         self._stopped = True
+        # A daemon thread still inside a store call when the interpreter exits is ended mid-C++ frame, which aborts
+        # the process ("terminate called without an active exception"): a finished run would die by SIGABRT.
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=2 * self.interval + 1.0)
