@@ -23,8 +23,11 @@ Runs (``RUNS``; ``--runs`` picks some, and also takes the diagnostics ``pcmoe-4p
   batch, lr and warmup, then written by the engine's export (export.write) as a transformers folder. With
   ``model.init_from`` the engine noises the rows that cross by default (privacy.SHARED_START_NOISE), so
   ``pcmoe-2p-ft`` is the method as shipped, and ``pcmoe-2p-ft-no-noise`` the same with privacy.hidden_noise and
-  grad_noise 0: the noise's cost apart from the method's. The checkpoint folder is remade (the same, on the same
-  hardware) where --out lacks it.
+  grad_noise 0: the noise's cost apart from the method's; ``pcmoe-2p-ft-noise-0.1`` and ``-0.3`` the same at noises
+  in between (what each point of docs/privacy.md's trade-off costs the collaboration). The checkpoint folder is
+  remade where --out lacks it: bitwise the same with the same CPU threads (``calls.json`` records them), else not
+  (remade with 2 threads instead of 1, its loss left the first's at step 11, in the 7th digit). Each -ft run records
+  the sha256 of the checkpoint it started from (``public_checkpoint``) and is compared only with runs from the same.
 
 Every run has the same steps, learning-rate schedule and seed: at a step, each party (and each domain of a
 centralized run) has trained on the same number of tokens, B x seq_len per step.
@@ -55,6 +58,7 @@ expected times.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -109,7 +113,7 @@ class Run:
     shared_init: bool = False
     party_batch: bool = False  # a centralized run at one party's batch (B), not every pooled domain's share of it
     public_init: bool = False  # every party starts from the public checkpoint (the -ft family)
-    no_noise: bool = False  # privacy.hidden_noise and grad_noise 0 (the engine's default with model.init_from: 0.5)
+    noise: float | None = None  # privacy.hidden_noise and grad_noise; None: the engine's (with model.init_from, 0.5)
 
     @property
     def parties(self) -> int:
@@ -130,13 +134,15 @@ RUNS = (Run("pcmoe-4p", "pcmoe", DOMAINS), Run("central", "central", DOMAINS),
         *(Run(f"local-{d}", "local", (d,)) for d in DOMAINS))
 PUBLIC = Run("public-pretrain", "public", ())  # the public checkpoint's run: Tiny Shakespeare, at one party
 PUBLIC_CHECKPOINT = "public-checkpoint"  # its export, under --out
+STAMP = "public_checkpoint.sha256"  # in a -ft run's folder (and public-pretrain's): the checkpoint it started from
 DIAGNOSTICS = (Run("pcmoe-4p-shared-init", "pcmoe", DOMAINS, shared_init=True),
                Run("pcmoe-2p-shared-init", "pcmoe", DOMAINS[:2], shared_init=True),
                Run("central-party-batch", "central", DOMAINS, party_batch=True),
                Run("central-2-party-batch", "central", DOMAINS[:2], party_batch=True),
                PUBLIC, Run("central-2-ft", "central", DOMAINS[:2], public_init=True),
                Run("pcmoe-2p-ft", "pcmoe", DOMAINS[:2], public_init=True),
-               Run("pcmoe-2p-ft-no-noise", "pcmoe", DOMAINS[:2], public_init=True, no_noise=True),
+               Run("pcmoe-2p-ft-no-noise", "pcmoe", DOMAINS[:2], public_init=True, noise=0.0),
+               *(Run(f"pcmoe-2p-ft-noise-{x}", "pcmoe", DOMAINS[:2], public_init=True, noise=x) for x in (0.1, 0.3)),
                *(Run(f"local-{d}-ft", "local", (d,), public_init=True) for d in DOMAINS[:2]))
 KNOWN = {run.name: run for run in (*RUNS, *DIAGNOSTICS)}
 
@@ -149,9 +155,9 @@ def run_config(scale: Scale, run: Run, out: Path):
     # architecture (the name changes no weight or computation); a -ft run reads its model from the checkpoint.
     public = ["model.family=mixtral"] if run.kind == "public" else []
     public += [f"model.init_from={out / PUBLIC_CHECKPOINT}"] if run.public_init else []
-    noiseless = ["privacy.hidden_noise=0", "privacy.grad_noise=0"] if run.no_noise else []
+    noise = [] if run.noise is None else [f"privacy.hidden_noise={run.noise}", f"privacy.grad_noise={run.noise}"]
     return load_config(None, [
-        *(f"model.{o}" for o in scale.model), *public, *noiseless, f"parties={run.parties}",
+        *(f"model.{o}" for o in scale.model), *public, *noise, f"parties={run.parties}",
         f"data.seq_len={scale.seq_len}",
         f"train.batch_size={batch}", f"train.steps={run.steps(scale)}", f"train.lr={scale.lr}",
         f"train.warmup_steps={scale.warmup}", f"train.eval_batches={scale.eval_windows // batch}",
@@ -258,6 +264,14 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def _digest(folder: Path) -> str:
+    """The public checkpoint's identity: the sha256 of its weights (a remade one may differ: the module docstring)."""
+    sha = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        sha.update(path.read_bytes())
+    return sha.hexdigest()[:16]
+
+
 def run_state(scale: Scale, run: Run, out: Path) -> dict | None:
     """What --out holds of a run: its curves, peak memory, wall time and whether it is complete; None if nothing."""
     folder = out / run.name
@@ -271,6 +285,7 @@ def run_state(scale: Scale, run: Run, out: Path) -> dict | None:
     return {
         "kind": run.kind, "parties": run.parties, "domains": list(run.domains), "shared_init": run.shared_init,
         "public_init": run.public_init, "noise": {"hidden": noise.hidden_noise, "output_grad": noise.grad_noise},
+        "public_checkpoint": (folder / STAMP).read_text() if (folder / STAMP).is_file() else None,
         "batch_size": run.batch_size(scale), "tokens_per_step": run.batch_size(scale) * scale.seq_len,
         "steps_done": min(len(s) for s in steps),
         "complete": all((folder / f"party{p}" / "summary.json").is_file() for p in range(run.parties)),
@@ -305,6 +320,7 @@ def public_checkpoint(scale_name: str, args, deadline: float) -> bool:
     tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
     write(saved, tmp, [saved.shard("cpu")], export_dtype(saved))
     os.replace(tmp, folder)
+    (args.out / PUBLIC.name / STAMP).write_text(_digest(folder))
     print(f"convergence: wrote {folder} ({PUBLIC.name}, step {saved.step})", flush=True)
     return True
 
@@ -313,6 +329,10 @@ def _launch_run(scale_name: str, run: Run, args, gpus: list[int], deadline: floa
     from pcmoe_engine.cli import launch
 
     env = dict(os.environ)
+    stamp = args.out / run.name / STAMP
+    if run.public_init and not stamp.is_file():  # its first call: the checkpoint it starts from
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(_digest(args.out / PUBLIC_CHECKPOINT))
     if gpus:  # indexes into this process's visible GPUs, which a CUDA_VISIBLE_DEVICES of its own may restrict
         visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[g] if visible else str(g) for g in gpus)
@@ -323,7 +343,7 @@ def _launch_run(scale_name: str, run: Run, args, gpus: list[int], deadline: floa
     calls = json.loads(calls_path.read_text()) if calls_path.is_file() else []
     device = f"cuda x {len(gpus)}" if gpus else "cpu"
     calls.append({"seconds": time.time() - started, "exit": code, "device": device, "date": time.strftime("%F %T"),
-                  "commit": source_commit()})
+                  "commit": source_commit(), "threads": torch.get_num_threads()})  # the workers' (the same env)
     calls_path.parent.mkdir(parents=True, exist_ok=True)
     calls_path.write_text(json.dumps(calls, indent=1) + "\n")
     if code:

@@ -3,9 +3,9 @@ the end of every call; ``python -m bench.convergence_report RESULTS.json [--read
 
 Final held-out loss = each run's last evaluation. PC-MoE party i is compared on its own domain with the centralized
 run that pooled the same domains (``central`` for 4 parties, ``central-2`` for 2) and with ``local-<domain>``, both
-of its own family (a run from the public checkpoint, ``-ft``, with ``central-2-ft`` and ``local-<domain>-ft``), at
-the last step all three evaluated (a run a budget stopped is compared where it stopped): the gap is
-(PC-MoE / other - 1), in percent.
+of its own family (a run from the public checkpoint, ``-ft``, with ``central-2-ft`` and ``local-<domain>-ft`` from
+the same checkpoint), at the last step all three evaluated (a run a budget stopped is compared where it stopped):
+the gap is (PC-MoE / other - 1), in percent.
 """
 
 import argparse
@@ -57,6 +57,11 @@ def _family(state: dict) -> str:
     return "-ft" if state.get("public_init") else ""
 
 
+def _start(study: dict, name: str) -> str | None:
+    """The public checkpoint a run started from (bench/convergence.py's STAMP): None from scratch, or no such run."""
+    return study["runs"].get(name, {}).get("public_checkpoint")
+
+
 def _central_for(state: dict) -> str:
     return ("central" if len(state["domains"]) == 4 else "central-2") + _family(state)
 
@@ -91,13 +96,15 @@ def comparison(study: dict) -> list[dict]:
             continue
         for d in state["domains"]:
             refs = {"central": _central_for(state), "local": f"local-{d}{_family(state)}"}
+            # -ft runs from another public checkpoint than this one's are not its references
+            refs = {k: run if _start(study, run) == state.get("public_checkpoint") else None for k, run in refs.items()}
             steps = [_evaluated(study, run, d) for run in (name, *refs.values())]
             common = set.intersection(*(s for s in steps if s is not None))
             if not common:
                 continue
             step = max(common)
             loss = own_losses(study, name, step)[d]
-            central, local = (own_losses(study, run, step).get(d) for run in refs.values())
+            central, local = (own_losses(study, run, step).get(d) if run else None for run in refs.values())
             rows.append({"run": name, "domain": d, "step": step, "loss": loss, "central": central, "local": local,
                          "gap_central_pct": None if central is None else 100 * (loss / central - 1),
                          "gap_local_pct": None if local is None else 100 * (loss / local - 1),
@@ -194,7 +201,8 @@ def write_figure(study: dict, path: Path) -> Path | None:
               "pcmoe-2p-shared-init": ("tab:brown", ":"), "central-party-batch": ("black", ":"),
               "central-2-party-batch": ("grey", ":"), "local": ("tab:red", "--"),
               "public-pretrain": ("tab:green", "-."), "central-2-ft": ("grey", "-."), "pcmoe-2p-ft": ("tab:orange", "-."),
-              "pcmoe-2p-ft-no-noise": ("tab:olive", "-."), "local-ft": ("tab:red", "-.")}
+              "pcmoe-2p-ft-no-noise": ("tab:olive", "-."), "pcmoe-2p-ft-noise-0.1": ("goldenrod", "-."),
+              "pcmoe-2p-ft-noise-0.3": ("darkkhaki", "-."), "local-ft": ("tab:red", "-.")}
     spare = iter(("tab:cyan", "tab:pink", "tab:gray"))
 
     def style(name: str, state: dict) -> tuple[str, str]:

@@ -83,13 +83,13 @@ def main(argv: list[str] | None = None) -> None:
         if KNOWN[name].kind != "pcmoe" or not (out / name).is_dir():
             print(f"convergence_routing: {name}: not a PC-MoE run, or no run folder under {out}: skipped")
             continue
-        found[name] = routing = routing_of_run(out, args.scale, name, args.corpora)
+        found[name] = routing = {**routing_of_run(out, args.scale, name, args.corpora), "environment": environment()}
         print(f"{name}: own-domain slots on own experts {[round(x, 3) for x in routing['own_local']]} "
               f"(indifferent: {routing['own_local_if_indifferent']:.3f}); agreement between parties "
               f"{ {d: round(a, 3) for d, a in routing['agreement'].items()} } (chance {routing['agreement_by_chance']:.3f})")
     args.results.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"scale_name": args.scale, "definition": "bench/convergence_routing.py's docstring",
-                                "environment": environment(), "runs": found}) + "\n")
+                                "runs": found}) + "\n")  # each run with the environment that measured it
     print(f"convergence_routing: wrote {path}")
 
 

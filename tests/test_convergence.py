@@ -186,6 +186,12 @@ def test_the_ft_runs_start_from_one_public_checkpoint_made_once(tmp_path, corpor
     assert row["central"] == own_losses(study, "central-2-ft")["kernel"]
     assert row["local"] == own_losses(study, "local-kernel-ft")["kernel"]
     assert not any(r["domain"] == "manuals" and r["local"] is not None for r in comparison(study))  # not run
+    # ... and only while they started from the same checkpoint: a remade one is not bitwise the same.
+    digest = convergence._digest(public)
+    assert all(runs[name]["public_checkpoint"] == digest for name in ["public-pretrain", *FINE_TUNED.split(",")])
+    study["runs"]["central-2-ft"]["public_checkpoint"] = "another"
+    row = next(r for r in comparison(study) if r["run"] == "pcmoe-2p-ft" and r["domain"] == "kernel")
+    assert row["central"] is None and row["local"] == own_losses(study, "local-kernel-ft")["kernel"]
 
     # Another -ft run later reuses the checkpoint: the pretraining ran in one call, the folder was not rewritten.
     written = {p.name: p.stat().st_mtime_ns for p in public.iterdir()}
