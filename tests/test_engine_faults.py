@@ -374,8 +374,9 @@ def test_a_setup_heartbeat_is_stale_once_every_party_has_joined():
 
 
 def test_leave_ends_the_watchdogs_threads():
-    """A heartbeat thread still inside a store call when the interpreter exits aborts the process (the likely cause
-    of a finished 2-GPU run's party killed by SIGABRT at exit, seen once): leave() returns once both have ended."""
+    """A daemon thread inside a store call when the interpreter exits aborts the process (a thread looping on a
+    TCPStore's set and get does, at every exit; seen once on a finished 2-GPU run's party, killed by SIGABRT at its
+    exit): leave() returns once both threads have ended."""
     from pcmoe_engine.faults import Progress, Watchdog
 
     watchdog = Watchdog(dist.HashStore(), 1, 2, 0.8, Progress("pcmoe train --set train.resume=true"))
