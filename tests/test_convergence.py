@@ -186,7 +186,7 @@ def test_the_ft_runs_start_from_one_public_checkpoint_made_once(tmp_path, corpor
     assert row["central"] == own_losses(study, "central-2-ft")["kernel"]
     assert row["local"] == own_losses(study, "local-kernel-ft")["kernel"]
     assert not any(r["domain"] == "manuals" and r["local"] is not None for r in comparison(study))  # not run
-    # ... and only while they started from the same checkpoint: a remade one is not bitwise the same.
+    # ... and only while they started from the same checkpoint (one remade with other CPU threads differs).
     digest = convergence._digest(public)
     assert all(runs[name]["public_checkpoint"] == digest for name in ["public-pretrain", *FINE_TUNED.split(",")])
     study["runs"]["central-2-ft"]["public_checkpoint"] = "another"
