@@ -81,7 +81,10 @@ def _targets(results: dict) -> list[str]:
                      + ("" if met == "met" else " "
                         f"What stands in the way: guessing the most frequent token alone scores {chance:.1%} on this "
                         "text, so an attack that learns nothing from the wire but falls back on frequent tokens "
-                        "clears 5%; every attack here stays at or below that chance level."))
+                        "clears 5%; " + ("every attack here stays at or below that chance level."
+                                         if worst["token_accuracy"] <= chance else
+                                         f"the strongest is {(worst['token_accuracy'] - chance) * 100:.1f} points "
+                                         "above it.")))
     sweep = {s["noise"]: s for s in _sweep(results)}
     if 0.0 in sweep and SHARED_START_NOISE in sweep:
         base, default = sweep[0.0], sweep[SHARED_START_NOISE]
