@@ -27,12 +27,13 @@ import sys
 import threading
 import time
 from enum import IntEnum
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["ExitCode", "Diverged", "Interrupted", "STOP_SIGNALS", "SETUP_FACTOR", "Progress", "Watchdog",
-           "resume_command", "out_of_memory", "die_with_parent", "say", "error_line"]
+           "resume_command", "out_of_memory", "die_with_parent", "say", "error_line", "exit_now"]
 
 
 class ExitCode(IntEnum):
@@ -72,6 +73,15 @@ def error_line(rank: int, message: str) -> None:
     """The one line a party prints when it stops, to stderr in a single write."""
     sys.stderr.write(f"pcmoe: error (party {rank}): {message}\n")
     sys.stderr.flush()
+
+
+def exit_now(code: int) -> NoReturn:
+    """End this process at once, its output flushed, without the interpreter's finalization: there a process group
+    with a lost peer can hang, and a C++ thread of torch's still running can abort even a finished party (SIGABRT,
+    "terminate called without an active exception": seen in the tests' party processes)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def resume_command(argv: list[str]) -> str:
@@ -217,7 +227,7 @@ class Watchdog:
                 if self.claim(f"lost:{culprit}"):
                     error_line(self.rank, f"party {culprit} {gone[culprit]} {self.progress.status()}")
                     self.leave()
-                    os._exit(ExitCode.PEER_LOST)
+                    exit_now(ExitCode.PEER_LOST)
 
     def blame(self) -> None:
         """After a collective failed: give the judge ``grace`` seconds to find the party that stopped (it then

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from .checkpoint import prepare_party_dir, record_config
 from .config import Config, add_config_arguments, load_config
 from .faults import (SETUP_FACTOR, STOP_SIGNALS, Diverged, ExitCode, Interrupted, Progress, Watchdog, error_line,
-                     out_of_memory, resume_command, say)
+                     exit_now, out_of_memory, resume_command, say)
 from .metrics import MetricsLog, merge_run, start_line, summary_text, write_summary
 from .party import Party, process_group_backend
 from .tls import TLSMesh
@@ -194,8 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                 transport.close()  # tells the other parties this one has gone
             raise SystemExit(code) from None
         watchdog.leave()
-        sys.stdout.flush()
-        os._exit(code)  # a process group with a lost peer can hang or abort in its destructors
+        exit_now(code)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

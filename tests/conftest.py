@@ -6,6 +6,8 @@ import torch
 # Without a GPU the Triton kernels run under the interpreter; it must be chosen before triton.jit runs.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A party process that a test spawns and that dies of a signal prints every thread's Python stack
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 
 def pytest_collection_modifyitems(config, items):

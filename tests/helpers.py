@@ -1,4 +1,7 @@
 import torch
+import torch.distributed as dist
+
+from pcmoe_engine.faults import exit_now
 
 # ||out - ref|| / ||ref|| bounds per operand dtype (fp32 operands go through IEEE fp32 dots).
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -12,6 +15,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def leaf(t: torch.Tensor, device, dtype=None) -> torch.Tensor:
     return t.detach().to(device=device, dtype=dtype or t.dtype).clone().requires_grad_()
+
+
+def end_party() -> None:
+    """How a test's party process (torch.multiprocessing.spawn) ends once its results are written: its process group
+    destroyed, then ``exit_now``, as `pcmoe train`'s stopped parties leave. Twice in three CI runs a finished party
+    aborted at its end (SIGABRT, "terminate called without an active exception"), never in about 370 runs of the
+    same tests outside the full suite; PYTHONFAULTHANDLER (conftest.py) shows where, should one abort again."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    exit_now(0)
 
 
 def poisoned_empty(real_empty):

@@ -14,6 +14,7 @@ from pcmoe_engine.config import ModelConfig, PrivacyConfig, WireConfig
 from pcmoe_engine.dispatch import dispatch_rows, expand, plan_pairs, rows_per_owner, shuffle
 from pcmoe_engine.model import Backbone, compute_loss
 from pcmoe_engine.protocol import DistributedExperts, ExpertShard, Wire, clip_and_noise
+from helpers import end_party
 
 CFG = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=8,
                   top_k=2, expert_intermediate_size=48)
@@ -127,7 +128,7 @@ def _defended_party(rank, port, out_dir, options):
             "logits": logits.detach(), "grads": [p.grad.clone() for p in [*backbone.parameters(), *shard.parameters()]],
             "generators": wire.state_dict()["generators"]}
     torch.save(result, os.path.join(out_dir, f"party{rank}.pt"))
-    dist.destroy_process_group()
+    end_party()
 
 
 @pytest.mark.slow

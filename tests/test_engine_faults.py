@@ -26,10 +26,11 @@ from pcmoe_engine import lockstep
 from pcmoe_engine.cli import free_port
 from pcmoe_engine.config import BUILTIN_CORPORA, corpus_path, load_config
 from pcmoe_engine.data import load_tokenizer, read_text
-from pcmoe_engine.faults import ExitCode, resume_command
+from pcmoe_engine.faults import ExitCode, exit_now, resume_command
 from pcmoe_engine.party import Party
 from pcmoe_engine.protocol import Wire
 from pcmoe_engine.train import train
+from helpers import end_party
 
 TIMEOUT_S = 5  # train.peer_timeout_s in these runs
 MARGIN_S = 10  # for a loaded machine
@@ -241,11 +242,9 @@ def _nan_party(rank, port, out_dir, policy):
         train(cfg, rank)
     except Exception as e:  # noqa: BLE001 -- what stopped this party, for the test to read
         Path(out_dir, f"outcome{rank}").write_text(f"{type(e).__name__}: {e}")
-        # As `pcmoe train` leaves a stopped run (train.main): without the destructors, which aborted here once in
-        # CI (SIGABRT, "terminate called without an active exception", not reproduced in 55 runs since)
-        os._exit(0)
-    dist.destroy_process_group()
+        exit_now(0)  # as `pcmoe train` leaves a stopped run (train.main), without destroying the process group
     Path(out_dir, f"outcome{rank}").write_text("finished")
+    end_party()
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM
 
 import pcmoe_engine.hf as hf
-from helpers import FAMILIES, make_checkpoint, rel_err
+from helpers import FAMILIES, end_party, make_checkpoint, rel_err
 from pcmoe_engine.cli import free_port
 from pcmoe_engine.config import PRESETS, ModelConfig, load_config
 from pcmoe_engine.hf import CheckpointReader, load_hf_tokenizer, load_hf_weights, save_hf_checkpoint
@@ -61,7 +61,7 @@ def _party(rank, parties, port, folders, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=parties)
     logits = {family: engine_logits(directory, rank, parties, dist.group.WORLD) for family, directory in folders}
     torch.save(logits, os.path.join(out_dir, f"party{rank}.pt"))
-    dist.destroy_process_group()
+    end_party()
 
 
 @pytest.mark.slow

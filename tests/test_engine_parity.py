@@ -30,6 +30,7 @@ from pcmoe_engine.data import load_tokenizer, read_text
 from pcmoe_engine.optim import clip_grad_norms, grad_bound, grad_norms
 from pcmoe_engine.party import Party, initial_backbone
 from pcmoe_engine.protocol import ExpertShard
+from helpers import end_party
 
 B, SEQ = 2, 16
 MODEL = ["model.vocab_size=300", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
@@ -84,7 +85,7 @@ def _party(rank, parties, port, corpus, out_dir):
     for case, aux in (("split", 0.0), ("same", 0.01)):
         result[case] = _run(_config(corpus, out_dir, parties, B, aux), rank, _batch(rank, case == "same"))
     torch.save(result, os.path.join(out_dir, f"party{rank}.pt"))
-    dist.destroy_process_group()
+    end_party()
 
 
 def _close(a, b, what):

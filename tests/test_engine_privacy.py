@@ -32,6 +32,7 @@ from pcmoe_engine.protocol import (CONTROL_KINDS, TRAINING_KINDS, WIRE_KINDS, Ex
 from pcmoe_engine.tls import ACCEPTED, FRAME, HELLO, TLSMesh
 from pcmoe_engine.train import train
 from pcmoe_engine.transport import TorchTransport
+from helpers import end_party
 
 # Every torch.distributed call that could move data (or synchronise) between parties.
 COLLECTIVES = ("all_to_all_single", "all_to_all", "all_reduce", "broadcast", "all_gather", "all_gather_into_tensor",
@@ -113,6 +114,7 @@ def _audited_party(rank, out_dir, ports, pki, wire_options):
     finally:
         transport.close()
     torch.save({"calls": calls, "written": written, "plaintext": plaintext}, os.path.join(out_dir, f"calls{rank}.pt"))
+    end_party()
 
 
 def _frame_bytes(calls, party):
@@ -219,6 +221,7 @@ def _pooling_party(rank, out_dir, port):
         dist.destroy_process_group()
     torch.save({"calls": calls, "shards": [s.state_dict() for s in shards], "log": wire.log.entries},
                os.path.join(out_dir, f"pool{rank}.pt"))
+    end_party()
 
 
 @pytest.mark.slow
@@ -416,6 +419,7 @@ def _observing_party(rank, port, out_dir, defence):
         torch.save({"seen": seen, "truth": truth}, os.path.join(out_dir, f"party{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    end_party()
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from pcmoe_engine.dispatch import mask_bytes
 from pcmoe_engine.model import Backbone, compute_loss
 from pcmoe_engine.protocol import (CONTROL_KINDS, TRAINING_KINDS, DistributedExperts, ExpertShard, Wire, WireLog,
                                    kinds_sent, owned_experts)
+from helpers import end_party
 
 CFG = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=8,
                   top_k=2, expert_intermediate_size=48, shared_intermediate_size=40, shared_expert_gate=True)
@@ -114,8 +115,7 @@ def _party(rank, parties, port, out_dir, checkpointing, options, shuffle, backen
     result = _cpu(result)
     result["wire"] = {"entries": log.entries, "sent": wire.total_sent, "received": wire.total_received}
     torch.save(result, os.path.join(out_dir, f"party{rank}.pt"))
-    if parties > 1:
-        dist.destroy_process_group()
+    end_party()
 
 
 def _expected_sent(expert_ids, party, parties, options):

@@ -15,6 +15,7 @@ from pcmoe_engine.optim import StepInBackward, build_optimizer
 from pcmoe_engine.party import Party
 from pcmoe_engine.placement import parse_cpulist, party_cpus
 from pcmoe_engine.wire import ExchangeTimer, Tape, Wire, pack_fp8, unpack_fp8
+from helpers import end_party
 
 
 @pytest.fixture(autouse=True)
@@ -280,7 +281,7 @@ def _checkpointed_fp8_party(rank, port, out_dir):
                                  "grads": [p.grad.clone() for p in [*backbone.parameters(), *shard.parameters()]],
                                  "bytes": {k: wire.bytes_sent[k] - before[k] for k in before}}
     torch.save(result, os.path.join(out_dir, f"party{rank}.pt"))
-    dist.destroy_process_group()
+    end_party()
 
 
 @pytest.mark.slow

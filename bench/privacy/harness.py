@@ -31,6 +31,7 @@ from pcmoe_engine.cli import free_port
 from pcmoe_engine.config import Config, DataConfig, ModelConfig, PrivacyConfig, TrainConfig
 from pcmoe_engine.validate import validate
 from pcmoe_engine.data import eval_batches
+from pcmoe_engine.faults import exit_now
 from pcmoe_engine.dispatch import expand
 from pcmoe_engine.model import Backbone
 from pcmoe_engine.party import Party, initial_backbone
@@ -223,6 +224,7 @@ def _party(rank: int, cfg: Config, start: dict | None, observed: torch.Tensor, s
                     "eval_loss": eval_loss, "seen": seen}, Path(scratch) / f"party{rank}.pt")
     finally:
         dist.destroy_process_group()
+    exit_now(0)
 
 
 def collaborate(cfg: Config, start: dict | None, privacy: PrivacyConfig, observed: torch.Tensor,
