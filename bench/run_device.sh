@@ -38,6 +38,10 @@
 #                                PHASES names (comma-separated; default every phase) that bench/results/privacy_base/
 #                                phases/ does not hold yet (copied in, with the public model public.pt: carry it),
 #                                each saved as it ends; copy $OUT/privacy_base back there between calls
+#   bench/run_device.sh profile  issue 13's profile: where the step's time goes at OLMoE-1B-7B's full shapes, one
+#                                party per GPU (16 layers on 4 GPUs, else 4 layers), 8 x 1024 tokens per party and
+#                                step: profiling/engine_step.py under torchrun (engine_profile_p<rank>.json: ranges,
+#                                GPU busy time, NCCL, top kernels; traces; party 0's memory snapshot)
 #   bench/run_device.sh central  the centralized baseline on one big GPU (nvidia-h200, needs_h200): 6.9 B at 1 party,
 #                                8 x 1024 tokens, the optimizer before issue 13, today's default, the memory options
 #   bench/run_device.sh alltests the whole tests/ suite on the GPU, kernels compiled; with 2 GPUs
@@ -256,11 +260,17 @@ case $MODE in
 e2e) e2e ;;
 tests) gpu_tests 9999 ;;
 scale) scale ;;
+profile)
+    clocks
+    phase "profiled engine steps, $GPUS parties" 300 60 torchrun --standalone --nproc-per-node "$GPUS" \
+        profiling/engine_step.py --out-dir "$OUT" --warmup 3 --steps 2 --set model.preset=olmoe-1b-7b \
+        --set model.num_layers=$(( GPUS >= 4 ? 16 : 4 )) --set train.batch_size=8 --set data.seq_len=1024 "$@"
+    ;;
 central)
     clocks
     phase "centralized 6.9 B, 1 party: the optimizer before issue 13, the default, the memory options" 560 120 \
         python3 bench/engine_e2e.py --set model.num_layers=16 --steps 8 --warmup 3 --profiled 0 --out "$OUT" \
-        --variants token,ac,ac_8bit,ac_8bit_release,pair  # pair (foreach AdamW) last: 129.7 GiB before, the most
+        --variants token,ac,ac_8bit_release,pair  # pair (foreach AdamW) last: 129.7 GiB before, the most
     ;;
 alltests) all_tests "$@" ;;
 small) (( GPUS >= 2 )) && small_run 2; small_run 1 ;;
@@ -303,7 +313,7 @@ all)
         gpu_tests 9999
     fi
     ;;
-*) echo "usage: bench/run_device.sh [all|suites|peers|e2e|small|tests|alltests|finetune|scale|central|privacy] [pytest args]"
+*) echo "usage: bench/run_device.sh [all|suites|peers|e2e|small|tests|alltests|finetune|scale|profile|central|privacy] [pytest args]"
    exit 2 ;;
 esac
 echo "== done at ${SECONDS} s" | tee -a "$LOG"

@@ -1,28 +1,36 @@
-"""Time and memory per named range of a few PC-MoE engine training steps (one party): a torch.profiler trace
-with memory events, a CUDA memory snapshot (torch.cuda.memory._record_memory_history; drop it on
-https://pytorch.org/memory_viz) and a table per range (pcmoe_engine.nvtx: router, permute, dispatch,
-experts, combine, attention, shared_expert, lm_head, each one's ".backward", backward, optimizer).
+"""Time and memory per named range of a few PC-MoE engine training steps: a torch.profiler trace with memory
+events, a CUDA memory snapshot (torch.cuda.memory._record_memory_history; drop it on
+https://pytorch.org/memory_viz), a table per range (pcmoe_engine.nvtx: router, permute, dispatch, experts,
+combine, attention, shared_expert, lm_head, each one's ".backward", backward, optimizer) and, on a GPU, where
+the step's GPU time went: the share of the step any kernel ran (``gpu_busy_ms``; the rest the GPU idled, waiting
+for the host or a peer), NCCL's share, and the kernels that took the most.
 
     PYTHONPATH=. python profiling/engine_step.py --out-dir prof [--warmup 3] [--steps 2] [--set model.num_layers=2 ...]
+    PYTHONPATH=. torchrun --nproc-per-node 4 profiling/engine_step.py --out-dir prof ...   # 4 parties
 
-Writes engine_profile.json (the table, per step), engine_trace.json.gz and, on a GPU, engine_memory.pickle.gz;
-prints the table as markdown. Runs on a CPU too (CPU time and memory, no snapshot).
+Writes engine_profile.json (the table, per step), engine_trace.json.gz and, on a GPU, engine_memory.pickle.gz
+(with several parties: engine_profile_p<rank>.json and engine_trace_p<rank>.json.gz each, the snapshot party 0's);
+prints the tables as markdown. Runs on a CPU too (CPU time and memory, no snapshot).
 """
 
 import argparse
 import bisect
 import gzip
 import json
+import os
 import shutil
 import tempfile
+from collections import defaultdict
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from pcmoe_engine import nvtx
 from pcmoe_engine.config import load_config
-from pcmoe_engine.party import Party
+from pcmoe_engine.party import Party, party_device, process_group_backend
 
 GiB = 2**30
 
@@ -51,6 +59,25 @@ def range_table(events: list[dict], steps: int, device_type: int) -> list[dict]:
     return sorted(rows.values(), key=lambda r: -max(r["gpu_ms"], r["host_ms"]))
 
 
+def kernel_table(events: list[dict], steps: int, top: int = 25) -> dict:
+    """Per step: milliseconds any GPU kernel ran (overlapping kernels counted once), NCCL kernels' milliseconds,
+    and the ``top`` kernel names by GPU time, with calls and milliseconds."""
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"]
+    busy_us, end = 0.0, float("-inf")
+    for e in sorted(kernels, key=lambda e: e["ts"]):  # the union of the kernels' intervals
+        busy_us += max(0.0, e["ts"] + e["dur"] - max(e["ts"], end))
+        end = max(end, e["ts"] + e["dur"])
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        by_name[e["name"]][0] += 1
+        by_name[e["name"]][1] += e["dur"]
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return dict(gpu_busy_ms=busy_us / 1e3 / steps,
+                nccl_ms=sum(us for name, (_, us) in by_name.items() if "nccl" in name.lower()) / 1e3 / steps,
+                kernels=[dict(kernel=name[:120], calls_per_step=calls / steps, gpu_ms=us / 1e3 / steps)
+                         for name, (calls, us) in ranked])
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| range | calls/step | host ms/step | GPU ms/step | peak added GiB |", "|---|---|---|---|---|"]
     for r in rows:
@@ -70,40 +97,57 @@ def main(argv=None):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="pcmoe-profile-"))
-    cfg = load_config(args.config, [f"train.steps={args.warmup + args.steps}", *args.overrides], parties=1)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    cfg = load_config(args.config, [f"train.steps={args.warmup + args.steps}", *args.overrides], parties=world)
+    if party_device(cfg).type == "cuda":
+        torch.cuda.set_device(party_device(cfg))
+    if world > 1:
+        dist.init_process_group(process_group_backend(cfg), timeout=timedelta(minutes=10))
     nvtx.enable()  # the named ranges below exist only while profiling
-    party = Party(cfg, 0)
+    party = Party(cfg, rank)
     cuda = party.device.type == "cuda"
+    snapshot = cuda and rank == 0  # one party's: each is hundreds of MB at OLMoE's size
+    suffix = f"_p{rank}" if world > 1 else ""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     prof = profile(activities=activities, profile_memory=True)
     for _ in range(args.warmup):
         party.step()
-    if cuda:
+    if snapshot:
         torch.cuda.memory._record_memory_history(max_entries=100_000, stacks="python")
     prof.start()
     step_times = [party.step()["step_time_s"] for _ in range(args.steps)]
     prof.stop()
-    if cuda:
+    if snapshot:
         with gzip.open(out / "engine_memory.pickle.gz", "wb") as f:
             f.write(_snapshot_bytes(scratch))
         torch.cuda.memory._record_memory_history(enabled=None)
     summary = party.summary()
+    if world > 1:
+        dist.destroy_process_group()
     trace = scratch / "trace.json"
     prof.export_chrome_trace(str(trace))
-    with open(trace, "rb") as src, gzip.open(out / "engine_trace.json.gz", "wb") as dst:
+    with open(trace, "rb") as src, gzip.open(out / f"engine_trace{suffix}.json.gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
-    rows = range_table(json.loads(trace.read_text())["traceEvents"], args.steps, device_type=1 if cuda else 0)
+    events = json.loads(trace.read_text())["traceEvents"]
+    rows = range_table(events, args.steps, device_type=1 if cuda else 0)
     for r in rows:
         r["calls_per_step"] = r.pop("calls") / args.steps
-    report = dict(config=cfg.to_dict(), profiled_steps=args.steps, step_time_s=step_times,
-                  tokens_per_step=party.tokens_per_step,
+    report = dict(config=cfg.to_dict(), party=rank, parties=world, profiled_steps=args.steps,
+                  step_time_s=step_times, tokens_per_step=party.tokens_per_step,
                   peak_memory_bytes=summary["peak_memory_bytes"], memory=summary["memory"],
-                  device=torch.cuda.get_device_name() if cuda else "cpu", ranges=rows)
-    (out / "engine_profile.json").write_text(json.dumps(report, indent=1) + "\n")
+                  device=torch.cuda.get_device_name() if cuda else "cpu", ranges=rows,
+                  gpu=kernel_table(events, args.steps) if cuda else None)
+    (out / f"engine_profile{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
     shutil.rmtree(scratch, ignore_errors=True)
-    print(f"{cfg.model.preset} ({cfg.model.num_layers} layers), {report['tokens_per_step']} tokens/step, "
-          f"step {sum(step_times) / len(step_times) * 1e3:.1f} ms under the profiler, on {report['device']}")
-    print(markdown(rows))
+    step_ms = sum(step_times) / len(step_times) * 1e3
+    print(f"party {rank}/{world}: {cfg.model.preset} ({cfg.model.num_layers} layers), {report['tokens_per_step']} "
+          f"tokens/step, step {step_ms:.1f} ms under the profiler, on {report['device']}")
+    if cuda:
+        g = report["gpu"]
+        print(f"GPU busy {g['gpu_busy_ms']:.1f} ms per step ({g['gpu_busy_ms'] / step_ms:.0%}), "
+              f"NCCL kernels {g['nccl_ms']:.1f} ms")
+    if rank == 0:
+        print(markdown(rows))
 
 
 def _snapshot_bytes(scratch: Path) -> bytes:

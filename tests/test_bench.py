@@ -21,7 +21,7 @@ from csrc_triton.permute import permute_reference, plan_routing_reference, unper
 from pcmoe_engine.config import ModelConfig, load_config
 from pcmoe_engine.model import Backbone, compute_loss
 from pcmoe_engine.protocol import DistributedExperts, ExpertShard, Wire
-from profiling.engine_step import range_table
+from profiling.engine_step import kernel_table, range_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -415,6 +415,17 @@ def test_range_table_attributes_time_and_memory():
               mem(5, 100), mem(12, 300), mem(18, 150), mem(25, 900)]
     (row,) = range_table(events, steps=2, device_type=1)
     assert row == dict(range="experts", calls=1, host_ms=10 / 1e3 / 2, gpu_ms=20 / 1e3 / 2, peak_added_bytes=200)
+
+
+def test_kernel_table_counts_overlapping_kernels_once():
+    kernel = lambda name, ts, dur: dict(name=name, ph="X", cat="kernel", ts=ts, dur=dur)
+    events = [kernel("gemm", 0, 100), kernel("ncclAllToAll", 50, 100), kernel("gemm", 300, 40),
+              kernel("add", 310, 10), dict(name="gemm", ph="X", cat="cpu_op", ts=0, dur=999)]
+    table = kernel_table(events, steps=2, top=2)
+    assert table["gpu_busy_ms"] == pytest.approx((150 + 40) / 1e3 / 2)  # [0, 150) and [300, 340)
+    assert table["nccl_ms"] == pytest.approx(100 / 1e3 / 2)
+    assert table["kernels"] == [dict(kernel="gemm", calls_per_step=1.0, gpu_ms=140 / 1e3 / 2),
+                                dict(kernel="ncclAllToAll", calls_per_step=0.5, gpu_ms=100 / 1e3 / 2)]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the suites themselves run (bench/run_device.sh)")
