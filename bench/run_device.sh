@@ -33,11 +33,13 @@
 #                                fp8 dispatch and gradients, the memory options; (3) the 4-layer end to end
 #                                launched twice back to back, then once without CPU pinning (run-to-run
 #                                variance); (4) fp8 dispatch alone, if time is left. Carry .whl/scale
-#                                (bitsandbytes, bench/fetch_wheels.sh).
+#                                (bitsandbytes, bench/fetch_wheels.sh) and .corpora/scripture.txt.gz (the loss
+#                                runs' text). The GPUs' clocks are sampled into clocks.csv throughout.
 #   bench/run_device.sh privacy  issue 15: `python -m bench.privacy --preset base` into $OUT/privacy_base, the phases
 #                                PHASES names (comma-separated; default every phase) that bench/results/privacy_base/
 #                                phases/ does not hold yet (copied in, with the public model public.pt: carry it),
 #                                each saved as it ends; copy $OUT/privacy_base back there between calls
+#   bench/run_device.sh loss     (2) of `scale` alone
 #   bench/run_device.sh profile  issue 13's profile: where the step's time goes at OLMoE-1B-7B's full shapes, one
 #                                party per GPU (16 layers on 4 GPUs, else 4 layers), 8 x 1024 tokens per party and
 #                                step: profiling/engine_step.py under torchrun (engine_profile_p<rank>.json: ranges,
@@ -211,15 +213,24 @@ clocks() {  # the GPUs' clocks, power and temperature now (run-to-run variance: 
         --format=csv,noheader 2>&1 | sed 's/^/clocks: /' | tee -a "$LOG"
 }
 
+clock_log() {  # every GPU's SM clock, power, temperature and throttle reasons every 2 s, into clocks.csv, until the end
+    nvidia-smi --query-gpu=timestamp,index,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+        --format=csv,noheader -lms 2000 > "$OUT/clocks.csv" 2>&1 &
+    CLOCK_PID=$!
+}
+
+# A corpus large enough that 500 steps of 4 parties do not repeat it (Tiny Shakespeare would, 7 times over):
+# carry .corpora/scripture.txt.gz (bench/convergence.py prepares .corpora)
+CORPUS=$([ -f .corpora/scripture.txt.gz ] && echo .corpora/scripture.txt.gz || echo tinyshakespeare)
 LOSS=(--set model.preset=olmoe-1b-7b --set model.num_layers=4 --set data.seq_len=256 --set train.batch_size=4
       --set train.steps=500 --set train.warmup_steps=50 --set train.lr=1e-3 --set train.min_lr=1e-4
       --set train.eval_every=100 --set train.eval_batches=8 --set train.log_every=100 --set train.checkpoints=false
-      --set train.out_dir=/tmp/pcmoe-loss)
+      --set train.out_dir=/tmp/pcmoe-loss --set data.corpus="$CORPUS")
 
 loss_run() {  # loss_run NAME [--set ...]: LOSS at 4 parties; loss_NAME.json: its summary, losses and evaluations
     local name=$1
     shift
-    phase "loss over 500 steps, $name" 90 50 torchrun --standalone --nproc-per-node 4 -m pcmoe_engine.train \
+    phase "loss over 500 steps, $name" 150 50 torchrun --standalone --nproc-per-node 4 -m pcmoe_engine.train \
         "${LOSS[@]}" --set train.name="$name" "$@"
     [ -f "/tmp/pcmoe-loss/$name/summary.json" ] || return 0  # not run, or cut short: nothing to keep
     python3 - "$name" "$OUT/loss_$name.json" <<'PY' 2>&1 | tee -a "$LOG"
@@ -235,16 +246,20 @@ print(sys.argv[1], "eval loss per party:", out["summary"]["eval_loss"])
 PY
 }
 
+loss_runs() {  # the 500-step loss runs of issue 13: bf16, the memory options, fp8 on the wire
+    loss_run bf16
+    loss_run memory --set train.activation_checkpointing=true --set train.optimizer_8bit=true \
+        --set train.optimizer_in_backward=true
+    loss_run fp8 --set wire.hidden_dtype=fp8 --set wire.grad_dtype=fp8
+}
+
 scale() {
     clocks
     phase "16 layers (6.9 B), 4 parties: protocol and memory variants" 210 120 torchrun --standalone \
         --nproc-per-node 4 bench/engine_e2e.py --set model.num_layers=16 --steps 8 --warmup 3 --profiled 0 \
         --out "$OUT" --variants pair,token,token_host,token_host_fp8,ac,ac_8bit,ac_8bit_release,ac_8bit_release_host
     clocks
-    loss_run bf16
-    loss_run fp8 --set wire.hidden_dtype=fp8 --set wire.grad_dtype=fp8
-    loss_run memory --set train.activation_checkpointing=true --set train.optimizer_8bit=true \
-        --set train.optimizer_in_backward=true
+    loss_runs
     for run in 1 2; do  # the same configuration twice, back to back
         clocks
         phase "variance: 4 layers, 4 parties, run $run" 45 30 torchrun --standalone --nproc-per-node 4 \
@@ -259,7 +274,8 @@ scale() {
 case $MODE in
 e2e) e2e ;;
 tests) gpu_tests 9999 ;;
-scale) scale ;;
+scale) clock_log; scale; kill "$CLOCK_PID" ;;
+loss) clock_log; clocks; loss_runs; clocks; kill "$CLOCK_PID" ;;
 profile)
     clocks
     phase "profiled engine steps, $GPUS parties" 300 60 torchrun --standalone --nproc-per-node "$GPUS" \
@@ -313,7 +329,7 @@ all)
         gpu_tests 9999
     fi
     ;;
-*) echo "usage: bench/run_device.sh [all|suites|peers|e2e|small|tests|alltests|finetune|scale|profile|central|privacy] [pytest args]"
+*) echo "usage: bench/run_device.sh [all|suites|peers|e2e|small|tests|alltests|finetune|scale|loss|profile|central|privacy] [pytest args]"
    exit 2 ;;
 esac
 echo "== done at ${SECONDS} s" | tee -a "$LOG"

@@ -59,7 +59,7 @@ def test_resume_refuses_another_model(tmp_path):
 def test_load_backbone_starts_from_another_partys_weights(tmp_path):
     cfg = _cfg(tmp_path)
     party, other = Party(cfg, 0), initial_backbone(cfg, 1).state_dict()
-    own = {k: v.clone() for k, v in party.backbone.state_dict().items()}
+    own = {k: v.cpu().clone() for k, v in party.backbone.state_dict().items()}
     assert not torch.equal(own["embed.weight"], other["embed.weight"])  # each party draws its own
     party.load_backbone(other)
     assert all(torch.equal(v.cpu(), other[k]) for k, v in party.backbone.state_dict().items())
