@@ -22,7 +22,10 @@ attention scores, times the party's tokens/s, over the dense bf16 matmul rate me
 ``exposed_comm_share``: the time the GPU's compute stream stalled waiting for exchanges (CUDA events around
 each wait, wire.ExchangeTimer) over the step time, in the timed steps; ``exchanges`` lists one timed step's
 exchanges with their bytes, the compute queued while each was in flight (``window_s``) and the stall
-(``exposed_s``): what bench/projection.py projects to slower links. ``nccl_kernel_share`` (with --profiled):
+(``exposed_s``): what bench/projection.py projects to slower links. ``host_blocked_share``: the time the host
+waited on the GPU for each layer's split sizes, over the step time: the party a slow run waits for (its host the
+slowest) waits least there, while a party whose GPU is the slowest waits as much as the rest.
+``nccl_kernel_share`` (with --profiled):
 NCCL kernels' GPU time over step time, which counts waiting for slower peers too. ``bytes_sent_per_step``:
 every kind this party sent in one step. Memory: parameters, gradients (fp32, as large as the parameters;
 none with train.optimizer_in_backward) and optimizer state from their sizes; activations and workspace
@@ -77,8 +80,9 @@ def flops_per_token(m) -> float:
 
 
 def party_result(summary: dict, steps: list[dict], timed: slice, nccl_share: float | None, cfg, ceiling,
-                 exposed: list[float] = ()) -> dict:
-    """One party's numbers from its summary and step records (``exposed``: seconds stalled per timed step)."""
+                 exposed: list[float] = (), blocked: list[float] = ()) -> dict:
+    """One party's numbers from its summary and step records (``exposed``: seconds the GPU stalled on exchanges
+    per timed step; ``blocked``: seconds the host waited on the GPU for split sizes)."""
     timed_steps = steps[timed]
     seconds = sum(r["step_time_s"] for r in timed_steps)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
@@ -98,6 +102,7 @@ def party_result(summary: dict, steps: list[dict], timed: slice, nccl_share: flo
                 model_flops_per_token=model_flops, peak_memory_bytes=summary["peak_memory_bytes"],
                 memory=split, memory_share={k: v / summary["peak_memory_bytes"] for k, v in split.items()},
                 exposed_comm_share=sum(exposed) / seconds if exposed else 0.0,
+                host_blocked_share=sum(blocked) / seconds if blocked else 0.0,
                 nccl_kernel_share=nccl_share, comm_share=nccl_share,  # comm_share: the README table's older name
                 bytes_sent_per_step=sent[-1] - sent[-2] if len(sent) > 1 else sent[-1],
                 parameters=summary["parameters"], bytes_sent=summary["bytes_sent"],
@@ -125,7 +130,7 @@ def run(party: Party, cfg, args, ceiling, world: int, nccl: bool) -> dict:
     """--steps steps of ``party`` as configured; this party's result."""
     first_timed, first_profiled = args.warmup, args.steps - args.profiled
     prof = profile(activities=[ProfilerActivity.CUDA]) if nccl and args.profiled else None
-    steps, exposed, exchanges = [], [], []
+    steps, exposed, blocked, exchanges = [], [], [], []
     for i in range(args.steps):
         party.wire.timer = ExchangeTimer(party.device) if first_timed <= i < first_profiled else None
         if prof is not None and i == first_profiled:
@@ -134,6 +139,7 @@ def run(party: Party, cfg, args, ceiling, world: int, nccl: bool) -> dict:
         if party.wire.timer is not None:
             exchanges = party.wire.timer.collect()
             exposed.append(sum(e["exposed_s"] for e in exchanges))
+            blocked.append(party.wire.timer.host_blocked_s)
     party.wire.timer = None
     nccl_share = 0.0 if world == 1 else None
     if prof is not None:
@@ -142,7 +148,7 @@ def run(party: Party, cfg, args, ceiling, world: int, nccl: bool) -> dict:
                       if e.device_type == torch.autograd.DeviceType.CUDA and "nccl" in e.name.lower())
         nccl_share = nccl_us / 1e6 / sum(r["step_time_s"] for r in steps[first_profiled:])
     result = party_result(party.summary(), steps, slice(first_timed, first_profiled), nccl_share, cfg,
-                          ceiling or {"bf16_matmul_tflops": float("nan")}, exposed)
+                          ceiling or {"bf16_matmul_tflops": float("nan")}, exposed, blocked)
     return dict(result, exchanges=exchanges)
 
 
@@ -154,7 +160,8 @@ def write(out: Path, report: dict) -> None:
               f"{r['tokens_per_s']:,.0f} tokens/s, step {r['step_ms']:.1f} ms, MFU {r['mfu']:.1%}, "
               f"peak {r['peak_memory_bytes'] / 2**30:.1f} GiB "
               f"({', '.join(f'{k} {v:.0%}' for k, v in r['memory_share'].items())}), exposed comm "
-              f"{r['exposed_comm_share']:.1%}, sent {r['bytes_sent_per_step'] / 2**30:.2f} GiB/step", flush=True)
+              f"{r['exposed_comm_share']:.1%}, host blocked {r['host_blocked_share']:.1%}, "
+              f"sent {r['bytes_sent_per_step'] / 2**30:.2f} GiB/step", flush=True)
     print(f"total parameters {report['total_parameters'] / 1e9:.2f} B; results: {out}", flush=True)
 
 

@@ -227,7 +227,8 @@ class DistributedExperts:
         rows = rows_per_owner(expert_ids, n, self.once)
         send = torch.stack([rows, plan.tokens_per_expert.long()], dim=1).flatten()
         recv = wire.exchange("splits", layer, send, [2] * n, [2] * n).wait()
-        counts = torch.cat([send, recv]).tolist()
+        both = torch.cat([send, recv])
+        counts = both.tolist() if wire.timer is None else wire.timer.host_sync(both.tolist)
         return _Route(counts[0:2 * n:2], counts[1:2 * n:2], counts[2 * n::2], counts[2 * n + 1::2])
 
     def _host(self, layer: int, rows: torch.Tensor, mask: torch.Tensor, pairs: int, weights: torch.Tensor | None,

@@ -147,11 +147,21 @@ class WireLog:
 class ExchangeTimer:
     """Per exchange: bytes sent and received, the compute queued between its launch and its wait (``window_s``,
     what the transfer can hide behind) and how long the compute stream then stalled on it (``exposed_s``).
-    CUDA events on the current stream (read by ``collect``, which synchronises), host clocks on CPUs."""
+    CUDA events on the current stream (read by ``collect``, which synchronises), host clocks on CPUs.
+    ``host_blocked_s``: how long the host waited on the device to read split sizes (``host_sync``). A party whose
+    host is the slowest waits least there, since its device is never ahead of it: which party a run waits for."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.records: list[dict] = []
+        self.host_blocked_s = 0.0
+
+    def host_sync(self, read: Callable):
+        """``read()``, a read of device values that blocks the host until they are there; its wall time counted."""
+        start = time.perf_counter()
+        value = read()
+        self.host_blocked_s += time.perf_counter() - start
+        return value
 
     def _mark(self):
         if not self.cuda:

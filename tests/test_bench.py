@@ -384,11 +384,13 @@ def test_e2e_accounting():
                    final_loss=1.0, memory=dict(backbone_params_bytes=10, expert_params_bytes=20,
                                                optimizer_state_bytes=40))
     steps = [dict(step_time_s=1.0, bytes_sent=100 * i, loss=2.0) for i in range(1, 5)]
-    r = party_result(summary, steps, slice(1, None), 0.0, cfg, {"bf16_matmul_tflops": 1.0}, [0.25, 0.25, 0.1])
+    r = party_result(summary, steps, slice(1, None), 0.0, cfg, {"bf16_matmul_tflops": 1.0}, [0.25, 0.25, 0.1],
+                     [0.5, 0.25, 0.0])
     assert r["memory"]["gradients"] == 30 and r["memory"]["activations_and_workspace"] == 0
     assert sum(r["memory_share"].values()) == pytest.approx(1.0)
     assert r["tokens_per_s"] == pytest.approx(cfg.train.batch_size * cfg.data.seq_len)
     assert r["exposed_comm_share"] == pytest.approx(0.6 / 3) and r["bytes_sent_per_step"] == 100
+    assert r["host_blocked_share"] == pytest.approx(0.75 / 3)
     assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["model_flops_per_token"] / 1e12)
 
 

@@ -117,6 +117,9 @@ def test_exchange_timer_windows_and_exposed_time_on_cpu():
     (got,) = timer.collect()
     assert (got["kind"], got["layer"], got["bytes_sent"], got["bytes_received"]) == ("hidden", 3, 100, 50)
     assert got["window_s"] > 0 and got["exposed_s"] > 0 and timer.collect() == []
+    assert timer.host_blocked_s == 0.0
+    assert timer.host_sync(lambda: (torch.randn(300, 300) @ torch.randn(300, 300)).sum().item()) is not None
+    assert timer.host_blocked_s > 0
 
 
 TINY = ["model.hidden_size=32", "model.num_layers=2", "model.expert_intermediate_size=32", "data.seq_len=16",
