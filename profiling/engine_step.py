@@ -10,7 +10,8 @@ for the host or a peer), NCCL's share, and the kernels that took the most.
 
 Writes engine_profile.json (the table, per step), engine_trace.json.gz and, on a GPU, engine_memory.pickle.gz
 (with several parties: engine_profile_p<rank>.json and engine_trace_p<rank>.json.gz each, the snapshot party 0's);
-prints the tables as markdown. Runs on a CPU too (CPU time and memory, no snapshot).
+prints the tables as markdown. Runs on a CPU too (CPU time and memory, no snapshot). ``--trace FILE`` reads a
+saved trace instead and writes its GPU tables (busy, idle and why, top kernels) beside it.
 """
 
 import argparse
@@ -78,6 +79,39 @@ def kernel_table(events: list[dict], steps: int, top: int = 25) -> dict:
                          for name, (calls, us) in ranked])
 
 
+def idle_table(events: list[dict], steps: int, top: int = 15) -> dict:
+    """Per step: milliseconds the GPU idled between its operations (kernels, copies, memsets), how many of them
+    the host's (the operation that ended the gap was launched only after the GPU had run dry:
+    ``host_late_ms``), and the gaps by the named range whose launch ended them (``idle_by_range``)."""
+    ops = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                 key=lambda e: e["ts"])
+    launched = {e["args"]["correlation"]: e["ts"] for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    ranges = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+              if e.get("ph") == "X" and e.get("cat") == "user_annotation"]
+
+    def innermost(ts: float) -> str:
+        around = [r for r in ranges if r[0] <= ts <= r[1]]
+        return min(around, key=lambda r: r[1] - r[0])[2] if around else "(no range)"
+
+    idle_us = late_us = 0.0
+    by_range: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    end = ops[0]["ts"] + ops[0]["dur"] if ops else 0.0
+    for e in ops[1:]:
+        if e["ts"] > end:
+            gap, launch = e["ts"] - end, launched.get(e.get("args", {}).get("correlation"))
+            idle_us += gap
+            late_us += gap if launch is not None and launch > end else 0.0
+            row = by_range[innermost(launch) if launch is not None else "(launch not traced)"]
+            row[0] += 1
+            row[1] += gap
+        end = max(end, e["ts"] + e["dur"])
+    ranked = sorted(by_range.items(), key=lambda kv: -kv[1][1])[:top]
+    return dict(idle_ms=idle_us / 1e3 / steps, host_late_ms=late_us / 1e3 / steps,
+                idle_by_range=[dict(range=name, gaps_per_step=gaps / steps, idle_ms=us / 1e3 / steps)
+                               for name, (gaps, us) in ranked])
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| range | calls/step | host ms/step | GPU ms/step | peak added GiB |", "|---|---|---|---|---|"]
     for r in rows:
@@ -93,7 +127,11 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3, help="steps before profiling")
     parser.add_argument("--steps", type=int, default=2, help="steps profiled")
     parser.add_argument("--out-dir", default="prof")
+    parser.add_argument("--trace", type=Path, help="analyse this saved trace (with --steps: how many it holds), "
+                                                   "run nothing")
     args = parser.parse_args(argv)
+    if args.trace:
+        return analyse(args.trace, args.steps)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="pcmoe-profile-"))
@@ -136,7 +174,7 @@ def main(argv=None):
                   step_time_s=step_times, tokens_per_step=party.tokens_per_step,
                   peak_memory_bytes=summary["peak_memory_bytes"], memory=summary["memory"],
                   device=torch.cuda.get_device_name() if cuda else "cpu", ranges=rows,
-                  gpu=kernel_table(events, args.steps) if cuda else None)
+                  gpu=dict(kernel_table(events, args.steps), **idle_table(events, args.steps)) if cuda else None)
     (out / f"engine_profile{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
     shutil.rmtree(scratch, ignore_errors=True)
     step_ms = sum(step_times) / len(step_times) * 1e3
@@ -145,9 +183,26 @@ def main(argv=None):
     if cuda:
         g = report["gpu"]
         print(f"GPU busy {g['gpu_busy_ms']:.1f} ms per step ({g['gpu_busy_ms'] / step_ms:.0%}), "
-              f"NCCL kernels {g['nccl_ms']:.1f} ms")
+              f"NCCL kernels {g['nccl_ms']:.1f} ms; {idle_line(g)}")
     if rank == 0:
         print(markdown(rows))
+
+
+def idle_line(g: dict) -> str:
+    return (f"idle between operations {g['idle_ms']:.1f} ms, {g['host_late_ms']:.1f} of it waiting for the host's "
+            "launches; by the range that launched: " + ", ".join(f"{r['range']} {r['idle_ms']:.1f}"
+                                                               for r in g["idle_by_range"][:6]))
+
+
+def analyse(trace: Path, steps: int) -> None:
+    """--trace: the GPU tables of a saved trace (engine_trace*.json.gz), written beside it as *_gpu.json."""
+    with gzip.open(trace) as f:
+        events = json.load(f)["traceEvents"]
+    g = dict(kernel_table(events, steps), **idle_table(events, steps))
+    out = trace.with_name(trace.name.split(".")[0] + "_gpu.json")
+    out.write_text(json.dumps(g, indent=1) + "\n")
+    print(f"{trace}: GPU busy {g['gpu_busy_ms']:.1f} ms per step, NCCL kernels {g['nccl_ms']:.1f} ms; "
+          f"{idle_line(g)}; written to {out}")
 
 
 def _snapshot_bytes(scratch: Path) -> bytes:

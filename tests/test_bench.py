@@ -21,7 +21,7 @@ from csrc_triton.permute import permute_reference, plan_routing_reference, unper
 from pcmoe_engine.config import ModelConfig, load_config
 from pcmoe_engine.model import Backbone, compute_loss
 from pcmoe_engine.protocol import DistributedExperts, ExpertShard, Wire
-from profiling.engine_step import kernel_table, range_table
+from profiling.engine_step import idle_table, kernel_table, range_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -428,6 +428,23 @@ def test_kernel_table_counts_overlapping_kernels_once():
     assert table["nccl_ms"] == pytest.approx(100 / 1e3 / 2)
     assert table["kernels"] == [dict(kernel="gemm", calls_per_step=1.0, gpu_ms=140 / 1e3 / 2),
                                 dict(kernel="ncclAllToAll", calls_per_step=0.5, gpu_ms=100 / 1e3 / 2)]
+
+
+def test_idle_table_puts_each_gap_down_to_the_range_that_launched_its_end():
+    op = lambda ts, dur, corr, cat="kernel": dict(name="k", ph="X", cat=cat, ts=ts, dur=dur, args={"correlation": corr})
+    launch = lambda ts, corr: dict(name="cudaLaunchKernel", ph="X", cat="cuda_runtime", ts=ts, dur=1,
+                                   args={"correlation": corr})
+    rng = lambda name, ts, dur: dict(name=name, ph="X", cat="user_annotation", ts=ts, dur=dur)
+    events = [rng("permute", 0, 100), rng("experts", 100, 100), rng("dispatch", 110, 10),
+              op(0, 20, 1), launch(0, 1),
+              op(30, 10, 2), launch(25, 2),  # gap 20-30: launched at 25, after the GPU ran dry: the host's
+              op(60, 5, 3, "gpu_memcpy"), launch(35, 3),  # gap 40-60: launched at 35, before it: not the host's
+              op(150, 10, 4), launch(115, 4)]  # gap 65-150, launched inside dispatch (inside experts)
+    table = idle_table(events, steps=1)
+    assert table["idle_ms"] == pytest.approx((10 + 20 + 85) / 1e3)
+    assert table["host_late_ms"] == pytest.approx((10 + 85) / 1e3)
+    assert table["idle_by_range"] == [dict(range="dispatch", gaps_per_step=1, idle_ms=85 / 1e3),
+                                      dict(range="permute", gaps_per_step=2, idle_ms=30 / 1e3)]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the suites themselves run (bench/run_device.sh)")
