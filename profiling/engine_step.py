@@ -2,8 +2,9 @@
 events, a CUDA memory snapshot (torch.cuda.memory._record_memory_history; drop it on
 https://pytorch.org/memory_viz), a table per range (pcmoe_engine.nvtx: router, permute, dispatch, experts,
 combine, attention, shared_expert, lm_head, each one's ".backward", backward, optimizer) and, on a GPU, where
-the step's GPU time went: the share of the step any kernel ran (``gpu_busy_ms``; the rest the GPU idled, waiting
-for the host or a peer), NCCL's share, and the kernels that took the most.
+the step's GPU time went: the share of the step any kernel ran (``gpu_busy_ms``), NCCL's share, the kernels that
+took the most, and where the GPU idled (``idle_ms``: how much of it waiting for the host's launches, and after
+which named range).
 
     PYTHONPATH=. python profiling/engine_step.py --out-dir prof [--warmup 3] [--steps 2] [--set model.num_layers=2 ...]
     PYTHONPATH=. torchrun --nproc-per-node 4 profiling/engine_step.py --out-dir prof ...   # 4 parties
@@ -112,6 +113,11 @@ def idle_table(events: list[dict], steps: int, top: int = 15) -> dict:
                                for name, (gaps, us) in ranked])
 
 
+def gpu_tables(events: list[dict], steps: int) -> dict:
+    """The report's ``gpu``: kernel_table and idle_table of one trace."""
+    return {**kernel_table(events, steps), **idle_table(events, steps)}
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| range | calls/step | host ms/step | GPU ms/step | peak added GiB |", "|---|---|---|---|---|"]
     for r in rows:
@@ -174,7 +180,7 @@ def main(argv=None):
                   step_time_s=step_times, tokens_per_step=party.tokens_per_step,
                   peak_memory_bytes=summary["peak_memory_bytes"], memory=summary["memory"],
                   device=torch.cuda.get_device_name() if cuda else "cpu", ranges=rows,
-                  gpu=dict(kernel_table(events, args.steps), **idle_table(events, args.steps)) if cuda else None)
+                  gpu=gpu_tables(events, args.steps) if cuda else None)
     (out / f"engine_profile{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
     shutil.rmtree(scratch, ignore_errors=True)
     step_ms = sum(step_times) / len(step_times) * 1e3
@@ -198,7 +204,7 @@ def analyse(trace: Path, steps: int) -> None:
     """--trace: the GPU tables of a saved trace (engine_trace*.json.gz), written beside it as *_gpu.json."""
     with gzip.open(trace) as f:
         events = json.load(f)["traceEvents"]
-    g = dict(kernel_table(events, steps), **idle_table(events, steps))
+    g = gpu_tables(events, steps)
     out = trace.with_name(trace.name.split(".")[0] + "_gpu.json")
     out.write_text(json.dumps(g, indent=1) + "\n")
     print(f"{trace}: GPU busy {g['gpu_busy_ms']:.1f} ms per step, NCCL kernels {g['nccl_ms']:.1f} ms; "
