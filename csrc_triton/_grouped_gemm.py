@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._runtime import interpreting
 from .permute import RoutingPlan
@@ -62,11 +63,13 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 @triton.jit
 def program_tile(tile_cum_ptr, offsets_ptr, E, N, BM: tl.constexpr, BN: tl.constexpr,
                  SEARCH_STEPS: tl.constexpr):
-    """This program's output tile: (expert, rows, row mask, columns, column mask); expert == E: no work."""
+    """This program's output tile: (expert, first row, rows, row mask, first column, columns, column mask);
+    expert == E: no work."""
     expert, row_start, row_end = _find_group(tl.program_id(1), tile_cum_ptr, offsets_ptr, E, BM, SEARCH_STEPS)
     rows = row_start + tl.arange(0, BM)
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    return expert, rows, rows < row_end, cols, cols < N
+    col_start = tl.program_id(0) * BN
+    cols = col_start + tl.arange(0, BN)
+    return expert, row_start, rows, rows < row_end, col_start, cols, cols < N
 
 
 @triton.jit
@@ -103,63 +106,108 @@ def mma(acc, a_ptr, a_rows, a_mask, stride_a, b_ptr, cols, cmask, stride_bn, str
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, token_ptr, b_ptr, c_ptr, offsets_ptr, tile_cum_ptr,
+    a_ptr, a_desc, token_ptr, b_ptr, b_desc, c_ptr, offsets_ptr, tile_cum_ptr,
     E, N, K, stride_a, stride_be, stride_bn, stride_bk, stride_c,
-    GATHER: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    GATHER: tl.constexpr, TMA: tl.constexpr, B_NK: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
     """C[rows of e] = A[rows of e] @ B[e] with B[e][k, n] = b_ptr[e*stride_be + n*stride_bn + k*stride_bk];
     A's rows optionally gathered by token. The down GEMM, its dgrad and the up dgrad (K = 2I: gate and up
-    rows of w_gate_up are one K range) are all this kernel."""
-    expert, rows, rmask, cols, cmask = program_tile(tile_cum_ptr, offsets_ptr, E, N, BM, BN, SEARCH_STEPS)
+    rows of w_gate_up are one K range) are all this kernel.
+
+    TMA: B is read through b_desc, rows e*N.. of an [E*N, K] descriptor (B_NK) or rows e*K.. of an
+    [E*K, N] one, and A, unless gathered, through a_desc. A tile that runs past its expert's rows or columns
+    reads the next expert's, which reach only masked outputs; K % BK == 0, so no K step crosses into the next
+    expert's rows of an [E*K, N] descriptor."""
+    expert, row0, rows, rmask, n0, cols, cmask = program_tile(tile_cum_ptr, offsets_ptr, E, N, BM, BN,
+                                                              SEARCH_STEPS)
     if expert >= E:
         return
     acc = tl.zeros([BM, BN], tl.float32)
-    acc = mma(acc, a_ptr, rows_of(token_ptr, rows, rmask, GATHER), rmask, stride_a,
-              b_ptr + expert.to(tl.int64) * stride_be, cols, cmask, stride_bn, stride_bk, K, BK, EVEN_K, PRECISION)
+    a_rows = rows_of(token_ptr, rows, rmask, GATHER)
+    if TMA:
+        a_ptrs = a_ptr + a_rows[:, None] * stride_a + tl.arange(0, BK)[None, :]
+        for k0 in range(0, K, BK):
+            if GATHER:
+                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+                a_ptrs += BK
+            else:
+                a = a_desc.load([row0, k0])
+            if B_NK:
+                b = tl.trans(b_desc.load([expert * N + n0, k0]))
+            else:
+                b = b_desc.load([expert * K + k0, n0])
+            acc = _dot(a, b, acc, PRECISION)
+    else:
+        acc = mma(acc, a_ptr, a_rows, rmask, stride_a, b_ptr + expert.to(tl.int64) * stride_be, cols, cmask,
+                  stride_bn, stride_bk, K, BK, EVEN_K, PRECISION)
     tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_c + cols[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
+
+
+def _set_wgrad_blocks(nargs):
+    """A config's tiles, for the TMA descriptors that wgrad made with placeholder blocks."""
+    for name, cols in (("a_desc", nargs["BM"]), ("b_desc", nargs["BN"])):
+        if isinstance(nargs[name], TensorDescriptor):
+            nargs[name].block_shape = [nargs["BK"], cols]
 
 
 def _wgrad_configs() -> list:
     """The wgrad's tiles are not tied to a row schedule, so they are tuned per (M, N) on first use."""
     if interpreting():
-        return [triton.Config(dict(BM=16, BN=16, BK=16), num_warps=1, num_stages=1)]
-    return [triton.Config(dict(BM=bm, BN=bn, BK=bk), num_warps=w, num_stages=st)
+        return [triton.Config(dict(BM=16, BN=16, BK=16), num_warps=1, num_stages=1, pre_hook=_set_wgrad_blocks)]
+    return [triton.Config(dict(BM=bm, BN=bn, BK=bk), num_warps=w, num_stages=st, pre_hook=_set_wgrad_blocks)
             for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 256, 64, 8, 3),
-                                      (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]]
+                                      (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+                                      (128, 128, 32, 4, 5)]]
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["M", "N", "A_GATHER", "B_GATHER"])
+@triton.jit
+def _wgrad_rows(ptr, desc, token_ptr, r0, row_end, c0, C, stride, GATHER: tl.constexpr, TMA: tl.constexpr,
+                FULL: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+    """One operand's [BK rows from r0, BC columns from c0] tile of the wgrad: TMA for a full block of plain rows,
+    else pointer loads (rows past row_end read as zeros: a descriptor would read the next expert's rows)."""
+    if TMA and FULL:
+        return desc.load([r0, c0])
+    rows = r0 + tl.arange(0, BK)
+    cols = c0 + tl.arange(0, BC)
+    rmask = rows < row_end
+    return tl.load(ptr + rows_of(token_ptr, rows, rmask, GATHER)[:, None] * stride + cols[None, :],
+                   mask=rmask[:, None] & (cols < C)[None, :], other=0.0)
+
+
+@triton.autotune(configs=_wgrad_configs(), key=["M", "N", "A_GATHER", "B_GATHER", "A_TMA", "B_TMA"])
 @triton.jit
 def _wgrad_kernel(
-    a_ptr, a_token_ptr, b_ptr, b_token_ptr, out_ptr, offsets_ptr,
+    a_ptr, a_desc, a_token_ptr, b_ptr, b_desc, b_token_ptr, out_ptr, offsets_ptr,
     M, N, stride_a, stride_b, stride_oe, stride_om, stride_on,
-    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr,
+    PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """out[e] = A[rows of e]^T @ B[rows of e]: [M, N] per expert, reduced over that expert's slots; A's or
-    B's rows may be gathered by token. Both operands are plain loads, so they stream straight to the MMA."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    B's rows may be gathered by token, and a plain operand is read by TMA (A_TMA / B_TMA) in the full blocks
+    of rows. Both operands are plain loads, so they stream straight to the MMA."""
+    m0 = tl.program_id(1) * BM
+    n0 = tl.program_id(0) * BN
     expert = tl.program_id(2)
     row_start = tl.load(offsets_ptr + expert)
     row_end = tl.load(offsets_ptr + expert + 1)
-    mcols = pid_m * BM + tl.arange(0, BM)
-    ncols = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros([BM, BN], tl.float32)
+    full_end = row_start + (row_end - row_start) // BK * BK
+    for r0 in range(row_start, full_end, BK):
+        a = _wgrad_rows(a_ptr, a_desc, a_token_ptr, r0, row_end, m0, M, stride_a, A_GATHER, A_TMA, True, BK, BM)
+        b = _wgrad_rows(b_ptr, b_desc, b_token_ptr, r0, row_end, n0, N, stride_b, B_GATHER, B_TMA, True, BK, BN)
+        acc = _dot(tl.trans(a), b, acc, PRECISION)
+    if full_end < row_end:
+        a = _wgrad_rows(a_ptr, a_desc, a_token_ptr, full_end, row_end, m0, M, stride_a, A_GATHER, A_TMA, False, BK,
+                        BM)
+        b = _wgrad_rows(b_ptr, b_desc, b_token_ptr, full_end, row_end, n0, N, stride_b, B_GATHER, B_TMA, False, BK,
+                        BN)
+        acc = _dot(tl.trans(a), b, acc, PRECISION)
+    mcols = m0 + tl.arange(0, BM)
+    ncols = n0 + tl.arange(0, BN)
     mmask = mcols < M
     nmask = ncols < N
-    acc = tl.zeros([BM, BN], tl.float32)
-    for r0 in range(row_start, row_end, BK):
-        rows = r0 + tl.arange(0, BK)
-        rmask = rows < row_end
-        a_rows = rows_of(a_token_ptr, rows, rmask, A_GATHER)
-        a = tl.load(a_ptr + a_rows[:, None] * stride_a + mcols[None, :], mask=rmask[:, None] & mmask[None, :],
-                    other=0.0)
-        b_rows = rows_of(b_token_ptr, rows, rmask, B_GATHER)
-        b = tl.load(b_ptr + b_rows[:, None] * stride_b + ncols[None, :], mask=rmask[:, None] & nmask[None, :],
-                    other=0.0)
-        acc = _dot(tl.trans(a), b, acc, PRECISION)
     tl.store(out_ptr + expert.to(tl.int64) * stride_oe + mcols[:, None] * stride_om + ncols[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
@@ -179,7 +227,7 @@ def tile_config(dtype: torch.dtype) -> TileConfig:
         return TileConfig(16, 16, 16, 1, 1)
     if dtype == torch.float32:
         return TileConfig(64, 64, 32, 4, 2)
-    return TileConfig(128, 128, 64, 8, 3)
+    return TileConfig(128, 256, 64, 8, 3)
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -200,8 +248,8 @@ class Groups(NamedTuple):
     m_tiles: int  # the grid's row tiles: an upper bound on tile_cum[-1], known without a device->host sync
 
     @classmethod
-    def of(cls, plan: RoutingPlan, dtype: torch.dtype) -> "Groups":
-        tile = tile_config(dtype)
+    def of(cls, plan: RoutingPlan, dtype: torch.dtype, tile: TileConfig | None = None) -> "Groups":
+        tile = tile or tile_config(dtype)
         counts = plan.tokens_per_expert
         tile_cum = torch.cumsum((counts + (tile.bm - 1)) // tile.bm, 0, dtype=torch.int32)
         m_tiles = triton.cdiv(plan.sorted_token.numel(), tile.bm) + counts.numel()
@@ -217,24 +265,50 @@ class Groups(NamedTuple):
         return max(1, self.num_experts.bit_length())
 
 
-def grouped_gemm(a, groups: Groups, gather: bool, b, b_strides, out, n: int, k: int):
+def _tma_rows(t: torch.Tensor, rows: int, cols: int, row_stride: int, block: list[int]):
+    """A TMA descriptor over ``t`` read as [rows, cols] with unit column stride, or None where TMA cannot read it
+    (unaligned base or row stride: TMA wants 16 bytes)."""
+    nbytes = t.element_size()
+    if t.data_ptr() % 16 or (row_stride * nbytes) % 16:
+        return None
+    return TensorDescriptor(t, [rows, cols], [row_stride, 1], block)
+
+
+def grouped_gemm(a, groups: Groups, gather: bool, b, b_strides, out, n: int, k: int, tma: bool = True):
     """out[slot] = a[token of slot if gather else slot] @ B[expert of slot], B[e][k, n] at
-    ``b[e].data_ptr() + n * b_strides[0] + k * b_strides[1]``."""
+    ``b[e].data_ptr() + n * b_strides[0] + k * b_strides[1]``. Read by TMA where the layout allows (``tma``)."""
     if groups.token.numel() == 0:
         return
     cfg = groups.tile
+    stride_bn, stride_bk = b_strides
+    b_nk = stride_bk == 1  # B[e] is [N, K], K contiguous (else [K, N], N contiguous, for TMA)
+    b_desc = a_desc = None
+    if tma and k % cfg.bk == 0:
+        if b_nk and b.stride(0) == n * stride_bn:
+            b_desc = _tma_rows(b, groups.num_experts * n, k, stride_bn, [cfg.bn, cfg.bk])
+        elif stride_bn == 1 and b.stride(0) == k * stride_bk:
+            b_desc = _tma_rows(b, groups.num_experts * k, n, stride_bk, [cfg.bk, cfg.bn])
+        if not gather and a.stride(1) == 1:
+            a_desc = _tma_rows(a, a.shape[0], k, a.stride(0), [cfg.bm, cfg.bk])
+    use_tma = b_desc is not None and (gather or a_desc is not None)
     _grouped_gemm_kernel[(triton.cdiv(n, cfg.bn), groups.m_tiles)](
-        a, groups.token, b, out, groups.offsets, groups.tile_cum, groups.num_experts, n, k, a.stride(0),
-        b.stride(0), *b_strides, out.stride(0), GATHER=gather, EVEN_K=k % cfg.bk == 0, PRECISION=precision(a.dtype),
-        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=groups.search_steps, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        a, a_desc if use_tma and not gather else a, groups.token, b, b_desc if use_tma else b, out, groups.offsets,
+        groups.tile_cum, groups.num_experts, n, k, a.stride(0), b.stride(0), stride_bn, stride_bk, out.stride(0),
+        GATHER=gather, TMA=use_tma, B_NK=b_nk, EVEN_K=k % cfg.bk == 0, PRECISION=precision(a.dtype), BM=cfg.bm, BN=cfg.bn,
+        BK=cfg.bk, SEARCH_STEPS=groups.search_steps, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def wgrad(a, a_token, b, b_token, out, groups: Groups):
+def wgrad(a, a_token, b, b_token, out, groups: Groups, tma: bool = True):
     """out[e] = a[rows of e]^T @ b[rows of e], rows gathered through a_token / b_token where given; an expert
-    with no slots gets zeros (the loop over its rows is empty)."""
+    with no slots gets zeros (the loop over its rows is empty). A plain operand is read by TMA where its layout
+    allows (``tma``)."""
     num_experts, m, n = out.shape
+    # Placeholder blocks: the tuned config sets them (_set_wgrad_blocks).
+    a_desc = _tma_rows(a, a.shape[0], m, a.stride(0), [1, 1]) if tma and a_token is None and a.stride(1) == 1 else None
+    b_desc = _tma_rows(b, b.shape[0], n, b.stride(0), [1, 1]) if tma and b_token is None and b.stride(1) == 1 else None
     _wgrad_kernel[lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(m, meta["BM"]), num_experts)](
-        a, a_token if a_token is not None else a, b, b_token if b_token is not None else b, out, groups.offsets,
-        m, n, a.stride(0), b.stride(0), out.stride(0), out.stride(1), out.stride(2), A_GATHER=a_token is not None,
-        B_GATHER=b_token is not None, PRECISION=precision(a.dtype))
+        a, a_desc if a_desc is not None else a, a_token if a_token is not None else a, b,
+        b_desc if b_desc is not None else b, b_token if b_token is not None else b, out, groups.offsets, m, n,
+        a.stride(0), b.stride(0), out.stride(0), out.stride(1), out.stride(2), A_GATHER=a_token is not None,
+        B_GATHER=b_token is not None, A_TMA=a_desc is not None, B_TMA=b_desc is not None,
+        PRECISION=precision(a.dtype))

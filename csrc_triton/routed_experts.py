@@ -54,7 +54,7 @@ def _gate_up_fwd_kernel(
     two; notes/experts.md, version 7).
     """
     HALF: tl.constexpr = BN // 2
-    expert, rows, rmask, cols, cmask = program_tile(tile_cum_ptr, offsets_ptr, E, I, BM, HALF, SEARCH_STEPS)
+    expert, _, rows, rmask, _, cols, cmask = program_tile(tile_cum_ptr, offsets_ptr, E, I, BM, HALF, SEARCH_STEPS)
     if expert >= E:
         return
     j = tl.arange(0, BN)
@@ -76,6 +76,18 @@ def _gate_up_fwd_kernel(
     tl.store(act_ptr + rows64[:, None] * stride_act + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
 
 
+def gate_up(x, groups: Groups, w_gate_up, h, act):
+    """act = SwiGLU(x[token] @ W_gate_up[e]^T) per slot, h (the GEMM's output, for backward) saved if given."""
+    num_experts, inter, hidden = w_gate_up.shape[0], w_gate_up.shape[1] // 2, w_gate_up.shape[2]
+    cfg = groups.tile
+    _gate_up_fwd_kernel[(triton.cdiv(inter, cfg.bn // 2), groups.m_tiles)](
+        x, groups.token, w_gate_up, h if h is not None else act, act, groups.offsets, groups.tile_cum, num_experts,
+        hidden, inter, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2),
+        h.stride(0) if h is not None else 0, act.stride(0), SAVE_H=h is not None, EVEN_K=hidden % cfg.bk == 0,
+        PRECISION=precision(x.dtype), BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=groups.search_steps,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def _routed_forward(x, groups: Groups, w_gate_up, w_down, save_h):
     """Gate-up GEMM (gather + SwiGLU epilogue), then the down GEMM: returns (y [slots, H], h [slots, 2I] or None)."""
     num_experts, hidden, inter = w_down.shape
@@ -86,13 +98,7 @@ def _routed_forward(x, groups: Groups, w_gate_up, w_down, save_h):
     y = torch.empty(slots, hidden, device=dev, dtype=dtype)
     if slots == 0:
         return y, h
-    cfg = groups.tile
-    _gate_up_fwd_kernel[(triton.cdiv(inter, cfg.bn // 2), groups.m_tiles)](
-        x, groups.token, w_gate_up, h if save_h else act, act, groups.offsets, groups.tile_cum, num_experts, hidden,
-        inter, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2),
-        h.stride(0) if save_h else 0, act.stride(0), SAVE_H=save_h, EVEN_K=hidden % cfg.bk == 0,
-        PRECISION=precision(dtype), BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=groups.search_steps,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    gate_up(x, groups, w_gate_up, h, act)
     grouped_gemm(act, groups, False, w_down, (w_down.stride(1), w_down.stride(2)), y, hidden, inter)
     return y, h
 

@@ -143,3 +143,45 @@ def test_grouped_mlp(dtype, device, poison):
 def test_grouped_mlp_large_bf16(case, device):
     tokens, hidden, inter, experts, top_k, empty = case
     check_grouped_mlp(tokens * top_k, hidden, inter, experts, empty, torch.bfloat16, device)
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointer_loads"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_gemms_read_by_tma_or_pointers(tma, dtype, device, poison):
+    """Each grouped GEMM of the routed experts, both ways of reading its operands, against fp64 per expert. Sizes
+    are multiples of the K tile (64 on GPUs), so tma=True takes the TMA path; an expert has more rows than one
+    tile and a ragged tail, expert 3 none (its weight gradients must be exactly zero)."""
+    from csrc_triton._grouped_gemm import Groups, grouped_gemm, wgrad
+    from csrc_triton.permute import plan_routing
+
+    tokens, hidden, inter, experts = 150, 128, 64, 5
+    ids = random_ids(tokens, experts, 2, empty=(3,)).to(device)
+    plan = plan_routing(ids, experts)
+    groups = Groups.of(plan, dtype)
+    gen = torch.Generator().manual_seed(1)
+    new = lambda *shape: torch.randn(*shape, generator=gen).to(device, dtype)
+    x, act, dh, w_down, w_gate_up = new(tokens, hidden), new(2 * tokens, inter), new(2 * tokens, 2 * inter), \
+        new(experts, hidden, inter), new(experts, 2 * inter, hidden)
+    expert = ids.flatten()[plan.sorted_pair.long()].long()
+    x_slot = x[plan.sorted_token.long()]
+    f64 = lambda t: t.double()
+
+    def gemm(a, gather, b, b_strides, n, k):
+        out = torch.empty(2 * tokens, n, device=device, dtype=dtype)
+        grouped_gemm(a, groups, gather, b, b_strides, out, n, k, tma)
+        return out
+
+    down = gemm(act, False, w_down, (w_down.stride(1), w_down.stride(2)), hidden, inter)  # B[e] is [N, K]
+    assert rel_err(down, torch.einsum("si,shi->sh", f64(act), f64(w_down)[expert])) < TOLERANCE[dtype]
+    down_dgrad = gemm(x, True, w_down, (w_down.stride(2), w_down.stride(1)), inter, hidden)  # [K, N], gathered A
+    assert rel_err(down_dgrad, torch.einsum("sh,shi->si", f64(x_slot), f64(w_down)[expert])) < TOLERANCE[dtype]
+    up_dgrad = gemm(dh, False, w_gate_up, (w_gate_up.stride(2), w_gate_up.stride(1)), hidden, 2 * inter)
+    assert rel_err(up_dgrad, torch.einsum("sj,sjh->sh", f64(dh), f64(w_gate_up)[expert])) < TOLERANCE[dtype]
+
+    dw_down, dw_gate_up = torch.empty_like(w_down), torch.empty_like(w_gate_up)
+    wgrad(x, plan.sorted_token, act, None, dw_down, groups, tma)  # A gathered, B plain
+    wgrad(dh, None, x, plan.sorted_token, dw_gate_up, groups, tma)  # A plain, B gathered
+    per_expert = lambda a, b: torch.stack([f64(a)[expert == e].T @ f64(b)[expert == e] for e in range(experts)])
+    assert rel_err(dw_down, per_expert(x_slot, act)) < TOLERANCE[dtype]
+    assert rel_err(dw_gate_up, per_expert(dh, x_slot)) < TOLERANCE[dtype]
+    assert dw_down[3].abs().max().item() == 0 and dw_gate_up[3].abs().max().item() == 0
