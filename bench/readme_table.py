@@ -134,6 +134,21 @@ def missing_lines(report: dict) -> list[str]:
     return lines + (["megablocks back end: " + ", ".join(sorted(backends)) + "."] if backends else [])
 
 
+def rerun_only_lines(report: dict, rerun: dict | None, rerun_path: Path | None, readme: Path) -> list[str]:
+    """The routed-experts cases that only the rerun timed in full (the first run's time cap ended first), from
+    the rerun alone."""
+    if rerun is None:
+        return []
+    timed = lambda rep: {(r["stage"], r["shape"], r["tokens"], r["routing"]) for r in rep["rows"]
+                         if r["stage"] in ("experts_fwd", "experts_fwd_bwd")}
+    first = timed(report)
+    cases = list(dict.fromkeys(key[1:] for key in sorted(timed(rerun) - first, key=str)))
+    if not cases:
+        return []
+    return ["", f"Cases the first run did not time in full (its time cap ended first), from the rerun alone "
+                f"(`{_rel(rerun_path, readme)}`):", "", family_table(rerun, "experts", cases, {})]
+
+
 def _load(path: Path | None) -> dict | None:
     return json.loads(path.read_text()) if path else None
 
@@ -158,6 +173,7 @@ def peers_section(path: Path, readme: Path) -> list[str]:
         "", "Routed experts with the weighted combine, the routing given (TFLOP/s: 18 T k H I over the "
             "forward+backward time, the count the published kernels use):", "",
         family_table(report, "experts", cases, changes),
+        *rerun_only_lines(report, _load(rerun_path), rerun_path, readme),
         *(["", "The whole layer (every peer but ours inside transformers' block, its router and shared experts in "
                "PyTorch; TFLOP/s count them too):", "", family_table(report, "layer", cases, changes)]
           if any(r["stage"] == "layer_fwd_bwd" for r in report["rows"]) else
