@@ -375,6 +375,18 @@ def test_peers_run_in_the_readme_with_the_anchors_and_the_rerun(tmp_path):
     assert names == {"stages_16384_balanced.png", "anchors.png"}
 
 
+def test_cases_only_the_rerun_timed_are_shown_from_the_rerun(tmp_path):
+    rerun = _peers_report()
+    first = json.loads(json.dumps(rerun))  # the first run's time cap ended before olmoe's forward+backward
+    first["rows"] = [r for r in first["rows"] if (r["stage"], r["shape"]) != ("experts_fwd_bwd", "olmoe-1b-7b")]
+    rerun_path = tmp_path / "rerun_peers_h100_abc1234.json"
+    lines = readme_table.rerun_only_lines(first, rerun, rerun_path, tmp_path / "README.md")
+    text = "\n".join(lines)
+    assert "from the rerun alone (`rerun_peers_h100_abc1234.json`)" in text
+    assert "| olmoe-1b-7b | liger | 2.00 | 6.00 |" in text and "sonicmoe-7b" not in text
+    assert readme_table.rerun_only_lines(rerun, rerun, rerun_path, tmp_path / "README.md") == []
+
+
 def test_e2e_accounting():
     cfg = load_config(None, ["model.preset=olmoe-1b-7b", "model.num_layers=4"], parties=1)
     m = cfg.model
