@@ -34,6 +34,14 @@ def environment() -> dict:
                 cuda=torch.version.cuda, gpu=gpu_properties())
 
 
+def tuned_tiles() -> list[dict]:
+    """The tiles the wgrad's autotuner chose in this process, per shape key: two runs that differ in them time
+    different kernels (csrc_triton/notes/experts.md, version 8)."""
+    from csrc_triton._grouped_gemm import _wgrad_kernel
+
+    return [dict(key=[str(part) for part in key], config=str(config)) for key, config in _wgrad_kernel.cache.items()]
+
+
 def gpu_properties() -> dict | None:
     if not torch.cuda.is_available():
         return None

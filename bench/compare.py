@@ -59,7 +59,18 @@ def compare(first: dict, rerun: dict, tolerance: float) -> tuple[list[str], list
     lines += [f"The other {len(both) - len(host)}: {len(moved)} moved by more than {tolerance:.0%}"
               + (":" if moved else ".")]
     lines += [f"- {m}" for m in moved]
-    return lines, moved
+    return lines + tile_lines(first, rerun), moved
+
+
+def tile_lines(first: dict, rerun: dict) -> list[str]:
+    """Where the wgrad's autotuner chose other tiles in the two runs (results files since 5dba7b8 record them)."""
+    if "tuned_tiles" not in first or "tuned_tiles" not in rerun:
+        return []
+    a, b = ({tuple(t["key"]): t["config"] for t in run["tuned_tiles"]} for run in (first, rerun))
+    differ = [key for key in sorted(set(a) & set(b)) if a[key] != b[key]]
+    lines = ["", f"wgrad tiles the autotuner chose: {len(set(a) & set(b))} shape keys in both runs, {len(differ)} "
+                 "chosen differently" + (":" if differ else ".")]
+    return lines + [f"- {', '.join(key)}: {a[key]} -> {b[key]}" for key in differ]
 
 
 def main(argv=None):

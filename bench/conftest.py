@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from .common import ceilings as measure_ceilings
-from .common import DEVICE, environment, kernel_ms, sync, time_ms
+from .common import DEVICE, environment, kernel_ms, sync, time_ms, tuned_tiles
 from .peers import Unavailable, settings
 from .report import HOST_BOUND_STAGES, OURS, RESULTS, add_ratios, finish_row, gpu_tag, text_table
 from .shapes import ANCHORS, README_SHAPES, ROUTINGS, SHAPES, TOKENS, Case
@@ -162,7 +162,7 @@ def pytest_sessionfinish(session):
                   anchors=[a._asdict() for a in ANCHORS],
                   options={k: opt(f"--bench-{k}") for k in ("shapes", "tokens", "routing", "anchors", "warmup-ms",
                                                              "rep-ms", "max-call-s")},
-                  peers=_peer_versions(), peer_settings=settings(), rows=add_ratios(rows))
+                  peers=_peer_versions(), peer_settings=settings(), tuned_tiles=tuned_tiles(), rows=add_ratios(rows))
     out = Path(opt("--bench-out") or RESULTS)
     if out.is_dir():
         out = out / f"{opt('--bench-prefix')}_{gpu_tag(env['device'])}_{env['commit']}.json"

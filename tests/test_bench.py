@@ -315,6 +315,27 @@ def test_compare_flags_the_readme_cells_a_rerun_moved(tmp_path):
     assert info.value.code == 1 and "moved by more than 10%" in (tmp_path / "r.md").read_text()
 
 
+def test_a_rerun_that_tuned_other_wgrad_tiles_says_where(monkeypatch):
+    import triton
+
+    from bench.common import tuned_tiles
+    from csrc_triton._grouped_gemm import _wgrad_kernel
+
+    key = (2048, 768, True, False, False, True, "torch.bfloat16")
+    monkeypatch.setattr(_wgrad_kernel, "cache", {key: triton.Config(dict(BM=128, BN=128, BK=64), num_warps=8)})
+    first = dict(commit="a", date="d", device="H100", rows=[], tuned_tiles=tuned_tiles())
+    assert first["tuned_tiles"] == [dict(key=[str(k) for k in key], config="BM: 128, BN: 128, BK: 64, num_warps: 8, "
+                                         "num_ctas: 1, num_stages: 3, maxnreg: None")]
+    rerun = json.loads(json.dumps(first))
+    assert compare.tile_lines(first, rerun)[1].endswith("1 shape keys in both runs, 0 chosen differently.")
+    rerun["tuned_tiles"][0]["config"] = "BM: 128, BN: 128, BK: 32, num_warps: 4"
+    lines = compare.tile_lines(first, rerun)
+    assert lines[1].endswith("1 chosen differently:") and lines[2].startswith("- 2048, 768, True, False, False")
+    assert lines[2].endswith("-> BM: 128, BN: 128, BK: 32, num_warps: 4")
+    older = {k: v for k, v in first.items() if k != "tuned_tiles"}  # results files before 5dba7b8
+    assert compare.tile_lines(older, rerun) == []
+
+
 def _peers_report() -> dict:
     """A `run_device.sh peers` run: the routed experts and the layer at 16384 tokens and in the anchors' cases,
     ours twice as fast as the peers that run (which agree with ours to 1e-3 / 2e-3), SonicMoE unable to."""
