@@ -157,7 +157,8 @@ def peers_section(path: Path, readme: Path) -> list[str]:
     """The focused run (`bench/run_device.sh peers`): the routed experts and the layer, ours against every peer,
     at the README's shapes and the published anchors' cases, and the anchors beside it."""
     report, rerun_path = _load(path), rerun_of(path)
-    changes = cell_changes(report, _load(rerun_path))
+    rerun = _load(rerun_path)
+    changes = cell_changes(report, rerun)
     cases = list(dict.fromkeys((r["shape"], r["tokens"], r["routing"]) for r in report["rows"]
                                if r["stage"] in EVERY_IMPL_STAGES))
     c, settings = report["ceilings"], report.get("peer_settings", {})
@@ -173,7 +174,7 @@ def peers_section(path: Path, readme: Path) -> list[str]:
         "", "Routed experts with the weighted combine, the routing given (TFLOP/s: 18 T k H I over the "
             "forward+backward time, the count the published kernels use):", "",
         family_table(report, "experts", cases, changes),
-        *rerun_only_lines(report, _load(rerun_path), rerun_path, readme),
+        *rerun_only_lines(report, rerun, rerun_path, readme),
         *(["", "The whole layer (every peer but ours inside transformers' block, its router and shared experts in "
                "PyTorch; TFLOP/s count them too):", "", family_table(report, "layer", cases, changes)]
           if any(r["stage"] == "layer_fwd_bwd" for r in report["rows"]) else

@@ -321,11 +321,10 @@ def test_a_rerun_that_tuned_other_wgrad_tiles_says_where(monkeypatch):
     from bench.common import tuned_tiles
     from csrc_triton._grouped_gemm import _wgrad_kernel
 
-    key = (2048, 768, True, False, False, True, "torch.bfloat16")
-    monkeypatch.setattr(_wgrad_kernel, "cache", {key: triton.Config(dict(BM=128, BN=128, BK=64), num_warps=8)})
+    key, config = (2048, 768, True, False, False, True, "torch.bfloat16"), triton.Config(dict(BM=128), num_warps=8)
+    monkeypatch.setattr(_wgrad_kernel, "cache", {key: config})
     first = dict(commit="a", date="d", device="H100", rows=[], tuned_tiles=tuned_tiles())
-    assert first["tuned_tiles"] == [dict(key=[str(k) for k in key], config="BM: 128, BN: 128, BK: 64, num_warps: 8, "
-                                         "num_ctas: 1, num_stages: 3, maxnreg: None")]
+    assert first["tuned_tiles"] == [dict(key=[str(k) for k in key], config=str(config))] and "BM: 128" in str(config)
     rerun = json.loads(json.dumps(first))
     assert compare.tile_lines(first, rerun)[1].endswith("1 shape keys in both runs, 0 chosen differently.")
     rerun["tuned_tiles"][0]["config"] = "BM: 128, BN: 128, BK: 32, num_warps: 4"
