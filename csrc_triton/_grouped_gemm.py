@@ -13,7 +13,9 @@ op's own prologue or epilogue (the gate-up GEMM with its gather and SwiGLU) live
 routed_experts.py so that each reads at once. Nothing here is public API (hence the underscore, as for
 _runtime.py).
 
-Operands bf16/fp16 (fp32 for tests) with fp32 accumulation.
+Operands bf16/fp16 (fp32 for tests) with fp32 accumulation. What is never gathered (the weights, and rows read in
+slot order) is read through TMA descriptors where its layout allows (16-byte aligned, K a multiple of the K
+tile), else by pointer loads; gathered rows always by pointer loads (Hopper's TMA cannot gather rows).
 """
 
 from typing import NamedTuple
