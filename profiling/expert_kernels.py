@@ -54,7 +54,6 @@ def case(shape_name, tokens, sweep):
     print(f"\n{shape_name} at {tokens} tokens: H={hidden} I={inter} E={num_experts} k={s.top_k}, {slots} slots; "
           f"f+b counted {3 * (flops_gu + flops_down) / 1e12:.2f} TFLOP")
 
-    # Row-scheduled grouped GEMMs: (name, launch(groups), FLOPs, the same GEMM dense [M, K] x [K, N] on cuBLAS)
     # (name, launch(groups, tma), FLOPs, the same GEMM dense [M, K] x [K, N]); the gate-up GEMM has no TMA path
     gemms = [
         ("gate-up fwd (gather, SwiGLU)", lambda g, tma: gate_up(x, g, w_gate_up, h, act), flops_gu,
@@ -69,17 +68,20 @@ def case(shape_name, tokens, sweep):
                                                           hidden, 2 * inter, tma), flops_gu,
          (slots, 2 * inter, hidden)),
     ]
-    total = 0.0
     default = Groups.of(plan, torch.bfloat16)
+    wgrads = [  # (name, launch(tma), FLOPs)
+        ("wgrad W_down (gather A)", lambda tma: wgrad(dout, default.token, act, None, dw_down, default, tma),
+         flops_down),
+        ("wgrad W_gate_up (gather B)", lambda tma: wgrad(dh, None, x, default.token, dw_gate_up, default, tma),
+         flops_gu)]
+    total = 0.0
     for name, launch, flops, (m, k, n) in gemms:
         ms = time_ms(lambda: launch(default, True))
         total += ms
         a, b = new(m, k).normal_(), new(k, n).normal_()
         row(name, ms, flops, note=f"(cuBLAS dense {m}x{k}x{n}: {flops / time_ms(lambda: a @ b) / 1e9:.0f} TFLOP/s)")
-    for name, launch, flops in [
-        ("wgrad W_down", lambda: wgrad(dout, default.token, act, None, dw_down, default), flops_down),
-        ("wgrad W_gate_up (gather)", lambda: wgrad(dh, None, x, default.token, dw_gate_up, default), flops_gu)]:
-        ms = time_ms(launch)
+    for name, launch, flops in wgrads:
+        ms = time_ms(lambda: launch(True))
         total += ms
         row(name, ms, flops, note=f"tuned: {_wgrad_kernel.best_config}")
     for name, launch, nbytes in [
@@ -104,9 +106,7 @@ def case(shape_name, tokens, sweep):
                     results.append((_time_or_none(name, tile, lambda: launch(groups, tma)), tile, tma))
             _print_fastest(name, results, flops)
         tuned = _wgrad_kernel.configs
-        for name, launch, flops in [
-                ("wgrad W_down", lambda tma: wgrad(dout, default.token, act, None, dw_down, default, tma), flops_down),
-                ("wgrad W_gate_up", lambda tma: wgrad(dh, None, x, default.token, dw_gate_up, default, tma), flops_gu)]:
+        for name, launch, flops in wgrads:
             results = []
             for bm, bn, bk, warps, stages in WGRAD_SWEEP:
                 # one config at a time: the autotuner then runs it without tuning
