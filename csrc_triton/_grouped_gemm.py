@@ -2,15 +2,15 @@
 
 The rows of the expert-sorted order (slots, see permute.py) come in one group per expert: rows
 ``offsets[e]:offsets[e+1]`` use expert e's weights. A row tile never mixes experts, so empty experts cost nothing
-and groups need not be block multiples. The grid is sized by an upper bound on the number of row tiles (no
-device->host sync); surplus programs exit at once.
+and groups need not be block multiples. No launch waits on the device for the number of row tiles: a grid is
+sized by an upper bound on it (surplus programs exit at once), or a persistent kernel reads it on the device.
 
 This file owns what more than one grouped kernel uses: the row-tile schedule (``Groups``, ``_find_group``,
-``program_tile``), the K loop (``mma``), the plain grouped GEMM (``grouped_gemm``: the down GEMM, both dgrads)
-and the per-expert weight-gradient GEMM (``wgrad``), with their tile configurations. A kernel that fuses an
-op's own prologue or epilogue (the gate-up GEMM with its gather and SwiGLU) lives with that op and calls
-``program_tile`` / ``mma`` from here. A unit of its own (any grouped GEMM over a RoutingPlan), and apart from
-routed_experts.py so that each reads at once. Nothing here is public API (hence the underscore, as for
+``program_tile``), the K loop (``mma``), the plain grouped GEMM (``grouped_gemm``: the down GEMM, both dgrads;
+persistent) and the per-expert weight-gradient GEMM (``wgrad``), with their tile configurations. A kernel that
+fuses an op's own prologue or epilogue (the gate-up GEMM with its gather and SwiGLU) lives with that op and
+calls ``program_tile`` / ``mma`` from here. A unit of its own (any grouped GEMM over a RoutingPlan), and apart
+from routed_experts.py so that each reads at once. Nothing here is public API (hence the underscore, as for
 _runtime.py).
 
 Operands bf16/fp16 (fp32 for tests) with fp32 accumulation. What is never gathered (the weights, and rows read in
@@ -25,11 +25,11 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._runtime import interpreting
+from ._runtime import interpreting, programs_per_device
 from .permute import RoutingPlan
 
-__all__ = ["TileConfig", "tile_config", "precision", "Groups", "program_tile", "rows_of", "mma", "grouped_gemm",
-           "wgrad"]
+__all__ = ["TileConfig", "tile_config", "precision", "Groups", "program_tile", "rows_of", "dot", "mma", "tma_rows",
+           "grouped_gemm", "wgrad"]
 
 
 @triton.jit
@@ -54,7 +54,7 @@ def _find_group(pid_m, tile_cum_ptr, offsets_ptr, E, BM: tl.constexpr, SEARCH_ST
 
 
 @triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr):
+def dot(a, b, acc, PRECISION: tl.constexpr):
     if PRECISION == "upcast":  # the triton 3.6 interpreter multiplies bf16 operands wrongly; fp32 is exact
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     if PRECISION == "ieee":
@@ -100,7 +100,7 @@ def mma(acc, a_ptr, a_rows, a_mask, stride_a, b_ptr, cols, cmask, stride_bn, str
             kmask = ks < K - k0
             a = tl.load(a_ptrs, mask=a_mask[:, None] & kmask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = _dot(a, b, acc, PRECISION)
+        acc = dot(a, b, acc, PRECISION)
         a_ptrs += BK
         b_ptrs += BK * stride_bk
     return acc
@@ -111,40 +111,51 @@ def _grouped_gemm_kernel(
     a_ptr, a_desc, token_ptr, b_ptr, b_desc, c_ptr, offsets_ptr, tile_cum_ptr,
     E, N, K, stride_a, stride_be, stride_bn, stride_bk, stride_c,
     GATHER: tl.constexpr, TMA: tl.constexpr, B_NK: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr, PROGRAMS: tl.constexpr,
 ):
     """C[rows of e] = A[rows of e] @ B[e] with B[e][k, n] = b_ptr[e*stride_be + n*stride_bn + k*stride_bk];
     A's rows optionally gathered by token. The down GEMM, its dgrad and the up dgrad (K = 2I: gate and up
     rows of w_gate_up are one K range) are all this kernel.
 
-    TMA: B is read through b_desc, rows e*N.. of an [E*N, K] descriptor (B_NK) or rows e*K.. of an
-    [E*K, N] one, and A, unless gathered, through a_desc. A tile that runs past its expert's rows or columns
-    reads the next expert's, which reach only masked outputs; K % BK == 0, so no K step crosses into the next
-    expert's rows of an [E*K, N] descriptor."""
-    expert, row0, rows, rmask, n0, cols, cmask = program_tile(tile_cum_ptr, offsets_ptr, E, N, BM, BN,
-                                                              SEARCH_STEPS)
-    if expert >= E:
-        return
-    acc = tl.zeros([BM, BN], tl.float32)
-    a_rows = rows_of(token_ptr, rows, rmask, GATHER)
-    if TMA:
-        a_ptrs = a_ptr + a_rows[:, None] * stride_a + tl.arange(0, BK)[None, :]
-        for k0 in range(0, K, BK):
-            if GATHER:
-                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-                a_ptrs += BK
-            else:
-                a = a_desc.load([row0, k0])
-            if B_NK:
-                b = tl.trans(b_desc.load([expert * N + n0, k0]))
-            else:
-                b = b_desc.load([expert * K + k0, n0])
-            acc = _dot(a, b, acc, PRECISION)
-    else:
-        acc = mma(acc, a_ptr, a_rows, rmask, stride_a, b_ptr + expert.to(tl.int64) * stride_be, cols, cmask,
-                  stride_bn, stride_bk, K, BK, EVEN_K, PRECISION)
-    tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_c + cols[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=rmask[:, None] & cmask[None, :])
+    TMA: B is read through b_desc, rows e*N.. of an [E*N, K] descriptor (B_NK) or rows e*K.. of an [E*K, N]
+    one, and A, unless gathered, through a_desc. A tile that runs past its expert's rows or columns reads the
+    next expert's, which reach only masked outputs; K % BK == 0, so no K step crosses into the next expert's
+    rows of an [E*K, N] descriptor.
+
+    Persistent: PROGRAMS programs (one per SM) walk the (row tile, column tile) pairs, a row tile's column tiles
+    one after another (they share its A rows in L2). The loop is flattened into the K loop (``flatten``), so the
+    pipeline loads the next tile's first K steps during this tile's epilogue: the short-K GEMMs gain most (the
+    7B shape's down GEMM, K = 256, 4 K steps a tile: 1.2x; notes/experts.md, version 9). The tile count is read
+    on the device (tile_cum), so the launch needs no sync."""
+    col_tiles = tl.cdiv(N, BN)
+    tiles = tl.load(tile_cum_ptr + E - 1) * col_tiles
+    for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
+        expert, row0, row_end = _find_group(tile // col_tiles, tile_cum_ptr, offsets_ptr, E, BM, SEARCH_STEPS)
+        n0 = tile % col_tiles * BN
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row_end
+        cols = n0 + tl.arange(0, BN)
+        cmask = cols < N
+        acc = tl.zeros([BM, BN], tl.float32)
+        a_rows = rows_of(token_ptr, rows, rmask, GATHER)
+        if TMA:
+            a_ptrs = a_ptr + a_rows[:, None] * stride_a + tl.arange(0, BK)[None, :]
+            for k0 in range(0, K, BK):
+                if GATHER:
+                    a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+                    a_ptrs += BK
+                else:
+                    a = a_desc.load([row0, k0])
+                if B_NK:
+                    b = tl.trans(b_desc.load([expert * N + n0, k0]))
+                else:
+                    b = b_desc.load([expert * K + k0, n0])
+                acc = dot(a, b, acc, PRECISION)
+        else:
+            acc = mma(acc, a_ptr, a_rows, rmask, stride_a, b_ptr + expert.to(tl.int64) * stride_be, cols, cmask,
+                      stride_bn, stride_bk, K, BK, EVEN_K, PRECISION)
+        tl.store(c_ptr + rows.to(tl.int64)[:, None] * stride_c + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & cmask[None, :])
 
 
 def _set_wgrad_blocks(nargs):
@@ -154,14 +165,26 @@ def _set_wgrad_blocks(nargs):
             nargs[name].block_shape = [nargs["BK"], cols]
 
 
+def _wgrad_config(bm, bn, bk, num_warps, num_stages) -> triton.Config:
+    return triton.Config(dict(BM=bm, BN=bn, BK=bk), num_warps=num_warps, num_stages=num_stages,
+                         pre_hook=_set_wgrad_blocks)
+
+
 def _wgrad_configs() -> list:
     """The wgrad's tiles are not tied to a row schedule, so they are tuned per (M, N) on first use."""
     if interpreting():
-        return [triton.Config(dict(BM=16, BN=16, BK=16), num_warps=1, num_stages=1, pre_hook=_set_wgrad_blocks)]
-    return [triton.Config(dict(BM=bm, BN=bn, BK=bk), num_warps=w, num_stages=st, pre_hook=_set_wgrad_blocks)
-            for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 256, 64, 8, 3),
-                                      (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
-                                      (128, 128, 32, 4, 5)]]
+        return [_wgrad_config(16, 16, 16, 1, 1)]
+    return [_wgrad_config(*tile) for tile in [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 256, 64, 8, 3),
+                                              (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+                                              (128, 128, 32, 4, 5)]]
+
+
+def _untuned_for_fp32(configs, named_args, **kwargs) -> list:
+    """fp32 operands (tests) get IEEE dots, for which the 16-bit tiles take up to a minute each to compile: they
+    run tile_config's fp32 tile untuned."""
+    if kwargs["PRECISION"] == "ieee":
+        return [_wgrad_config(*tile_config(torch.float32))]
+    return configs
 
 
 @triton.jit
@@ -178,7 +201,8 @@ def _wgrad_rows(ptr, desc, token_ptr, r0, row_end, c0, C, stride, GATHER: tl.con
                    mask=rmask[:, None] & (cols < C)[None, :], other=0.0)
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["M", "N", "A_GATHER", "B_GATHER", "A_TMA", "B_TMA"])
+@triton.autotune(configs=_wgrad_configs(), key=["M", "N", "A_GATHER", "B_GATHER", "A_TMA", "B_TMA"],
+                 prune_configs_by=dict(early_config_prune=_untuned_for_fp32))
 @triton.jit
 def _wgrad_kernel(
     a_ptr, a_desc, a_token_ptr, b_ptr, b_desc, b_token_ptr, out_ptr, offsets_ptr,
@@ -199,13 +223,13 @@ def _wgrad_kernel(
     for r0 in range(row_start, full_end, BK):
         a = _wgrad_rows(a_ptr, a_desc, a_token_ptr, r0, row_end, m0, M, stride_a, A_GATHER, A_TMA, True, BK, BM)
         b = _wgrad_rows(b_ptr, b_desc, b_token_ptr, r0, row_end, n0, N, stride_b, B_GATHER, B_TMA, True, BK, BN)
-        acc = _dot(tl.trans(a), b, acc, PRECISION)
+        acc = dot(tl.trans(a), b, acc, PRECISION)
     if full_end < row_end:
         a = _wgrad_rows(a_ptr, a_desc, a_token_ptr, full_end, row_end, m0, M, stride_a, A_GATHER, A_TMA, False, BK,
                         BM)
         b = _wgrad_rows(b_ptr, b_desc, b_token_ptr, full_end, row_end, n0, N, stride_b, B_GATHER, B_TMA, False, BK,
                         BN)
-        acc = _dot(tl.trans(a), b, acc, PRECISION)
+        acc = dot(tl.trans(a), b, acc, PRECISION)
     mcols = m0 + tl.arange(0, BM)
     ncols = n0 + tl.arange(0, BN)
     mmask = mcols < M
@@ -267,7 +291,7 @@ class Groups(NamedTuple):
         return max(1, self.num_experts.bit_length())
 
 
-def _tma_rows(t: torch.Tensor, rows: int, cols: int, row_stride: int, block: list[int]):
+def tma_rows(t: torch.Tensor, rows: int, cols: int, row_stride: int, block: list[int]):
     """A TMA descriptor over ``t`` read as [rows, cols] with unit column stride, or None where TMA cannot read it
     (unaligned base or row stride: TMA wants 16 bytes)."""
     nbytes = t.element_size()
@@ -287,17 +311,19 @@ def grouped_gemm(a, groups: Groups, gather: bool, b, b_strides, out, n: int, k: 
     b_desc = a_desc = None
     if tma and k % cfg.bk == 0:
         if b_nk and b.stride(0) == n * stride_bn:
-            b_desc = _tma_rows(b, groups.num_experts * n, k, stride_bn, [cfg.bn, cfg.bk])
+            b_desc = tma_rows(b, groups.num_experts * n, k, stride_bn, [cfg.bn, cfg.bk])
         elif stride_bn == 1 and b.stride(0) == k * stride_bk:
-            b_desc = _tma_rows(b, groups.num_experts * k, n, stride_bk, [cfg.bk, cfg.bn])
+            b_desc = tma_rows(b, groups.num_experts * k, n, stride_bk, [cfg.bk, cfg.bn])
         if not gather and a.stride(1) == 1:
-            a_desc = _tma_rows(a, a.shape[0], k, a.stride(0), [cfg.bm, cfg.bk])
+            a_desc = tma_rows(a, a.shape[0], k, a.stride(0), [cfg.bm, cfg.bk])
     use_tma = b_desc is not None and (gather or a_desc is not None)
-    _grouped_gemm_kernel[(triton.cdiv(n, cfg.bn), groups.m_tiles)](
+    programs = min(programs_per_device(a.device), groups.m_tiles * triton.cdiv(n, cfg.bn))
+    _grouped_gemm_kernel[(programs,)](
         a, a_desc if use_tma and not gather else a, groups.token, b, b_desc if use_tma else b, out, groups.offsets,
         groups.tile_cum, groups.num_experts, n, k, a.stride(0), b.stride(0), stride_bn, stride_bk, out.stride(0),
-        GATHER=gather, TMA=use_tma, B_NK=b_nk, EVEN_K=k % cfg.bk == 0, PRECISION=precision(a.dtype), BM=cfg.bm, BN=cfg.bn,
-        BK=cfg.bk, SEARCH_STEPS=groups.search_steps, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        GATHER=gather, TMA=use_tma, B_NK=b_nk, EVEN_K=k % cfg.bk == 0, PRECISION=precision(a.dtype), BM=cfg.bm,
+        BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=groups.search_steps, PROGRAMS=programs, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
 
 
 def wgrad(a, a_token, b, b_token, out, groups: Groups, tma: bool = True):
@@ -306,8 +332,8 @@ def wgrad(a, a_token, b, b_token, out, groups: Groups, tma: bool = True):
     allows (``tma``)."""
     num_experts, m, n = out.shape
     # Placeholder blocks: the tuned config sets them (_set_wgrad_blocks).
-    a_desc = _tma_rows(a, a.shape[0], m, a.stride(0), [1, 1]) if tma and a_token is None and a.stride(1) == 1 else None
-    b_desc = _tma_rows(b, b.shape[0], n, b.stride(0), [1, 1]) if tma and b_token is None and b.stride(1) == 1 else None
+    a_desc = tma_rows(a, a.shape[0], m, a.stride(0), [1, 1]) if tma and a_token is None and a.stride(1) == 1 else None
+    b_desc = tma_rows(b, b.shape[0], n, b.stride(0), [1, 1]) if tma and b_token is None and b.stride(1) == 1 else None
     _wgrad_kernel[lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(m, meta["BM"]), num_experts)](
         a, a_desc if a_desc is not None else a, a_token if a_token is not None else a, b,
         b_desc if b_desc is not None else b, b_token if b_token is not None else b, out, groups.offsets, m, n,

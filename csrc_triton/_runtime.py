@@ -1,10 +1,11 @@
 """When to run a Triton kernel and when the PyTorch reference, plus small shared helpers."""
 
+import functools
 import os
 
 import torch
 
-__all__ = ["use_triton", "interpreting", "check", "next_pow2"]
+__all__ = ["use_triton", "interpreting", "programs_per_device", "check", "next_pow2"]
 
 
 def interpreting() -> bool:
@@ -15,6 +16,15 @@ def interpreting() -> bool:
 def use_triton(t: torch.Tensor) -> bool:
     """CUDA tensors run the kernels; CPU tensors run the references unless the interpreter is on."""
     return t.is_cuda or interpreting()
+
+
+@functools.cache
+def programs_per_device(device: torch.device) -> int:
+    """How many programs a persistent kernel launches: one per SM; 3 under the interpreter, so that tests see a
+    program walk several tiles."""
+    if interpreting():
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def check(ok: bool, message: str) -> None:

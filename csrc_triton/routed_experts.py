@@ -20,7 +20,7 @@ Backward, with dout gathered per slot inside the loads:
 
 Here: the gate-up GEMM, this op's own kernel (its gather and SwiGLU epilogue serve nothing else), the forward
 and backward orchestration, the autograd Function, the references and the public functions. The plain grouped
-GEMM, the wgrad, the K loop and the row-tile schedule are the grouped-GEMM core (_grouped_gemm.py); the SwiGLU
+GEMM, the wgrad, the K loops and the row-tile schedule are the grouped-GEMM core (_grouped_gemm.py); the SwiGLU
 backward pass is shared with the shared expert (_swiglu.py). What each version of these kernels was predicted
 and measured to do: notes/experts.md.
 """
@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._grouped_gemm import Groups, grouped_gemm, mma, precision, program_tile, rows_of, wgrad
+from ._grouped_gemm import Groups, dot, grouped_gemm, mma, precision, program_tile, rows_of, tma_rows, wgrad
 from ._runtime import check, use_triton
 from ._swiglu import swiglu_backward, swiglu_mlp_reference
 from .permute import RoutingPlan, combine, plan_routing
@@ -39,33 +39,45 @@ __all__ = ["expert_mlp", "expert_mlp_reference", "grouped_mlp", "grouped_mlp_ref
 
 @triton.jit
 def _gate_up_fwd_kernel(
-    x_ptr, token_ptr, w_ptr, h_ptr, act_ptr, offsets_ptr, tile_cum_ptr,
+    x_ptr, token_ptr, w_ptr, w_desc, h_ptr, act_ptr, offsets_ptr, tile_cum_ptr,
     E, H, I, stride_x, stride_we, stride_wn, stride_wk, stride_h, stride_act,
-    SAVE_H: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    SAVE_H: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
-    """h = x[token] @ W_gate_up[e]^T and act = silu(h_gate) * h_up, for one [BM, BN/2] tile of act.
+    """h = x[token] @ W_gate_up[e]^T and act = silu(h_gate) * h_up, for one [BM, BN/2] tile of act: BN/2 gate
+    and the same BN/2 up columns, fed from the same A loads.
 
-    The tile's MMA is BN wide, as in every grouped GEMM: its first BN/2 columns are rows c of W_gate, its last
-    BN/2 the same rows of W_up (I + c in w_gate_up), so the one K loop (``mma``) feeds gate and up from the same
-    A loads. The epilogue splits the accumulator into gate and up: the halves differ in a register index of the
-    MMA layout, so the split moves no data. h is stored from the halves, not from the accumulator through
+    TMA: gate and up rows come through w_desc ([E*2I, H], blocks [BN/2, BK]) as two blocks, one MMA each. Else
+    (pointer loads) one BN-wide MMA whose first BN/2 columns are rows c of W_gate, its last BN/2 the same rows
+    of W_up (I + c in w_gate_up); the epilogue splits it, and since the halves differ in a register index of
+    the MMA layout, the split moves no data. h is stored from the halves, not from the accumulator through
     w_rows: that kept w_rows live across the K loop, 134 registers instead of 128 (sm_90: one CTA per SM, not
-    two; notes/experts.md, version 7).
+    two; notes/experts.md, version 7). A gate block that runs past I reads up rows, an up block the next
+    expert's: both reach only masked columns.
     """
     HALF: tl.constexpr = BN // 2
-    expert, _, rows, rmask, _, cols, cmask = program_tile(tile_cum_ptr, offsets_ptr, E, I, BM, HALF, SEARCH_STEPS)
+    expert, _, rows, rmask, c0, cols, cmask = program_tile(tile_cum_ptr, offsets_ptr, E, I, BM, HALF, SEARCH_STEPS)
     if expert >= E:
         return
-    j = tl.arange(0, BN)
-    w_cols = tl.program_id(0) * HALF + j % HALF  # the act column each MMA column feeds
-    w_rows = w_cols + (j // HALF) * I  # its row of w_gate_up: gate rows, then up rows
-    w_mask = w_cols < I
-    acc = tl.zeros([BM, BN], tl.float32)
-    acc = mma(acc, x_ptr, rows_of(token_ptr, rows, rmask, True), rmask, stride_x,
-              w_ptr + expert.to(tl.int64) * stride_we, w_rows, w_mask, stride_wn, stride_wk, H, BK, EVEN_K,
-              PRECISION)
-    gate, up = tl.split(tl.permute(tl.reshape(acc, [BM, 2, HALF]), [0, 2, 1]))
+    x_rows = rows_of(token_ptr, rows, rmask, True)
+    if TMA:
+        gate = tl.zeros([BM, HALF], tl.float32)
+        up = tl.zeros([BM, HALF], tl.float32)
+        x_ptrs = x_ptr + x_rows[:, None] * stride_x + tl.arange(0, BK)[None, :]
+        gate_row = expert * 2 * I + c0
+        for k0 in range(0, H, BK):
+            a = tl.load(x_ptrs, mask=rmask[:, None], other=0.0)
+            gate = dot(a, tl.trans(w_desc.load([gate_row, k0])), gate, PRECISION)
+            up = dot(a, tl.trans(w_desc.load([gate_row + I, k0])), up, PRECISION)
+            x_ptrs += BK
+    else:
+        j = tl.arange(0, BN)
+        w_cols = c0 + j % HALF  # the act column each MMA column feeds
+        w_rows = w_cols + (j // HALF) * I  # its row of w_gate_up: gate rows, then up rows
+        acc = mma(tl.zeros([BM, BN], tl.float32), x_ptr, x_rows, rmask, stride_x,
+                  w_ptr + expert.to(tl.int64) * stride_we, w_rows, w_cols < I, stride_wn, stride_wk, H, BK, EVEN_K,
+                  PRECISION)
+        gate, up = tl.split(tl.permute(tl.reshape(acc, [BM, 2, HALF]), [0, 2, 1]))
     rows64 = rows.to(tl.int64)
     mask = rmask[:, None] & cmask[None, :]
     if SAVE_H:
@@ -76,16 +88,21 @@ def _gate_up_fwd_kernel(
     tl.store(act_ptr + rows64[:, None] * stride_act + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
 
 
-def gate_up(x, groups: Groups, w_gate_up, h, act):
-    """act = SwiGLU(x[token] @ W_gate_up[e]^T) per slot, h (the GEMM's output, for backward) saved if given."""
+def gate_up(x, groups: Groups, w_gate_up, h, act, tma: bool = True):
+    """act = SwiGLU(x[token] @ W_gate_up[e]^T) per slot, h (the GEMM's output, for backward) saved if given;
+    the weights read by TMA where their layout allows (``tma``)."""
     num_experts, inter, hidden = w_gate_up.shape[0], w_gate_up.shape[1] // 2, w_gate_up.shape[2]
     cfg = groups.tile
+    w_desc = None
+    if tma and hidden % cfg.bk == 0 and w_gate_up.stride(2) == 1 and w_gate_up.stride(0) == 2 * inter * w_gate_up.stride(1):
+        w_desc = tma_rows(w_gate_up, num_experts * 2 * inter, hidden, w_gate_up.stride(1), [cfg.bn // 2, cfg.bk])
     _gate_up_fwd_kernel[(triton.cdiv(inter, cfg.bn // 2), groups.m_tiles)](
-        x, groups.token, w_gate_up, h if h is not None else act, act, groups.offsets, groups.tile_cum, num_experts,
-        hidden, inter, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2),
-        h.stride(0) if h is not None else 0, act.stride(0), SAVE_H=h is not None, EVEN_K=hidden % cfg.bk == 0,
-        PRECISION=precision(x.dtype), BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=groups.search_steps,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        x, groups.token, w_gate_up, w_desc if w_desc is not None else w_gate_up, h if h is not None else act, act,
+        groups.offsets, groups.tile_cum, num_experts, hidden, inter, x.stride(0), w_gate_up.stride(0),
+        w_gate_up.stride(1), w_gate_up.stride(2), h.stride(0) if h is not None else 0, act.stride(0),
+        SAVE_H=h is not None, TMA=w_desc is not None, EVEN_K=hidden % cfg.bk == 0, PRECISION=precision(x.dtype),
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=groups.search_steps, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
 
 
 def _routed_forward(x, groups: Groups, w_gate_up, w_down, save_h):
@@ -116,7 +133,8 @@ def _routed_backward(dout, x, groups: Groups, w_gate_up, w_down, h, slot_weight,
     dw_down = torch.empty_like(w_down, memory_format=torch.contiguous_format)
     # g = dout[token] W_down[e] lands in dh's up half, which the SwiGLU backward then overwrites with d_up;
     # the same pass writes w * a for W_down's gradient (a plain operand streams to the MMA; with a recomputed
-    # inside the wgrad's loads, the two wgrads took 1.5x as long: notes/experts.md, version 6).
+    # inside the wgrad's loads, the two wgrads took 1.5x as long: notes/experts.md, version 6). With the SwiGLU
+    # backward in the down dgrad's epilogue instead, the two took longer (spills: notes/experts.md, version 9).
     d_gate, d_up = dh[:, :inter], dh[:, inter:]
     act = torch.empty(slots, inter, device=dev, dtype=dtype)
     grouped_gemm(dout, groups, True, w_down, (w_down.stride(2), w_down.stride(1)), d_up, inter, hidden)

@@ -54,9 +54,9 @@ def case(shape_name, tokens, sweep):
     print(f"\n{shape_name} at {tokens} tokens: H={hidden} I={inter} E={num_experts} k={s.top_k}, {slots} slots; "
           f"f+b counted {3 * (flops_gu + flops_down) / 1e12:.2f} TFLOP")
 
-    # (name, launch(groups, tma), FLOPs, the same GEMM dense [M, K] x [K, N]); the gate-up GEMM has no TMA path
+    # (name, launch(groups, tma), FLOPs, the same GEMM dense [M, K] x [K, N])
     gemms = [
-        ("gate-up fwd (gather, SwiGLU)", lambda g, tma: gate_up(x, g, w_gate_up, h, act), flops_gu,
+        ("gate-up fwd (gather, SwiGLU)", lambda g, tma: gate_up(x, g, w_gate_up, h, act, tma), flops_gu,
          (slots, hidden, 2 * inter)),
         ("down fwd", lambda g, tma: grouped_gemm(act, g, False, w_down, (w_down.stride(1), w_down.stride(2)), y,
                                                  hidden, inter, tma), flops_down, (slots, inter, hidden)),
@@ -102,7 +102,7 @@ def case(shape_name, tokens, sweep):
             results = []
             for tile in SWEEP:
                 groups = Groups.of(plan, torch.bfloat16, tile)
-                for tma in (True, False) if "gate-up" not in name else (False,):
+                for tma in (True, False):
                     results.append((_time_or_none(name, tile, lambda: launch(groups, tma)), tile, tma))
             _print_fastest(name, results, flops)
         tuned = _wgrad_kernel.configs

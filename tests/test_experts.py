@@ -150,9 +150,12 @@ def test_grouped_mlp_large_bf16(case, device):
 def test_grouped_gemms_read_by_tma_or_pointers(tma, dtype, device, poison):
     """Each grouped GEMM of the routed experts, both ways of reading its operands, against fp64 per expert. Sizes
     are multiples of the K tile (64 on GPUs), so tma=True takes the TMA path; an expert has more rows than one
-    tile and a ragged tail, expert 3 none (its weight gradients must be exactly zero)."""
+    tile and a ragged tail, expert 3 none (its weight gradients must be exactly zero); I is less than a GPU's
+    tile, so a tile's gate columns run into the up rows. The persistent grouped GEMM's programs (3 under the
+    interpreter) walk several tiles each."""
     from csrc_triton._grouped_gemm import Groups, grouped_gemm, wgrad
     from csrc_triton.permute import plan_routing
+    from csrc_triton.routed_experts import gate_up
 
     tokens, hidden, inter, experts = 150, 128, 64, 5
     ids = random_ids(tokens, experts, 2, empty=(3,)).to(device)
@@ -165,9 +168,10 @@ def test_grouped_gemms_read_by_tma_or_pointers(tma, dtype, device, poison):
     expert = ids.flatten()[plan.sorted_pair.long()].long()
     x_slot = x[plan.sorted_token.long()]
     f64 = lambda t: t.double()
+    slots = lambda n: torch.empty(2 * tokens, n, device=device, dtype=dtype)  # NaN-poisoned
 
     def gemm(a, gather, b, b_strides, n, k):
-        out = torch.empty(2 * tokens, n, device=device, dtype=dtype)
+        out = slots(n)
         grouped_gemm(a, groups, gather, b, b_strides, out, n, k, tma)
         return out
 
@@ -177,6 +181,12 @@ def test_grouped_gemms_read_by_tma_or_pointers(tma, dtype, device, poison):
     assert rel_err(down_dgrad, torch.einsum("sh,shi->si", f64(x_slot), f64(w_down)[expert])) < TOLERANCE[dtype]
     up_dgrad = gemm(dh, False, w_gate_up, (w_gate_up.stride(2), w_gate_up.stride(1)), hidden, 2 * inter)
     assert rel_err(up_dgrad, torch.einsum("sj,sjh->sh", f64(dh), f64(w_gate_up)[expert])) < TOLERANCE[dtype]
+
+    h, swiglu = slots(2 * inter), slots(inter)  # gate-up: x gathered, gate and up rows of each expert
+    gate_up(x, groups, w_gate_up, h, swiglu, tma)
+    h_ref = torch.einsum("sh,sjh->sj", f64(x_slot), f64(w_gate_up)[expert])
+    assert rel_err(h, h_ref) < TOLERANCE[dtype]
+    assert rel_err(swiglu, torch.nn.functional.silu(h_ref[:, :inter]) * h_ref[:, inter:]) < TOLERANCE[dtype]
 
     dw_down, dw_gate_up = torch.empty_like(w_down), torch.empty_like(w_gate_up)
     wgrad(x, plan.sorted_token, act, None, dw_down, groups, tma)  # A gathered, B plain
