@@ -5,6 +5,7 @@ changes, the engine's NVTX/profiler ranges, and stage suites run end to end on t
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -538,3 +539,25 @@ def test_projection_adds_what_the_window_does_not_cover():
     assert projection.replace_section(text, "NEW") == "a\nNEW\nb"
     with pytest.raises(ValueError, match="no <!-- scale:start -->"):
         projection.replace_section("no markers", "NEW")
+
+
+def test_ab_trees_loads_another_checkout_beside_ours(monkeypatch, tmp_path):
+    """profiling/ab_trees.py times two checkouts in one process: the other one's csrc_triton must be a package of
+    its own (its code, not ours under a second name), and give what ours gives."""
+    from profiling.ab_trees import load_base
+
+    base = tmp_path / "checkout"
+    shutil.copytree(ROOT / "csrc_triton", base / "csrc_triton")
+    monkeypatch.delitem(sys.modules, "csrc_base", raising=False)
+    for name in [m for m in sys.modules if m.startswith("csrc_base.")]:
+        monkeypatch.delitem(sys.modules, name)
+    other = load_base(base)
+    assert other.expert_mlp is not ct.expert_mlp
+    assert Path(other.expert_mlp.__code__.co_filename).is_relative_to(base)
+    gen = torch.Generator().manual_seed(0)
+    x, w_gate_up, w_down = torch.randn(12, 16, generator=gen), torch.randn(4, 24, 16, generator=gen) / 4, \
+        torch.randn(4, 16, 12, generator=gen) / 4
+    ids = torch.randint(0, 4, (12, 2), generator=gen, dtype=torch.int32)
+    weights = torch.rand(12, 2, generator=gen)
+    assert torch.equal(other.expert_mlp(x, weights, ids, w_gate_up, w_down),
+                       ct.expert_mlp(x, weights, ids, w_gate_up, w_down))
