@@ -20,7 +20,7 @@ Backward, with dout gathered per slot inside the loads:
 
 Here: the gate-up GEMM, this op's own kernel (its gather and SwiGLU epilogue serve nothing else), the forward
 and backward orchestration, the autograd Function, the references and the public functions. The plain grouped
-GEMM, the wgrad, the K loops and the row-tile schedule are the grouped-GEMM core (_grouped_gemm.py); the SwiGLU
+GEMM, the wgrad, the K loop and the row-tile schedule are the grouped-GEMM core (_grouped_gemm.py); the SwiGLU
 backward pass is shared with the shared expert (_swiglu.py). What each version of these kernels was predicted
 and measured to do: notes/experts.md.
 """
@@ -93,8 +93,9 @@ def gate_up(x, groups: Groups, w_gate_up, h, act, tma: bool = True):
     the weights read by TMA where their layout allows (``tma``)."""
     num_experts, inter, hidden = w_gate_up.shape[0], w_gate_up.shape[1] // 2, w_gate_up.shape[2]
     cfg = groups.tile
-    w_desc = None
-    if tma and hidden % cfg.bk == 0 and w_gate_up.stride(2) == 1 and w_gate_up.stride(0) == 2 * inter * w_gate_up.stride(1):
+    w_desc = None  # w_gate_up read as [E*2I, H] rows: H a multiple of BK, the experts' rows one after another
+    if tma and hidden % cfg.bk == 0 and w_gate_up.stride(2) == 1 and \
+            w_gate_up.stride(0) == 2 * inter * w_gate_up.stride(1):
         w_desc = tma_rows(w_gate_up, num_experts * 2 * inter, hidden, w_gate_up.stride(1), [cfg.bn // 2, cfg.bk])
     _gate_up_fwd_kernel[(triton.cdiv(inter, cfg.bn // 2), groups.m_tiles)](
         x, groups.token, w_gate_up, w_desc if w_desc is not None else w_gate_up, h if h is not None else act, act,

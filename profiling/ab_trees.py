@@ -47,7 +47,8 @@ def case(shape_name: str, tokens: int, trees: dict, rounds: int):
             return tree.expert_mlp(x, weights, ids, experts.gate_up_proj, experts.down_proj)
 
     def forward_backward(tree):
-        tree.expert_mlp(x.clone().requires_grad_(), weights, ids, experts.gate_up_proj, experts.down_proj).backward(dout)
+        out = tree.expert_mlp(x.clone().requires_grad_(), weights, ids, experts.gate_up_proj, experts.down_proj)
+        out.backward(dout)
 
     for tree in trees.values():  # compile and autotune outside the timings
         forward(tree)

@@ -168,10 +168,10 @@ def test_grouped_gemms_read_by_tma_or_pointers(tma, dtype, device, poison):
     expert = ids.flatten()[plan.sorted_pair.long()].long()
     x_slot = x[plan.sorted_token.long()]
     f64 = lambda t: t.double()
-    slots = lambda n: torch.empty(2 * tokens, n, device=device, dtype=dtype)  # NaN-poisoned
+    out_rows = lambda n: torch.empty(2 * tokens, n, device=device, dtype=dtype)  # NaN-poisoned (the fixture)
 
     def gemm(a, gather, b, b_strides, n, k):
-        out = slots(n)
+        out = out_rows(n)
         grouped_gemm(a, groups, gather, b, b_strides, out, n, k, tma)
         return out
 
@@ -182,7 +182,7 @@ def test_grouped_gemms_read_by_tma_or_pointers(tma, dtype, device, poison):
     up_dgrad = gemm(dh, False, w_gate_up, (w_gate_up.stride(2), w_gate_up.stride(1)), hidden, 2 * inter)
     assert rel_err(up_dgrad, torch.einsum("sj,sjh->sh", f64(dh), f64(w_gate_up)[expert])) < TOLERANCE[dtype]
 
-    h, swiglu = slots(2 * inter), slots(inter)  # gate-up: x gathered, gate and up rows of each expert
+    h, swiglu = out_rows(2 * inter), out_rows(inter)  # gate-up: x gathered, gate and up rows of each expert
     gate_up(x, groups, w_gate_up, h, swiglu, tma)
     h_ref = torch.einsum("sh,sjh->sj", f64(x_slot), f64(w_gate_up)[expert])
     assert rel_err(h, h_ref) < TOLERANCE[dtype]
