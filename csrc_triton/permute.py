@@ -39,7 +39,7 @@ def _check_ids(expert_ids, num_experts):
 
 def _check_id_range(expert_ids, num_experts):
     if expert_ids.numel():
-        low, high = int(expert_ids.min()), int(expert_ids.max())
+        low, high = torch.stack(torch.aminmax(expert_ids)).tolist()  # one device sync, not two
         check(low >= 0 and high < num_experts,
               f"plan_routing: expert ids must lie in [0, {num_experts}), got values in [{low}, {high}]")
 

@@ -75,5 +75,7 @@ def test_non_contiguous_rows(device):
 
 
 def test_out_of_range_ids_are_rejected():
-    with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 4\), got values in \[0, 4\]"):
         plan_routing(torch.tensor([[0, 4]]), 4)
+    with pytest.raises(ValueError, match=r"got values in \[-1, 3\]"):
+        plan_routing(torch.tensor([[3, 1], [-1, 2]], dtype=torch.int32), 4)
