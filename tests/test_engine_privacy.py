@@ -594,7 +594,8 @@ def test_privacy_command_keeps_each_phase_and_resumes(tmp_path, monkeypatch, cap
     assert {r["key"] for r in shared["rows"]} == {"a", "b", "c", "d", "e", "r_linked", "r_row", "fedsgd"}
     assert shared["sweep"]["noise"] == 0.0 and shared["command"] == "python -m bench.privacy " + " ".join(args)
     report = (tmp_path / "report.md").read_text()
-    assert "Not run yet: private, noise=0.3." in report and "## The routing-pattern attack" in report
+    assert f"Not run yet: private, noise=0.3, hidden={SHARED_START_NOISE}, grad={SHARED_START_NOISE}, clip." in report
+    assert "## The routing-pattern attack" in report
     capsys.readouterr()
     privacy.main(args)
     assert "shared: done already" in capsys.readouterr().out and saved.read_text() == first
@@ -654,3 +655,42 @@ def test_privacy_command_runs_routing_seeds(tmp_path, monkeypatch):
     assert spread[0]["seeds"] == [1, 2] and math.isclose(spread[0]["r_row"]["mean"], sum(shuffled) / 2)
     report = (tmp_path / "report.md").read_text()
     assert "| 0 | 2 runs |" in report and "on the mean of 2 runs (shared init, train.seed 1, 2), by " in report
+
+
+def test_default_defence_parts_are_its_pieces_alone(tmp_path):
+    """The PARTS phases run the default's noise on one site at a time, or its clipping without noise at the norms
+    the shared phase measured (and say so when that phase has not run)."""
+    setting = privacy.evaluate.Setting(SMOKE, 1, tmp_path / "public.pt")
+    hidden, grad, other = (privacy.evaluate.part_defence(name, setting)
+                           for name in (f"hidden={SHARED_START_NOISE}", f"grad={SHARED_START_NOISE}", "grad=0.25"))
+    assert (hidden.hidden_noise, hidden.grad_noise) == (SHARED_START_NOISE, 0.0) and hidden.hidden_clip == 0
+    assert (grad.hidden_noise, grad.grad_noise) == (0.0, SHARED_START_NOISE) and other.grad_noise == 0.25
+    with pytest.raises(ValueError, match="run the shared phase first"):
+        privacy.evaluate.part_defence("clip", setting)
+    (tmp_path / "shared.json").write_text(json.dumps({"row_norms": {"hidden": 3.5, "grad": 0.02}}))
+    only_clip = privacy.evaluate.part_defence("clip", setting)
+    assert (only_clip.hidden_clip, only_clip.grad_clip, only_clip.hidden_noise, only_clip.grad_noise) == (
+        3.5, 0.02, 0.0, 0.0)
+    assert set(privacy.evaluate.PARTS) <= set(privacy.phases(SMOKE))
+
+
+@pytest.mark.slow
+def test_privacy_command_measures_the_default_defence_part_by_part(tmp_path, monkeypatch):
+    """The clip phase clips at the shared phase's norms without noise; the report sets each part's cost in
+    held-out loss beside the undefended run."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    monkeypatch.setitem(privacy.PRESETS, "smoke", replace(
+        SMOKE, finetune_steps=5, eval_sequences=4, aux_sequences=32, noise=[0.0], dlg_sequences=1, dlg_steps=5,
+        refine_sequences=2, refine_steps=5, routing_steps=10))
+    privacy.main(["--preset", "smoke", "--out", str(tmp_path), "--phase", f"shared,clip,grad={SHARED_START_NOISE}"])
+    shared = json.loads((tmp_path / "phases" / "shared.json").read_text())
+    parts = {name: json.loads((tmp_path / "phases" / f"{name}.json").read_text())["part"]
+             for name in ("clip", f"grad={SHARED_START_NOISE}")}
+    assert all({"eval_loss", "final_loss", "a", "c", "d", "e", "r_row"} <= set(p) for p in parts.values())
+    assert parts["clip"]["eval_loss"] != shared["sweep"]["eval_loss"]  # the clipping changed the run
+    report = (tmp_path / "report.md").read_text()
+    section = report.split("## The default defence, part by part")[1].split("##")[0]
+    cost = parts["clip"]["eval_loss"] / shared["sweep"]["eval_loss"] - 1
+    assert "| clipping only (at the shared phase's median row norms), no noise | " in section
+    assert f"{cost:+.1%}" in section and "noise on the output gradients only" in section

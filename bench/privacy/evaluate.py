@@ -18,7 +18,8 @@ public.pt``), so a run that stops keeps what it measured and the next run of the
 are done (``--redo``: run them again; ``--phase``: only those): ``shared`` (shared initialisation, undefended,
 with the FedSGD baseline), ``private`` (private initialisation, undefended), then ``noise=<x>`` per point of the
 defence sweep (shared initialisation, the worst case: noise multiplier x on hidden states and returned output
-gradients, clipped at each exchange's median norm, the rows shuffled), then ``seed=<k>`` and
+gradients, clipped at each exchange's median norm, the rows shuffled), then the default defence's parts alone
+(``PARTS``: its noise on the hidden states only, on the gradients only, its clipping only), then ``seed=<k>`` and
 ``seed=<k>:noise=<default>`` per seed of the preset's routing_seeds: the routing attack alone, undefended and at
 the default noise, under shared initialisation with train.seed k (a data split, public model, in
 ``public-seed=<k>.pt``, and fine-tuning run of their own), for its run-to-run spread. The report is written from
@@ -48,7 +49,7 @@ from .report import write_report
 from .routing import linked_attack, row_attack
 from .scores import scores, token_set_recall
 
-__all__ = ["phases", "run_phase", "main"]
+__all__ = ["PARTS", "phases", "part_defence", "run_phase", "main"]
 
 NAMES = {"a": "a. nearest neighbour through known layers", "b": "b. learned inversion decoder",
          "c": "c. gradient inversion (iDLG label rule)",
@@ -60,10 +61,31 @@ TARGETS = {"a": "inputs", "b": "inputs", "c": "next tokens", "d": "inputs", "e":
            "r_row": "inputs"}
 
 
+# The default defence's parts one at a time (phases of their own): where its cost in held-out loss comes from
+PARTS = (f"hidden={SHARED_START_NOISE}", f"grad={SHARED_START_NOISE}", "clip")
+
+
 def phases(preset: Preset) -> list[str]:
-    return ["shared", "private", *(f"noise={noise}" for noise in preset.noise if noise > 0),
+    return ["shared", "private", *(f"noise={noise}" for noise in preset.noise if noise > 0), *PARTS,
             *(f"seed={seed}{suffix}" for seed in preset.routing_seeds
               for suffix in ("", f":noise={SHARED_START_NOISE}"))]
+
+
+def part_defence(name: str, s: "Setting") -> PrivacyConfig:
+    """The defence of a PARTS phase: the default noise on the hidden states only (hidden=<x>) or on the output
+    gradients only (grad=<x>), each clipped at its exchange's median norm as the default does; or the clipping
+    alone without noise (clip), at the median row norms the undefended shared phase measured (the wire clips at
+    each exchange's own median only when it adds noise)."""
+    if name == "clip":
+        shared = s.cache.parent / "shared.json"
+        if not shared.exists():
+            raise ValueError("phase clip clips at the median row norms the shared phase measured: run the shared "
+                             "phase first (--phase shared)")
+        norms = json.loads(shared.read_text())["row_norms"]
+        return PrivacyConfig(hidden_clip=norms["hidden"], grad_clip=norms["grad"], hidden_noise=0.0, grad_noise=0.0)
+    site, _, noise = name.partition("=")
+    return PrivacyConfig(hidden_noise=float(noise) if site == "hidden" else 0.0,
+                         grad_noise=float(noise) if site == "grad" else 0.0)
 
 
 def phase_seed(name: str) -> int:
@@ -181,8 +203,9 @@ def _fedsgd(s: Setting, run: Collaboration) -> dict:
             "token_set_exact": sum(set(b) == set(t) for b, t in zip(bags, true.tolist())) / len(bags)}
 
 
-def _sweep_point(noise: float, run: Collaboration, rows: dict) -> dict:
-    return {"noise": noise, "final_loss": sum(run.losses[-10:]) / len(run.losses[-10:]), "eval_loss": run.eval_loss,
+def _outcome(run: Collaboration, rows: dict) -> dict:
+    """A defended run's cost (the victim's training and held-out loss) and each attack's success against it."""
+    return {"final_loss": sum(run.losses[-10:]) / len(run.losses[-10:]), "eval_loss": run.eval_loss,
             **{key: rows[key]["token_accuracy"] for key in rows},
             **{f"{key}_bleu4": rows[key]["bleu4"] for key in rows}}
 
@@ -205,7 +228,7 @@ def run_phase(name: str, s: Setting, log) -> dict:
         result["rows"] = list(rows.values())
         if name == "shared":
             result["rows"].append(_fedsgd(s, run))
-            result["sweep"] = _sweep_point(0.0, run, {k: rows[k] for k in ("a", "c", "d", "e", "r_row")})
+            result["sweep"] = {"noise": 0.0, **_outcome(run, {k: rows[k] for k in ("a", "c", "d", "e", "r_row")})}
             result["row_norms"] = {kind: torch.cat([w[kind] for w in run.watch]).norm(dim=1).median().item()
                                    for kind in ("hidden", "grad")}
     elif name.startswith("seed="):  # the routing attack alone, for its spread over seeds
@@ -214,16 +237,20 @@ def run_phase(name: str, s: Setting, log) -> dict:
                           s.held_out, s.threads)
         rows, result["details"] = attack(s, run, "shared init", ("r_linked", "r_row") if noise == 0 else ("r_row",))
         result.update(rows=list(rows.values()), seed=s.seed, noise=noise, chance=s.chance(), eval_loss=run.eval_loss)
+    elif name in PARTS:
+        run = collaborate(finetuning(s.cfg, s.preset), s.public, part_defence(name, s), s.held_out, s.threads)
+        rows, result["details"] = attack(s, run, "shared init", ("a", "c", "d", "e", "r_row"))
+        result["part"] = {"part": name, **_outcome(run, rows)}
     else:
         noise = float(name.removeprefix("noise="))
         run = collaborate(finetuning(s.cfg, s.preset), s.public, PrivacyConfig(hidden_noise=noise, grad_noise=noise),
                           s.held_out, s.threads)
         rows, result["details"] = attack(s, run, "shared init", ("a", "c", "d", "e", "r_row"))
-        result["sweep"] = _sweep_point(noise, run, rows)
+        result["sweep"] = {"noise": noise, **_outcome(run, rows)}
     for row in result["rows"]:
         log(f"  {row['attack']:<72} {row['token_accuracy']:.3f} acc, BLEU-4 {row['bleu4']:.3f}")
-    if result["sweep"] is not None:
-        point = result["sweep"]
+    point = result["sweep"] or result.get("part")
+    if point is not None:
         log(f"{name}: victim loss {point['final_loss']:.3f} (eval {point['eval_loss']:.3f}), attacks "
             + ", ".join(f"{k} {point[k]:.3f}" for k in ("a", "c", "d", "e", "r_row")))
     result["seconds"] = time.perf_counter() - started

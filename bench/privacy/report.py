@@ -213,11 +213,38 @@ def write_report(results: dict, out: Path) -> None:
             lines.append(f"| {s['noise']:g}{mark} | {s['final_loss']:.3f} | {s['eval_loss']:.3f} | {cost} | "
                          + " | ".join(f"{s[k]:.3f}" if k in s else "-" for k in SWEPT) + " |")
         lines += ["", "![attack success against the defence](privacy.png)"]
+    lines += _parts(results, sweep)
     lines += ["", "## Targets (issue 15)", "", *_targets(results), "", "## What no attack here tries", "",
               *(f"- {item}" for item in NOT_TRIED), ""]
     (out / "report.md").write_text("\n".join(lines))
     if sweep:
         plot(results, out / "privacy.png")
+
+
+PART_NAMES = {f"hidden={SHARED_START_NOISE}": "noise on the hidden states only",
+              f"grad={SHARED_START_NOISE}": "noise on the output gradients only",
+              "clip": "clipping only (at the shared phase's median row norms), no noise"}
+
+
+def _parts(results: dict, sweep: list[dict]) -> list[str]:
+    """The default defence next to its parts alone (the PARTS phases): what of its held-out loss each costs."""
+    parts = [p["part"] for p in results["phases"].values() if p.get("part")]
+    if not parts:
+        return []
+    points = {s["noise"]: s for s in sweep}
+    base, default = points.get(0.0), points.get(SHARED_START_NOISE)
+    lines = ["", "## The default defence, part by part", "",
+             f"The default (noise {SHARED_START_NOISE:g} on hidden states and output gradients, each clipped at its "
+             "exchange's median norm) against each of its parts alone, one run each, shared initialisation:", "",
+             "| defence | victim train loss | victim eval loss | eval vs undefended | " + " | ".join(SWEPT.values())
+             + " |", "|---" * (4 + len(SWEPT)) + "|"]
+    named = [("the default, whole", default)] if default else []
+    named += [(PART_NAMES[p["part"]], p) for p in sorted(parts, key=lambda p: list(PART_NAMES).index(p["part"]))]
+    for label, point in named:
+        cost = f"{point['eval_loss'] / base['eval_loss'] - 1:+.1%}" if base else "-"
+        lines.append(f"| {label} | {point['final_loss']:.3f} | {point['eval_loss']:.3f} | {cost} | "
+                     + " | ".join(f"{point[k]:.3f}" if k in point else "-" for k in SWEPT) + " |")
+    return lines
 
 
 def plot(results: dict, path: Path) -> None:
