@@ -5,8 +5,9 @@ separate runs (or separate machines) add.
     git worktree add /tmp/base <commit>
     PYTHONPATH=. python profiling/ab_trees.py --base /tmp/base --case sonicmoe-7b:24576 --case qwen3-30b-a3b:32768
 
-Balanced random routing, bf16, the weights of transformers' experts module of that shape; each round times both
-trees (do_bench medians), forward under no_grad, forward+backward with every gradient reset between calls.
+The peers suite's inputs (bench/bench_experts.py: balanced random routing, bf16, transformers' experts module of
+that shape); each round times both trees (do_bench medians), forward under no_grad, forward+backward with every
+gradient reset between calls.
 """
 
 import argparse
@@ -17,8 +18,9 @@ from pathlib import Path
 import torch
 
 import csrc_triton
+from bench.bench_experts import experts_inputs
 from bench.common import time_ms
-from bench.shapes import SHAPES, make_hf_block, routed_flops, router_logits, topk_routing
+from bench.shapes import SHAPES, Case, routed_flops
 
 
 def load_base(root: Path):
@@ -32,14 +34,9 @@ def load_base(root: Path):
 
 
 def case(shape_name: str, tokens: int, trees: dict, rounds: int):
-    s = SHAPES[shape_name]
-    weights, ids = topk_routing(router_logits(tokens, s.experts, "balanced", torch.Generator().manual_seed(4)),
-                                s.top_k, s.norm_topk_prob)
-    torch.manual_seed(4)
-    experts = make_hf_block(s, "cuda", torch.bfloat16).experts
-    ids, weights = ids.cuda(), weights.cuda().bfloat16().requires_grad_()
-    x = torch.randn(tokens, s.hidden, device="cuda", dtype=torch.bfloat16)
-    dout = torch.randn_like(x)
+    inputs = experts_inputs(Case(shape_name, tokens, "balanced"))  # what the peers suite times (bench_experts.py)
+    experts, ids, weights, dout = inputs["experts"], inputs["ids"], inputs["weights"], inputs["grad"]
+    x = inputs["inputs"][0]
     leaves = [experts.gate_up_proj, experts.down_proj, weights]
 
     def forward(tree):
@@ -58,7 +55,7 @@ def case(shape_name: str, tokens: int, trees: dict, rounds: int):
         for label, tree in trees.items():
             times.setdefault((label, "fwd"), []).append(time_ms(lambda: forward(tree)))
             times.setdefault((label, "f+b"), []).append(time_ms(lambda: forward_backward(tree), grad_to_none=leaves))
-    flops = routed_flops(tokens, s)
+    flops = routed_flops(tokens, SHAPES[shape_name])
     for kind, count in (("fwd", flops), ("f+b", 3 * flops)):
         for label in trees:
             ms = times[(label, kind)]
