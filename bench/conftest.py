@@ -46,7 +46,6 @@ def pytest_addoption(parser):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
-    config.addinivalue_line("markers", "impls(*names): the implementations a bench test is run with")
     config.pcmoe_rows, config.pcmoe_ceilings = [], None
     # pytest-benchmark's own table times the do_bench call itself; the real numbers are in extra_info, the
     # JSON and the table printed at the end.
