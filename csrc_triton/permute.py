@@ -5,7 +5,7 @@ gather of token rows into that order, and the inverse scatter with the top-k wei
 No capacity and no padding: expert e owns slots ``offsets[e]:offsets[e+1]`` of the sorted order.
 """
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import triton
@@ -37,17 +37,38 @@ def _check_ids(expert_ids, num_experts):
     check(expert_ids.numel() < 2**31, "plan_routing: more than 2^31 (token, expert) pairs")
 
 
-def _check_id_range(expert_ids, num_experts):
-    if expert_ids.numel():
-        low, high = torch.stack(torch.aminmax(expert_ids)).tolist()  # one device sync, not two
+def start_id_check(expert_ids: torch.Tensor, num_experts: int) -> Callable[[], None]:
+    """Start the check that ``expert_ids`` lie in [0, E); the returned function finishes it (raises if not).
+
+    Started before the kernels that read the ids and finished after they are launched: min and max travel to
+    pinned host memory behind an event, and finishing waits for that event alone, so the launched kernels keep
+    the GPU busy meanwhile (a ``.tolist()`` at the start would drain the stream and leave the GPU idle while the
+    host launches them). The plan's kernels meanwhile count an out-of-range id as expert 0, so nothing reads out
+    of bounds before the error. Skipped while a CUDA graph is captured, where nothing may wait on the device:
+    ids from ``route`` are in range by construction.
+    """
+    if not expert_ids.numel() or (expert_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return lambda: None
+    bounds = torch.stack(torch.aminmax(expert_ids))
+    ready = None
+    if bounds.is_cuda:
+        bounds = bounds.to("cpu", non_blocking=True)  # into pinned memory, behind the event below
+        ready = torch.cuda.Event()
+        ready.record()
+
+    def finish():
+        if ready is not None:
+            ready.synchronize()
+        low, high = bounds.tolist()
         check(low >= 0 and high < num_experts,
               f"plan_routing: expert ids must lie in [0, {num_experts}), got values in [{low}, {high}]")
+    return finish
 
 
 def plan_routing_reference(expert_ids: torch.Tensor, num_experts: int) -> RoutingPlan:
     """Pure-PyTorch plan: a stable sort of the pairs by expert id."""
     _check_ids(expert_ids, num_experts)
-    _check_id_range(expert_ids, num_experts)
+    start_id_check(expert_ids, num_experts)()
     flat = expert_ids.flatten().long()
     sorted_pair = torch.sort(flat, stable=True)[1]
     slot_of_pair = torch.empty_like(sorted_pair)
@@ -61,23 +82,26 @@ def plan_routing_reference(expert_ids: torch.Tensor, num_experts: int) -> Routin
 
 
 @triton.jit
-def _chunk_one_hot(ids_ptr, chunk, P, lane, cols, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
+def _chunk_one_hot(ids_ptr, chunk, P, E, lane, cols, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
     """Pairs chunk*CHUNK + lane: (their pair index, expert id, valid mask, [CHUNK, E_PAD] one-hot of the id)."""
     pairs = chunk * CHUNK + lane
     valid = pairs < P
-    ids = tl.load(ids_ptr + pairs, mask=valid, other=E_PAD)  # E_PAD: matches no column
+    ids = tl.load(ids_ptr + pairs, mask=valid, other=0)
+    # An id outside [0, E) counts as expert 0 (start_id_check raises, perhaps after these kernels ran): every pair
+    # still gets one slot of [0, P), so no later kernel reads out of bounds. E_PAD matches no column.
+    ids = tl.where(valid, tl.where((ids >= 0) & (ids < E), ids, 0), E_PAD)
     return pairs, ids, valid, ids[:, None] == cols[None, :]
 
 
 @triton.jit
-def _block_histogram_kernel(ids_ptr, P, hist_ptr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
+def _block_histogram_kernel(ids_ptr, P, E, hist_ptr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
                             CHUNKS: tl.constexpr):
     pid = tl.program_id(0)
     lane = tl.arange(0, CHUNK)
     cols = tl.arange(0, E_PAD)
     hist = tl.zeros([E_PAD], tl.int32)
     for c in range(CHUNKS):
-        _, _, _, hit = _chunk_one_hot(ids_ptr, pid * CHUNKS + c, P, lane, cols, CHUNK, E_PAD)
+        _, _, _, hit = _chunk_one_hot(ids_ptr, pid * CHUNKS + c, P, E, lane, cols, CHUNK, E_PAD)
         hist += tl.sum(hit.to(tl.int32), 0)
     tl.store(hist_ptr + pid * E_PAD + cols, hist)
 
@@ -106,7 +130,7 @@ def _place_pairs_kernel(ids_ptr, P, K, E, hist_ptr, num_blocks, counts_ptr, offs
         tl.store(offsets_ptr + E, tl.sum(total, 0))
     next_slot = first_slot + before  # per expert: the slot of this block's next pair
     for c in range(CHUNKS):
-        pairs, ids, valid, hit = _chunk_one_hot(ids_ptr, pid * CHUNKS + c, P, lane, cols, CHUNK, E_PAD)
+        pairs, ids, valid, hit = _chunk_one_hot(ids_ptr, pid * CHUNKS + c, P, E, lane, cols, CHUNK, E_PAD)
         # Rank of each pair among the earlier pairs of the same expert inside this chunk.
         rank = tl.sum(((ids[:, None] == ids[None, :]) & (lane[None, :] < lane[:, None])).to(tl.int32), 1)
         slot = tl.sum(tl.where(hit, next_slot[None, :], 0), 1) + rank
@@ -123,14 +147,13 @@ def plan_routing(expert_ids: torch.Tensor, num_experts: int, validate: bool = Tr
     """Plan the dropless permutation of ``expert_ids`` ([T, k], any integer dtype, values in [0, E)).
 
     Two Triton launches (block histograms, then offsets and placement); the slot order equals a stable sort
-    of the pairs by expert id. ``validate`` checks the id range (one device sync); pass False only for ids
-    that come from ``route``.
+    of the pairs by expert id. ``validate`` checks the id range (``start_id_check``: waits for the device
+    once, after the plan's kernels are launched); pass False for ids in range by construction (``route``'s).
     """
     _check_ids(expert_ids, num_experts)
     if not use_triton(expert_ids):
         return plan_routing_reference(expert_ids, num_experts)
-    if validate:
-        _check_id_range(expert_ids, num_experts)
+    finish_check = start_id_check(expert_ids, num_experts) if validate else lambda: None
     num_tokens, k = expert_ids.shape
     num_pairs = num_tokens * k
     dev = expert_ids.device
@@ -148,10 +171,11 @@ def plan_routing(expert_ids: torch.Tensor, num_experts: int, validate: bool = Tr
     hist = torch.empty(num_blocks, e_pad, device=dev, dtype=torch.int32)
     counts = torch.empty(num_experts, device=dev, dtype=torch.int32)
     offsets = torch.empty(num_experts + 1, device=dev, dtype=torch.int32)
-    _block_histogram_kernel[(num_blocks,)](ids, num_pairs, hist, E_PAD=e_pad, CHUNK=chunk, CHUNKS=chunks)
+    _block_histogram_kernel[(num_blocks,)](ids, num_pairs, num_experts, hist, E_PAD=e_pad, CHUNK=chunk, CHUNKS=chunks)
     _place_pairs_kernel[(num_blocks,)](ids, num_pairs, k, num_experts, hist, num_blocks, counts, offsets,
                                        sorted_token, sorted_pair, slot_of_pair, E_PAD=e_pad, CHUNK=chunk,
                                        CHUNKS=chunks, HIST_ROWS=max(1, 4096 // e_pad))
+    finish_check()
     return RoutingPlan(sorted_token, sorted_pair, slot_of_pair, counts, offsets)
 
 

@@ -32,7 +32,7 @@ import triton.language as tl
 from ._grouped_gemm import Groups, dot, grouped_gemm, mma, precision, program_tile, rows_of, tma_rows, wgrad
 from ._runtime import check, use_triton
 from ._swiglu import swiglu_backward, swiglu_mlp_reference
-from .permute import RoutingPlan, combine, plan_routing
+from .permute import RoutingPlan, combine, plan_routing, start_id_check
 
 __all__ = ["expert_mlp", "expert_mlp_reference", "grouped_mlp", "grouped_mlp_reference"]
 
@@ -243,9 +243,13 @@ def expert_mlp(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
           f"[{x.shape[0]}, k]")
     if not use_triton(x):
         return expert_mlp_reference(x, weights, expert_ids, w_gate_up, w_down, residual)
-    if plan is None:
-        plan = plan_routing(expert_ids, w_down.shape[0])
-    return _RoutedExpertsFunction.apply(_rowmajor(x), weights, w_gate_up, w_down, residual, plan)
+    finish_check = lambda: None
+    if plan is None:  # the ids' range is checked once the experts' kernels are launched (start_id_check)
+        finish_check = start_id_check(expert_ids, w_down.shape[0])
+        plan = plan_routing(expert_ids, w_down.shape[0], validate=False)
+    out = _RoutedExpertsFunction.apply(_rowmajor(x), weights, w_gate_up, w_down, residual, plan)
+    finish_check()
+    return out
 
 
 def grouped_mlp(x: torch.Tensor, expert_of_row: torch.Tensor, w_gate_up: torch.Tensor,
@@ -253,12 +257,17 @@ def grouped_mlp(x: torch.Tensor, expert_of_row: torch.Tensor, w_gate_up: torch.T
     """One expert per row, unweighted: y[r] = MLP_{expert_of_row[r]}(x[r]) -> [R, H].
 
     This is what an expert owner runs on the hidden states it received from all parties. ``validate`` checks
-    the ids' range (one device sync); pass False only for ids in range by construction.
+    the ids' range (``start_id_check``: one wait for the device, after the experts' kernels are launched); pass
+    False for ids in range by construction.
     """
     _check_experts("grouped_mlp", x, w_gate_up, w_down)
     check(expert_of_row.shape == (x.shape[0],),
           f"grouped_mlp: expert_of_row must be [{x.shape[0]}], got {tuple(expert_of_row.shape)}")
     if not use_triton(x):
         return grouped_mlp_reference(x, expert_of_row, w_gate_up, w_down)
-    plan = plan_routing(expert_of_row.view(-1, 1), w_down.shape[0], validate=validate)
-    return _RoutedExpertsFunction.apply(_rowmajor(x), None, w_gate_up, w_down, None, plan)
+    ids = expert_of_row.view(-1, 1)
+    finish_check = start_id_check(ids, w_down.shape[0]) if validate else lambda: None
+    out = _RoutedExpertsFunction.apply(_rowmajor(x), None, w_gate_up, w_down, None,
+                                       plan_routing(ids, w_down.shape[0], validate=False))
+    finish_check()
+    return out

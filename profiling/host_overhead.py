@@ -3,7 +3,8 @@
 At a few thousand tokens these stages take tens of microseconds on the GPU, less than Python and the launches
 take on the host, so the suites' do_bench medians (bench/bench_router.py, bench_permute.py) time the host.
 This prints, per stage and implementation: host microseconds per call (calls enqueued back to back, no
-sync), the do_bench median, and the GPU time of its kernels from torch.profiler, with their count.
+sync), the do_bench median, the GPU time of its kernels from torch.profiler, with their count, and the do_bench
+median of the stage captured in a CUDA graph and replayed ("-": it cannot be captured).
 
     PYTHONPATH=. python profiling/host_overhead.py [--shapes olmoe-1b-7b,qwen1.5-moe-a2.7b] [--tokens 4096,16384]
 """
@@ -18,6 +19,23 @@ from torch.profiler import ProfilerActivity, profile
 import csrc_triton as ct
 from bench.peers import eager_permute, eager_route, eager_unpermute, ours_permute, ours_route, ours_unpermute
 from bench.shapes import SHAPES, router_logits
+
+
+def graphed_us(fn) -> float | None:
+    """do_bench median of ``fn`` captured in a CUDA graph and replayed (one launch for all its kernels); None if
+    it cannot be captured (something in it waits for the device)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        return None
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median") * 1e3
 
 
 def host_do_bench_gpu(fn, calls: int = 200, profiled: int = 20) -> tuple[float, float, float, float]:
@@ -45,7 +63,7 @@ def main():
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
     print(f"{'shape':18} {'tokens':>6} {'stage':8} {'impl':6} {'host us':>8} {'do_bench us':>11} {'GPU us':>7} "
-          f"{'kernels':>7}")
+          f"{'kernels':>7} {'graph us':>8}")
     for name in args.shapes.split(","):
         s = SHAPES[name]
         for tokens in map(int, args.tokens.split(",")):
@@ -65,8 +83,9 @@ def main():
             }
             for (stage, impl), fn in cases.items():
                 host, median, gpu, kernels = host_do_bench_gpu(fn)
+                graphed = graphed_us(fn)
                 print(f"{name:18} {tokens:6} {stage:8} {impl:6} {host:8.1f} {median:11.1f} {gpu:7.1f} "
-                      f"{kernels:7.0f}", flush=True)
+                      f"{kernels:7.0f} {'-' if graphed is None else f'{graphed:.1f}':>8}", flush=True)
 
 
 if __name__ == "__main__":

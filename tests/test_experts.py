@@ -105,6 +105,57 @@ def test_mismatched_shapes_say_what_is_wrong():
                    torch.randn(4, 32, 16, dtype=torch.float64), torch.randn(4, 16, 16, dtype=torch.float64))
 
 
+def test_out_of_range_ids_are_rejected(device):
+    """The range check finishes after the experts' kernels are launched (start_id_check), and still raises."""
+    x, wgu, wd = (torch.randn(*shape, device=device) for shape in [(3, 16), (4, 32, 16), (4, 16, 16)])
+    with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 4\), got values in \[-1, 3\]"):
+        expert_mlp(x, torch.ones(3, 2, device=device), torch.tensor([[0, 3], [-1, 2], [1, 1]], device=device),
+                   wgu, wd)
+    with pytest.raises(ValueError, match=r"got values in \[0, 4\]"):
+        grouped_mlp(x, torch.tensor([0, 4, 2], device=device), wgu, wd)
+
+
+@pytest.mark.gpu
+def test_route_and_experts_capture_in_a_cuda_graph():
+    """route -> expert_mlp, forward and backward, captured in one CUDA graph and replayed on new inputs, gives
+    what eager gives: nothing on the way waits for the device (that would fail the capture)."""
+    from csrc_triton import route
+    torch.manual_seed(0)
+    tokens, hidden, inter, experts, k = 512, 256, 128, 16, 4
+    leaves = [torch.randn(tokens, experts, device="cuda"), torch.randn(tokens, hidden, device="cuda"),
+              torch.randn(experts, 2 * inter, hidden, device="cuda") / hidden**0.5,
+              torch.randn(experts, hidden, inter, device="cuda") / inter**0.5]
+    leaves = [t.bfloat16().requires_grad_() for t in leaves]
+    copies = lambda: [t.detach().clone().requires_grad_() for t in leaves]
+    dout = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+
+    def step(logits, x, wgu, wd):
+        routing = route(logits, k)
+        out = expert_mlp(x, routing.weights, routing.expert_ids, wgu, wd)
+        out.backward(dout)
+        return out
+
+    # Compile and autotune outside the capture, on a side stream as torch.cuda.graph asks, and on copies: the
+    # captured leaves' gradient accumulators are then made in the capture, on its stream.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(*copies())
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(*leaves)
+    with torch.no_grad():  # new values in the captured tensors: new routing, new rows
+        for t in leaves:
+            t.copy_(torch.randn_like(t) * t.float().std())
+    graph.replay()
+    got = [out] + [t.grad for t in leaves]
+    eager = copies()
+    want = [step(*eager)] + [t.grad for t in eager]
+    for name, a, b in zip(["out", "logits", "x", "gate_up", "down"], got, want):
+        assert rel_err(a, b) < 1e-3, name
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", LARGE, ids=str)
 def test_expert_mlp_large_bf16(case, device):

@@ -74,6 +74,16 @@ def test_non_contiguous_rows(device):
     assert torch.equal(permute(x, plan).cpu(), permute_reference(x.contiguous().cpu(), plan_routing_reference(ids.cpu(), 8)))
 
 
+@pytest.mark.parametrize("bad", [4, 16, -1, 2**31 - 1])  # a padded column, past the padding, negative, huge
+def test_unchecked_out_of_range_ids_still_get_one_slot_each(bad, device):
+    """Unchecked (validate=False, or a check that finishes after the kernels: start_id_check), an out-of-range
+    id counts as expert 0: every pair gets one slot in [0, P), so the kernels that follow read in bounds."""
+    plan = plan_routing(torch.tensor([[0, bad], [3, 1], [bad, 2]], device=device), 4, validate=False)
+    assert sorted(plan.sorted_pair.tolist()) == list(range(6))
+    assert sorted(plan.slot_of_pair.flatten().tolist()) == list(range(6))
+    assert plan.tokens_per_expert.tolist() == [3, 1, 1, 1] and plan.offsets.tolist() == [0, 3, 4, 5, 6]
+
+
 def test_out_of_range_ids_are_rejected():
     with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 4\), got values in \[0, 4\]"):
         plan_routing(torch.tensor([[0, 4]]), 4)
