@@ -221,6 +221,17 @@ def _rowmajor(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _routed_experts(x, weights, expert_ids, w_gate_up, w_down, residual, plan, check_ids):
+    """_RoutedExpertsFunction on ``plan``, or on one made here; ``check_ids``: the ids' range, checked without
+    stalling the experts' kernels (start_id_check starts before them and finishes once they are launched)."""
+    finish_check = start_id_check(expert_ids, w_down.shape[0]) if check_ids else lambda: None
+    if plan is None:
+        plan = plan_routing(expert_ids, w_down.shape[0], validate=False)
+    out = _RoutedExpertsFunction.apply(_rowmajor(x), weights, w_gate_up, w_down, residual, plan)
+    finish_check()
+    return out
+
+
 def expert_mlp(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, w_gate_up: torch.Tensor,
                w_down: torch.Tensor, residual: torch.Tensor | None = None,
                plan: RoutingPlan | None = None) -> torch.Tensor:
@@ -243,13 +254,7 @@ def expert_mlp(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
           f"[{x.shape[0]}, k]")
     if not use_triton(x):
         return expert_mlp_reference(x, weights, expert_ids, w_gate_up, w_down, residual)
-    finish_check = lambda: None
-    if plan is None:  # the ids' range is checked once the experts' kernels are launched (start_id_check)
-        finish_check = start_id_check(expert_ids, w_down.shape[0])
-        plan = plan_routing(expert_ids, w_down.shape[0], validate=False)
-    out = _RoutedExpertsFunction.apply(_rowmajor(x), weights, w_gate_up, w_down, residual, plan)
-    finish_check()
-    return out
+    return _routed_experts(x, weights, expert_ids, w_gate_up, w_down, residual, plan, check_ids=plan is None)
 
 
 def grouped_mlp(x: torch.Tensor, expert_of_row: torch.Tensor, w_gate_up: torch.Tensor,
@@ -265,9 +270,4 @@ def grouped_mlp(x: torch.Tensor, expert_of_row: torch.Tensor, w_gate_up: torch.T
           f"grouped_mlp: expert_of_row must be [{x.shape[0]}], got {tuple(expert_of_row.shape)}")
     if not use_triton(x):
         return grouped_mlp_reference(x, expert_of_row, w_gate_up, w_down)
-    ids = expert_of_row.view(-1, 1)
-    finish_check = start_id_check(ids, w_down.shape[0]) if validate else lambda: None
-    out = _RoutedExpertsFunction.apply(_rowmajor(x), None, w_gate_up, w_down, None,
-                                       plan_routing(ids, w_down.shape[0], validate=False))
-    finish_check()
-    return out
+    return _routed_experts(x, None, expert_of_row.view(-1, 1), w_gate_up, w_down, None, None, check_ids=validate)
