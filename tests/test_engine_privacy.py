@@ -626,6 +626,15 @@ def test_routing_spread_over_seeds():
                                  "rows": [{"key": "r_row", "token_accuracy": 0.05}]}
     default = privacy.routing_spread({"phases": phases, "chance": {"token_accuracy": 0.1}})[1]
     assert default["seeds"] == [0, 1] and math.isclose(default["r_row"]["mean"], 0.04) and "r_linked" not in default
+    assert "cost" not in default  # no held-out losses recorded
+    # The default's cost, each run against the undefended run of its own seed (seed 2 has no defended run)
+    phases["shared"]["sweep"] = {"noise": 0.0, "r_row": 0.15, "eval_loss": 5.0}
+    phases[noise]["sweep"]["eval_loss"] = 5.1
+    phases["seed=1"]["eval_loss"], phases["seed=2"]["eval_loss"] = 4.0, 9.0
+    phases["seed=1:" + noise]["eval_loss"] = 4.12
+    cost = privacy.routing_spread({"phases": phases, "chance": {"token_accuracy": 0.1}})[1]["cost"]
+    assert cost["runs"] == 2 and math.isclose(cost["min"], 0.02) and math.isclose(cost["max"], 0.03)
+    assert math.isclose(cost["mean"], 0.025)
 
 
 def test_privacy_seed_deals_other_text():

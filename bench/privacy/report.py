@@ -42,30 +42,55 @@ def _sweep(results: dict) -> list[dict]:
     return sorted((p["sweep"] for p in results["phases"].values() if p.get("sweep")), key=lambda s: s["noise"])
 
 
+def _stat(values: list[float]) -> dict:
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+
 def routing_spread(results: dict) -> list[dict]:
     """The routing attack's run-to-run spread under shared initialisation, per noise (0 and the default) measured at
-    more than one train.seed: each run's shuffled and token-order accuracy and chance (seed 0: the shared and
-    noise=<default> phases; seed k: the seed=<k> phases), and their mean, min and max."""
+    more than one train.seed: each run's shuffled and token-order accuracy, chance and held-out loss (seed 0: the
+    shared and noise=<default> phases; seed k: the seed=<k> phases), and their mean, min and max; for the default,
+    also its held-out loss cost against the undefended run of the same seed (``cost``), where two seeds have both."""
     phases, spread = results["phases"], []
     for noise in (0.0, SHARED_START_NOISE):
         runs = [{"seed": p["seed"], "chance": p["chance"]["token_accuracy"],
-                 **{r["key"]: r["token_accuracy"] for r in p["rows"]}}
+                 **{r["key"]: r["token_accuracy"] for r in p["rows"]},
+                 **({"eval_loss": p["eval_loss"]} if "eval_loss" in p else {})}
                 for p in phases.values() if p.get("seed") is not None and p["noise"] == noise]
         zero = phases.get("shared" if noise == 0 else f"noise={noise}")
         if zero is not None:
             found = {r["key"]: r["token_accuracy"] for r in zero["rows"] if r["key"] in ("r_row", "r_linked")}
+            sweep = zero.get("sweep") or {}
             runs.insert(0, {"seed": 0, "chance": results["chance"]["token_accuracy"],
-                            **(found or {"r_row": zero["sweep"]["r_row"]})})
+                            **(found or {"r_row": sweep["r_row"]}),
+                            **({"eval_loss": sweep["eval_loss"]} if "eval_loss" in sweep else {})})
         if len(runs) > 1:
-            summary = {key: {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
-                       for key in ("r_row", "r_linked", "chance")
+            summary = {key: _stat(values) for key in ("r_row", "r_linked", "chance")
                        if len(values := [run[key] for run in runs if key in run]) == len(runs)}
             spread.append({"noise": noise, "seeds": [run["seed"] for run in runs], "runs": runs, **summary})
+    if len(spread) == 2:
+        undefended = {run["seed"]: run["eval_loss"] for run in spread[0]["runs"] if "eval_loss" in run}
+        costs = [run["eval_loss"] / undefended[run["seed"]] - 1 for run in spread[1]["runs"]
+                 if "eval_loss" in run and run["seed"] in undefended]
+        if len(costs) > 1:
+            spread[1]["cost"] = {**_stat(costs), "runs": len(costs)}
     return spread
 
 
 def _spread(stat: dict) -> str:
     return f"{stat['mean']:.1%} ({stat['min']:.1%} to {stat['max']:.1%})"
+
+
+def _cost_over_seeds(results: dict) -> str:
+    """The end of the shared target's line: the default's cost and routing attack over the seeds' runs, if any."""
+    default = next((p for p in results.get("routing_spread", []) if p["noise"] == SHARED_START_NOISE), {})
+    if "cost" not in default:
+        return ", not checked on a separate run."
+    cost = default["cost"]
+    return (f". Over {cost['runs']} runs (train.seed {', '.join(map(str, default['seeds']))}, each against the "
+            f"undefended run of its seed) it costs {cost['mean']:+.1%} on the mean ({cost['min']:+.1%} to "
+            f"{cost['max']:+.1%}) and the routing attack recovers {_spread(default['r_row'])}; the attacks on "
+            "hidden states and gradients ran at seed 0 only.")
 
 
 def _targets(results: dict) -> list[str]:
@@ -97,7 +122,8 @@ def _targets(results: dict) -> list[str]:
                      f"gradients, clipped at each exchange's median, rows shuffled), the strongest attack, "
                      f"{SWEPT[key]}, recovers {attacks[key]:.1%}; the victim's held-out loss is "
                      f"{default['eval_loss']:.3f} against {base['eval_loss']:.3f} undefended ({cost:+.1%}). The "
-                     "default was chosen from this sweep (one run per point), not checked on a separate run.")
+                     "default was chosen from this sweep (one run per point)"
+                     + _cost_over_seeds(results))
     routing = [r for name in ("shared", "private") for r in phases.get(name, {}).get("rows", [])
                if r["key"] == "r_row"]
     spread = {point["noise"]: point for point in results.get("routing_spread", [])}
