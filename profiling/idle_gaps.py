@@ -52,7 +52,7 @@ def trace(tree, shape: str, tokens: int):
         torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        g = gpu_tables(json.load(open(f.name))["traceEvents"], STEPS)
+        g = gpu_tables(json.loads(Path(f.name).read_text())["traceEvents"], STEPS)
     print(f"{shape} T={tokens}: do_bench {median:.3f} ms a step; traced: GPU busy {g['gpu_busy_ms']:.3f} ms a step, "
           f"{idle_line(g)}")
     for k in g["kernels"][:12]:
