@@ -20,8 +20,8 @@ with the FedSGD baseline), ``private`` (private initialisation, undefended), the
 defence sweep (shared initialisation, the worst case: noise multiplier x on hidden states and returned output
 gradients, clipped at each exchange's median norm, the rows shuffled), then the default defence's parts alone
 (``PARTS``: its noise on the hidden states only, on the gradients only, its clipping only), then ``seed=<k>`` and
-``seed=<k>:noise=<default>`` per seed of the preset's routing_seeds: the routing attack alone, undefended and at
-the default noise, under shared initialisation with train.seed k (a data split, public model, in
+``seed=<k>:noise=<default>`` per seed of the preset's routing_seeds: the routing attack undefended, and every
+attack of the sweep at the default noise, under shared initialisation with train.seed k (a data split, public model, in
 ``public-seed=<k>.pt``, and fine-tuning run of their own), for its run-to-run spread. The report is written from
 whatever phases are there.
 """
@@ -231,11 +231,12 @@ def run_phase(name: str, s: Setting, log) -> dict:
             result["sweep"] = {"noise": 0.0, **_outcome(run, {k: rows[k] for k in ("a", "c", "d", "e", "r_row")})}
             result["row_norms"] = {kind: torch.cat([w[kind] for w in run.watch]).norm(dim=1).median().item()
                                    for kind in ("hidden", "grad")}
-    elif name.startswith("seed="):  # the routing attack alone, for its spread over seeds
+    elif name.startswith("seed="):  # the routing attack's spread over seeds, and the default defence's
         noise = float(name.partition(":noise=")[2] or 0)
         run = collaborate(finetuning(s.cfg, s.preset), s.public, PrivacyConfig(hidden_noise=noise, grad_noise=noise),
                           s.held_out, s.threads)
-        rows, result["details"] = attack(s, run, "shared init", ("r_linked", "r_row") if noise == 0 else ("r_row",))
+        which = ("r_linked", "r_row") if noise == 0 else ("a", "c", "d", "e", "r_row")
+        rows, result["details"] = attack(s, run, "shared init", which)
         result.update(rows=list(rows.values()), seed=s.seed, noise=noise, chance=s.chance(), eval_loss=run.eval_loss)
     elif name in PARTS:
         run = collaborate(finetuning(s.cfg, s.preset), s.public, part_defence(name, s), s.held_out, s.threads)

@@ -58,11 +58,11 @@ def routing_spread(results: dict) -> list[dict]:
                  **({"eval_loss": p["eval_loss"]} if "eval_loss" in p else {})}
                 for p in phases.values() if p.get("seed") is not None and p["noise"] == noise]
         zero = phases.get("shared" if noise == 0 else f"noise={noise}")
-        if zero is not None:
+        if zero is not None:  # seed 0: the undefended phase's routing rows, or the default's sweep point
             found = {r["key"]: r["token_accuracy"] for r in zero["rows"] if r["key"] in ("r_row", "r_linked")}
             sweep = zero.get("sweep") or {}
             runs.insert(0, {"seed": 0, "chance": results["chance"]["token_accuracy"],
-                            **(found or {"r_row": sweep["r_row"]}),
+                            **(found or {key: sweep[key] for key in SWEPT if key in sweep}),
                             **({"eval_loss": sweep["eval_loss"]} if "eval_loss" in sweep else {})})
         if len(runs) > 1:
             summary = {key: _stat(values) for key in ("r_row", "r_linked", "chance")
@@ -70,9 +70,10 @@ def routing_spread(results: dict) -> list[dict]:
             spread.append({"noise": noise, "seeds": [run["seed"] for run in runs], "runs": runs, **summary})
     if len(spread) == 2:
         undefended = {run["seed"]: run["eval_loss"] for run in spread[0]["runs"] if "eval_loss" in run}
-        costs = [run["eval_loss"] / undefended[run["seed"]] - 1 for run in spread[1]["runs"]
-                 if "eval_loss" in run and run["seed"] in undefended]
-        if len(costs) > 1:
+        for run in spread[1]["runs"]:
+            if "eval_loss" in run and run["seed"] in undefended:
+                run["cost"] = run["eval_loss"] / undefended[run["seed"]] - 1
+        if len(costs := [run["cost"] for run in spread[1]["runs"] if "cost" in run]) > 1:
             spread[1]["cost"] = {**_stat(costs), "runs": len(costs)}
     return spread
 
@@ -87,10 +88,16 @@ def _cost_over_seeds(results: dict) -> str:
     if "cost" not in default:
         return ", not checked on a separate run."
     cost = default["cost"]
-    return (f". Over {cost['runs']} runs (train.seed {', '.join(map(str, default['seeds']))}, each against the "
+    line = (f". Over {cost['runs']} runs (train.seed {', '.join(map(str, default['seeds']))}, each against the "
             f"undefended run of its seed) it costs {cost['mean']:+.1%} on the mean ({cost['min']:+.1%} to "
-            f"{cost['max']:+.1%}) and the routing attack recovers {_spread(default['r_row'])}; the attacks on "
-            "hidden states and gradients ran at seed 0 only.")
+            f"{cost['max']:+.1%}) and the routing attack recovers {_spread(default['r_row'])}")
+    full = [run for run in default["runs"] if "cost" in run and all(key in run for key in SWEPT)]
+    if not full:
+        return line + "; the attacks on hidden states and gradients ran at seed 0 only."
+    strongest = [max(run[key] for key in SWEPT) for run in full]
+    held = sum(top <= 0.10 and run["cost"] <= 0.02 for top, run in zip(strongest, full))
+    return (line + f"; the strongest of every attack per run {_spread(_stat(strongest))}; both bounds hold in "
+            f"{held} of these {len(full)} runs.")
 
 
 def _targets(results: dict) -> list[str]:
