@@ -6,10 +6,10 @@ and groups need not be block multiples. No launch waits on the device for the nu
 sized by an upper bound on it (surplus programs exit at once), or a persistent kernel reads it on the device.
 
 This file owns what more than one grouped kernel uses: the row-tile schedule (``Groups``, ``_find_group``,
-``program_tile``), the K loop (``mma``), the plain grouped GEMM (``grouped_gemm``: the down GEMM, both dgrads;
+``output_tile``), the K loop (``mma``), the plain grouped GEMM (``grouped_gemm``: the down GEMM, both dgrads;
 persistent) and the per-expert weight-gradient GEMM (``wgrad``), with their tile configurations. A kernel that
 fuses an op's own prologue or epilogue (the gate-up GEMM with its gather and SwiGLU) lives with that op and
-calls ``program_tile`` / ``mma`` from here. A unit of its own (any grouped GEMM over a RoutingPlan), and apart
+calls ``output_tile`` / ``mma`` from here. A unit of its own (any grouped GEMM over a RoutingPlan), and apart
 from routed_experts.py so that each reads at once. Nothing here is public API (hence the underscore, as for
 _runtime.py).
 
@@ -28,7 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ._runtime import interpreting, programs_per_device
 from .permute import RoutingPlan
 
-__all__ = ["TileConfig", "tile_config", "precision", "Groups", "program_tile", "rows_of", "dot", "mma", "tma_rows",
+__all__ = ["TileConfig", "tile_config", "precision", "Groups", "output_tile", "rows_of", "dot", "mma", "tma_rows",
            "grouped_gemm", "wgrad"]
 
 
@@ -63,13 +63,13 @@ def dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def program_tile(tile_cum_ptr, offsets_ptr, E, N, BM: tl.constexpr, BN: tl.constexpr,
-                 SEARCH_STEPS: tl.constexpr):
-    """This program's output tile: (expert, first row, rows, row mask, first column, columns, column mask);
-    expert == E: no work."""
-    expert, row_start, row_end = _find_group(tl.program_id(1), tile_cum_ptr, offsets_ptr, E, BM, SEARCH_STEPS)
+def output_tile(row_tile, col_tile, tile_cum_ptr, offsets_ptr, E, N, BM: tl.constexpr, BN: tl.constexpr,
+                SEARCH_STEPS: tl.constexpr):
+    """Output tile (row tile, column tile): (expert, first row, rows, row mask, first column, columns, column
+    mask); expert == E: no work."""
+    expert, row_start, row_end = _find_group(row_tile, tile_cum_ptr, offsets_ptr, E, BM, SEARCH_STEPS)
     rows = row_start + tl.arange(0, BM)
-    col_start = tl.program_id(0) * BN
+    col_start = col_tile * BN
     cols = col_start + tl.arange(0, BN)
     return expert, row_start, rows, rows < row_end, col_start, cols, cols < N
 
@@ -130,12 +130,8 @@ def _grouped_gemm_kernel(
     col_tiles = tl.cdiv(N, BN)
     tiles = tl.load(tile_cum_ptr + E - 1) * col_tiles
     for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
-        expert, row0, row_end = _find_group(tile // col_tiles, tile_cum_ptr, offsets_ptr, E, BM, SEARCH_STEPS)
-        n0 = tile % col_tiles * BN
-        rows = row0 + tl.arange(0, BM)
-        rmask = rows < row_end
-        cols = n0 + tl.arange(0, BN)
-        cmask = cols < N
+        expert, row0, rows, rmask, n0, cols, cmask = output_tile(tile // col_tiles, tile % col_tiles, tile_cum_ptr,
+                                                                 offsets_ptr, E, N, BM, BN, SEARCH_STEPS)
         acc = tl.zeros([BM, BN], tl.float32)
         a_rows = rows_of(token_ptr, rows, rmask, GATHER)
         if TMA:

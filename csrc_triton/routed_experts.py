@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._grouped_gemm import Groups, dot, grouped_gemm, mma, precision, program_tile, rows_of, tma_rows, wgrad
+from ._grouped_gemm import Groups, dot, grouped_gemm, mma, output_tile, precision, rows_of, tma_rows, wgrad
 from ._runtime import check, use_triton
 from ._swiglu import swiglu_backward, swiglu_mlp_reference
 from .permute import RoutingPlan, combine, plan_routing, start_id_check
@@ -56,7 +56,8 @@ def _gate_up_fwd_kernel(
     expert's: both reach only masked columns.
     """
     HALF: tl.constexpr = BN // 2
-    expert, _, rows, rmask, c0, cols, cmask = program_tile(tile_cum_ptr, offsets_ptr, E, I, BM, HALF, SEARCH_STEPS)
+    expert, _, rows, rmask, c0, cols, cmask = output_tile(tl.program_id(1), tl.program_id(0), tile_cum_ptr,
+                                                          offsets_ptr, E, I, BM, HALF, SEARCH_STEPS)
     if expert >= E:
         return
     x_rows = rows_of(token_ptr, rows, rmask, True)
