@@ -21,8 +21,8 @@ defence sweep (shared initialisation, the worst case: noise multiplier x on hidd
 gradients, clipped at each exchange's median norm, the rows shuffled), then the default defence's parts alone
 (``PARTS``: its noise on the hidden states only, on the gradients only, its clipping only), then ``seed=<k>`` and
 ``seed=<k>:noise=<default>`` per seed of the preset's routing_seeds: the routing attack undefended, and every
-attack of the sweep at the default noise, under shared initialisation with train.seed k (a data split, public model, in
-``public-seed=<k>.pt``, and fine-tuning run of their own), for its run-to-run spread. The report is written from
+attack of the sweep at the default noise, under shared initialisation with train.seed k (a data split, public
+model, in ``public-seed=<k>.pt``, and fine-tuning run of their own), for its run-to-run spread. The report is written from
 whatever phases are there.
 """
 
@@ -45,7 +45,7 @@ from .attacks import decoder_attack, fedsgd_attack, gradient_attack, nearest_nei
 from .harness import (ATTACKER, PRESETS, VICTIM, Collaboration, Preset, collaborate, config, finetuning, pretrain,
                       windows)
 from .refine import refine_gradients, refine_hidden
-from .report import write_report
+from .report import SWEPT, write_report
 from .routing import linked_attack, row_attack
 from .scores import scores, token_set_recall
 
@@ -228,32 +228,32 @@ def run_phase(name: str, s: Setting, log) -> dict:
         result["rows"] = list(rows.values())
         if name == "shared":
             result["rows"].append(_fedsgd(s, run))
-            result["sweep"] = {"noise": 0.0, **_outcome(run, {k: rows[k] for k in ("a", "c", "d", "e", "r_row")})}
+            result["sweep"] = {"noise": 0.0, **_outcome(run, {k: rows[k] for k in SWEPT})}
             result["row_norms"] = {kind: torch.cat([w[kind] for w in run.watch]).norm(dim=1).median().item()
                                    for kind in ("hidden", "grad")}
     elif name.startswith("seed="):  # the routing attack's spread over seeds, and the default defence's
         noise = float(name.partition(":noise=")[2] or 0)
         run = collaborate(finetuning(s.cfg, s.preset), s.public, PrivacyConfig(hidden_noise=noise, grad_noise=noise),
                           s.held_out, s.threads)
-        which = ("r_linked", "r_row") if noise == 0 else ("a", "c", "d", "e", "r_row")
+        which = ("r_linked", "r_row") if noise == 0 else tuple(SWEPT)
         rows, result["details"] = attack(s, run, "shared init", which)
         result.update(rows=list(rows.values()), seed=s.seed, noise=noise, chance=s.chance(), eval_loss=run.eval_loss)
     elif name in PARTS:
         run = collaborate(finetuning(s.cfg, s.preset), s.public, part_defence(name, s), s.held_out, s.threads)
-        rows, result["details"] = attack(s, run, "shared init", ("a", "c", "d", "e", "r_row"))
+        rows, result["details"] = attack(s, run, "shared init", tuple(SWEPT))
         result["part"] = {"part": name, **_outcome(run, rows)}
     else:
         noise = float(name.removeprefix("noise="))
         run = collaborate(finetuning(s.cfg, s.preset), s.public, PrivacyConfig(hidden_noise=noise, grad_noise=noise),
                           s.held_out, s.threads)
-        rows, result["details"] = attack(s, run, "shared init", ("a", "c", "d", "e", "r_row"))
+        rows, result["details"] = attack(s, run, "shared init", tuple(SWEPT))
         result["sweep"] = {"noise": noise, **_outcome(run, rows)}
     for row in result["rows"]:
         log(f"  {row['attack']:<72} {row['token_accuracy']:.3f} acc, BLEU-4 {row['bleu4']:.3f}")
     point = result["sweep"] or result.get("part")
     if point is not None:
         log(f"{name}: victim loss {point['final_loss']:.3f} (eval {point['eval_loss']:.3f}), attacks "
-            + ", ".join(f"{k} {point[k]:.3f}" for k in ("a", "c", "d", "e", "r_row")))
+            + ", ".join(f"{k} {point[k]:.3f}" for k in SWEPT))
     result["seconds"] = time.perf_counter() - started
     return result
 
