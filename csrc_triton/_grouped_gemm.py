@@ -167,20 +167,23 @@ def _wgrad_config(bm, bn, bk, num_warps, num_stages) -> triton.Config:
 
 
 def _wgrad_configs() -> list:
-    """The wgrad's tiles are not tied to a row schedule, so they are tuned per (M, N) on first use."""
+    """The wgrad's tiles are not tied to a row schedule, so they are tuned per (M, N) on first use. Deep pipelines
+    of short K steps: a gathered operand is read by pointer loads, which need more stages in flight than TMA."""
     if interpreting():
         return [_wgrad_config(16, 16, 16, 1, 1)]
-    return [_wgrad_config(*tile) for tile in [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 256, 64, 8, 3),
-                                              (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
-                                              (128, 128, 32, 4, 5)]]
+    return [_wgrad_config(*tile) for tile in [(128, 128, 32, 4, 5), (128, 256, 32, 8, 6), (128, 256, 32, 8, 7),
+                                              (256, 128, 32, 8, 5), (256, 128, 32, 8, 7)]]
 
 
-def _untuned_for_fp32(configs, named_args, **kwargs) -> list:
-    """fp32 operands (tests) get IEEE dots, for which the 16-bit tiles take up to a minute each to compile: they
-    run tile_config's fp32 tile untuned."""
+def _wgrad_candidates(configs, named_args, **kwargs) -> list:
+    """The tiles worth tuning for this call. The wide side of a tile goes to the operand read by TMA: 256 columns of
+    a gathered operand per tile ran 10-25% slower than 128 (notes/experts.md, version 12). fp32 operands (tests)
+    get IEEE dots, for which the 16-bit tiles take up to a minute each to compile: they run tile_config's fp32
+    tile untuned."""
     if kwargs["PRECISION"] == "ieee":
         return [_wgrad_config(*tile_config(torch.float32))]
-    return configs
+    return [c for c in configs if not (kwargs["A_GATHER"] and c.kwargs["BM"] > 128)
+            and not (kwargs["B_GATHER"] and c.kwargs["BN"] > 128)]
 
 
 @triton.jit
@@ -198,7 +201,7 @@ def _wgrad_rows(ptr, desc, token_ptr, r0, row_end, c0, C, stride, GATHER: tl.con
 
 
 @triton.autotune(configs=_wgrad_configs(), key=["M", "N", "A_GATHER", "B_GATHER", "A_TMA", "B_TMA"],
-                 prune_configs_by=dict(early_config_prune=_untuned_for_fp32))
+                 prune_configs_by=dict(early_config_prune=_wgrad_candidates))
 @triton.jit
 def _wgrad_kernel(
     a_ptr, a_desc, a_token_ptr, b_ptr, b_desc, b_token_ptr, out_ptr, offsets_ptr,
