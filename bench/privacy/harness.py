@@ -73,7 +73,7 @@ PRESETS = {
                               expert_intermediate_size=128), routing_seeds=[1, 2, 3]),
     "base": Preset(model=dict(), seq_len=128, steps=600, finetune_steps=200, eval_sequences=64, aux_sequences=1024,
                    noise=[0.0, 0.1, 0.3, 0.5, 1.0], dlg_sequences=4, dlg_steps=200, refine_sequences=4,
-                   device="auto"),
+                   routing_seeds=[1, 2], device="auto"),
 }
 
 
