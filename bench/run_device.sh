@@ -12,9 +12,9 @@
 #   bench/run_device.sh peers    the fused-MoE peers only, in 420 s on one H100: the routed experts and the layer,
 #                                forward and forward+backward, ours against transformers' grouped_mm, Liger-Kernel
 #                                and SonicMoE, at the README's shapes (16384 tokens, balanced) and the published
-#                                anchors' cases, with the ceilings; all of it twice (one GPU: one run after the
-#                                other; two GPUs: one on each at once) and bench/compare.py on the pair. Carry
-#                                .whl/peers (bench/fetch_wheels.sh; about 54 MiB).
+#                                anchors' cases, with the ceilings; all of it twice, one run after the other
+#                                (two at once, one per GPU, contend for the host), and bench/compare.py on the
+#                                pair. Carry .whl/peers (bench/fetch_wheels.sh; about 54 MiB).
 #   bench/run_device.sh e2e      the engine end to end at 1 party and at 2 and 4 when the GPUs are there
 #                                (nvidia-h100-x2, -x4); on one GPU, 2 parties sharing it (memory, not speed)
 #   bench/run_device.sh suites   the stage suites only, for as long as BUDGET_S allows
@@ -190,16 +190,12 @@ peer_suites() {  # peer_suites CAP PREFIX [pytest args]: the routed experts and 
         --bench-max-call-s 0.3 "${@:3}"
 }
 
-peers() {  # the peer suites twice: one GPU after the other, or both GPUs at once; then how much the pair differs
-    if (( GPUS >= 2 )); then
-        (export CUDA_VISIBLE_DEVICES=0; peer_suites 9999 peers "$@") &
-        (export CUDA_VISIBLE_DEVICES=1 LOG="$OUT/run_gpu1.log"; peer_suites 9999 rerun_peers "$@" > /dev/null) &
-        wait
-        cat "$OUT/run_gpu1.log" >> "$LOG" && rm "$OUT/run_gpu1.log"
-    else
-        peer_suites $(( (BUDGET_S - SECONDS) * 2 / 3 )) peers "$@"  # the first run compiles (cached) for both
-        peer_suites 9999 rerun_peers "$@"
-    fi
+peers() {  # the peer suites twice, one run after the other (on two GPUs at once the runs contend for the host: both
+    # reached 64% of the suites in 420 s, and SonicMoE's 7B forward+backward read 225 TFLOP/s against 350 in the
+    # one-GPU run at 53fe244: bench/results/experts_notes/v12_peers_h100x2_in_parallel_c2cb9af.log); then how much
+    # the pair differs
+    peer_suites $(( (BUDGET_S - SECONDS) * 2 / 3 )) peers "$@"  # the first run compiles (cached) for both
+    peer_suites 9999 rerun_peers "$@"
     if compgen -G "$OUT/peers_*.json" > /dev/null && compgen -G "$OUT/rerun_peers_*.json" > /dev/null; then
         python3 -m bench.compare "$OUT"/peers_*.json "$OUT"/rerun_peers_*.json --out "$OUT/reproduce.md" 2>&1 \
             | tee -a "$LOG"

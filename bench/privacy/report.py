@@ -143,8 +143,8 @@ def _targets(results: dict) -> list[str]:
                      f"(shared init, train.seed {', '.join(map(str, undefended['seeds']))}), by "
                      f"{abs(margin) * 100:.1f} points: "
                      f"mean (range) {_spread(undefended['r_row'])} against chance {_spread(undefended['chance'])}; "
-                     f"{above} of the {len(undefended['runs'])} runs are above their own chance + 5 points, so the "
-                     "margin is inside the run-to-run spread"
+                     f"{above} of the {len(undefended['runs'])} runs are above their own chance + 5 points"
+                     + ("" if above in (0, len(undefended["runs"])) else ", so the verdict is inside the run-to-run spread")
                      + ("." if default is None else
                         f"; at the default defence with init_from (noise {SHARED_START_NOISE:g}), "
                         f"{_spread(default['r_row'])} over {len(default['runs'])} runs against chance "
