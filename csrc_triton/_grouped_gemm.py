@@ -176,10 +176,10 @@ def _wgrad_configs() -> list:
 
 
 def _wgrad_candidates(configs, named_args, **kwargs) -> list:
-    """The tiles worth tuning for this call. The wide side of a tile goes to the operand read by TMA: 256 columns of
-    a gathered operand per tile ran 10-25% slower than 128 (notes/experts.md, version 12). fp32 operands (tests)
-    get IEEE dots, for which the 16-bit tiles take up to a minute each to compile: they run tile_config's fp32
-    tile untuned."""
+    """The tiles worth tuning for this call. The wide side of a tile goes to the operand read by TMA: the same tile
+    turned the other way, 256 columns of the gathered operand, ran 14-50% slower (notes/experts.md, entry 12). fp32
+    operands (tests) get IEEE dots, for which the 16-bit tiles take up to a minute each to compile: they run
+    tile_config's fp32 tile untuned."""
     if kwargs["PRECISION"] == "ieee":
         return [_wgrad_config(*tile_config(torch.float32))]
     return [c for c in configs if not (kwargs["A_GATHER"] and c.kwargs["BM"] > 128)
