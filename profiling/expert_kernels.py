@@ -21,8 +21,11 @@ from csrc_triton.permute import combine
 from csrc_triton.routed_experts import gate_up
 
 # (BM, BN, BK, warps, stages); the first is tile_config's. BN of the gate-up GEMM spans gate and up columns.
+# The deeper BK=32 pipelines: the gate-up GEMM's and the down dgrad's gathered rows are pointer loads, which wanted
+# more stages in flight in the wgrads (notes/experts.md, entry 12).
 SWEEP = [TileConfig(128, 256, 64, 8, 3), TileConfig(128, 128, 64, 8, 3), TileConfig(128, 256, 32, 8, 4),
-         TileConfig(256, 128, 64, 8, 3), TileConfig(128, 128, 64, 4, 4)]
+         TileConfig(256, 128, 64, 8, 3), TileConfig(128, 128, 64, 4, 4), TileConfig(128, 256, 32, 8, 5),
+         TileConfig(128, 256, 32, 8, 6)]
 WGRAD_SWEEP = [(128, 128, 32, 4, 5), (128, 256, 32, 8, 6), (128, 256, 32, 8, 7), (256, 128, 32, 8, 5),
                (256, 128, 32, 8, 7), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
 
