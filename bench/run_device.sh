@@ -9,7 +9,7 @@
 #                                2 parties over NCCL, then each GPU its own chain: GPU 0 the 1-party runs and
 #                                the suites, GPU 1 the GPU tests and the suites again, which compare.py holds
 #                                against GPU 0's (reproduce.md); no profile or Nsight Compute.
-#   bench/run_device.sh peers    the fused-MoE peers only, in 420 s on one H100: the routed experts and the layer,
+#   bench/run_device.sh peers    the fused-MoE peers only, in 560 s on one H100: the routed experts and the layer,
 #                                forward and forward+backward, ours against transformers' grouped_mm, Liger-Kernel
 #                                and SonicMoE, at the README's shapes (16384 tokens, balanced) and the published
 #                                anchors' cases, with the ceilings; all of it twice, one run after the other
@@ -58,7 +58,7 @@
 # small_<n>p.json, engine_profile.json, engine_trace.json.gz, engine_memory.pickle.gz, ncu.txt,
 # megablocks_build.log, run.log; on two GPUs also gpu1/ (its run.log and suites) and reproduce.md. `peers`:
 # peers_*.json, rerun_peers_*.json, reproduce.md, run.log. `finetune`: finetune_*.json, run.log.
-# Each phase gets what is left of BUDGET_S seconds (default 570; peers 420) up to its own cap, and the log says
+# Each phase gets what is left of BUDGET_S seconds (default 570; peers 560) up to its own cap, and the log says
 # what did not run. Carried wheels (.whl/, .whl/peers/, from bench/fetch_wheels.sh) are installed first;
 # megablocks' source is built in the background while the engine runs. Extra arguments go to the suites' pytest
 # (alltests: to the tests' pytest).
@@ -68,7 +68,7 @@ MODE=${1:-all}
 [ $# -gt 0 ] && shift
 OUT=${OUT:-bench/results/device}
 mkdir -p "$OUT"
-BUDGET_S=${BUDGET_S:-$([ "$MODE" = peers ] && echo 420 || echo 570)}
+BUDGET_S=${BUDGET_S:-$([ "$MODE" = peers ] && echo 560 || echo 570)}
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PATH=$PATH:/usr/local/cuda/bin
