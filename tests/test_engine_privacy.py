@@ -646,7 +646,6 @@ def test_routing_spread_over_seeds():
     assert "the strongest of every attack per run 6.5% (5.0% to 8.0%); both bounds hold in 1 of these 2 runs" in line
 
 
-
 def test_routing_target_says_whether_the_runs_split():
     """The routing target's line calls its verdict inside the run-to-run spread only where runs fall on both sides of
     chance + 5 points."""
@@ -657,11 +656,13 @@ def test_routing_target_says_whether_the_runs_split():
         lines = privacy.report._targets({"phases": {}, "chance": {"token_accuracy": 0.1}, "routing_spread": spread})
         return next(text for text in lines if text.startswith("- Routing pattern"))
 
-    assert "NOT met" in line([0.2, 0.3]) and "2 of the 2 runs are above their own chance + 5 points." in line([0.2, 0.3])
+    every_run = line([0.2, 0.3])
+    assert "NOT met" in every_run and "2 of the 2 runs are above their own chance + 5 points." in every_run
     assert "met undefended" in line([0.11, 0.12]) and "0 of the 2 runs" in line([0.11, 0.12])
-    assert "inside" not in line([0.2, 0.3]) + line([0.11, 0.12])
+    assert "inside" not in every_run + line([0.11, 0.12])
     assert ("1 of the 2 runs are above their own chance + 5 points, so the verdict is inside the run-to-run spread"
             in line([0.11, 0.3]))
+
 
 def test_privacy_seed_deals_other_text():
     """A routing_seeds run is independent of seed 0's: train.seed deals other text blocks to the victim's held-out

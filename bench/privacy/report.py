@@ -138,13 +138,14 @@ def _targets(results: dict) -> list[str]:
         undefended, default = spread[0.0], spread.get(SHARED_START_NOISE)
         margin = undefended["chance"]["mean"] + 0.05 - undefended["r_row"]["mean"]
         above = sum(run["r_row"] > run["chance"] + 0.05 for run in undefended["runs"])
+        split = 0 < above < len(undefended["runs"])  # runs on both sides of the bound
         lines.append(f"- Routing pattern with the shuffle, no better than chance + 5 points: "
                      f"{'met' if margin >= 0 else 'NOT met'} undefended on the mean of {len(undefended['runs'])} runs "
                      f"(shared init, train.seed {', '.join(map(str, undefended['seeds']))}), by "
                      f"{abs(margin) * 100:.1f} points: "
                      f"mean (range) {_spread(undefended['r_row'])} against chance {_spread(undefended['chance'])}; "
                      f"{above} of the {len(undefended['runs'])} runs are above their own chance + 5 points"
-                     + ("" if above in (0, len(undefended["runs"])) else ", so the verdict is inside the run-to-run spread")
+                     + (", so the verdict is inside the run-to-run spread" if split else "")
                      + ("." if default is None else
                         f"; at the default defence with init_from (noise {SHARED_START_NOISE:g}), "
                         f"{_spread(default['r_row'])} over {len(default['runs'])} runs against chance "
