@@ -22,8 +22,8 @@ gradients, clipped at each exchange's median norm, the rows shuffled), then the 
 (``PARTS``: its noise on the hidden states only, on the gradients only, its clipping only), then ``seed=<k>`` and
 ``seed=<k>:noise=<default>`` per seed of the preset's routing_seeds: the routing attack undefended, and every
 attack of the sweep at the default noise, under shared initialisation with train.seed k (a data split, public
-model, in ``public-seed=<k>.pt``, and fine-tuning run of their own), for its run-to-run spread. The report is written from
-whatever phases are there.
+model, in ``public-seed=<k>.pt``, and fine-tuning run of their own), for its run-to-run spread. The report is
+written from whatever phases are there.
 """
 
 import argparse
