@@ -2,6 +2,7 @@
 (ANCHORS), the routings, the work each stage must do (FLOPs and the fewest bytes it must move), and the
 transformers MoE block of a shape."""
 
+import argparse
 from typing import NamedTuple
 
 import torch
@@ -70,6 +71,24 @@ ANCHORS = (
            "its peak sustained numbers", "the fused experts, routing given (LigerFusedMoEFunction)",
            {"fwd": 501, "fwd_bwd": 413}, "forward 6 T k H I, forward+backward 18 T k H I (issue 16)"),
 )
+
+
+# The shapes the profiling scripts (profiling/ab_trees.py, expert_kernels.py, idle_gaps.py) run by default: the
+# published anchors of issue 16 that the kernels were tuned against
+PROFILED_CASES = (("sonicmoe-7b", 24576), ("qwen3-30b-a3b", 32768))
+
+
+def add_case_option(parser: argparse.ArgumentParser) -> None:
+    """A profiling script's ``--case shape:tokens`` (repeatable; parsed to (shape, tokens); default
+    PROFILED_CASES)."""
+    def shape_tokens(spec: str) -> tuple[str, int]:
+        shape, _, tokens = spec.partition(":")
+        if shape not in SHAPES or not tokens.isdigit():
+            raise argparse.ArgumentTypeError(f"{spec!r}: give shape:tokens, shape one of {', '.join(SHAPES)}")
+        return shape, int(tokens)
+
+    default = ", ".join(f"{shape}:{tokens}" for shape, tokens in PROFILED_CASES)
+    parser.add_argument("--case", action="append", type=shape_tokens, help=f"shape:tokens (default {default})")
 
 
 class Case(NamedTuple):

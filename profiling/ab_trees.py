@@ -20,7 +20,7 @@ import torch
 import csrc_triton
 from bench.bench_experts import experts_inputs
 from bench.common import time_ms
-from bench.shapes import SHAPES, Case, routed_flops
+from bench.shapes import PROFILED_CASES, SHAPES, Case, add_case_option, routed_flops
 
 
 def load_base(root: Path):
@@ -66,8 +66,7 @@ def case(shape_name: str, tokens: int, trees: dict, rounds: int):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=Path, required=True, help="root of the other checkout (holds csrc_triton/)")
-    parser.add_argument("--case", action="append", help="shape:tokens (default sonicmoe-7b:24576, "
-                        "qwen3-30b-a3b:32768)")
+    add_case_option(parser)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -76,9 +75,8 @@ def main():
         sys.exit(f"--base {args.base}: no csrc_triton/ there; pass the root of a checkout (git worktree add)")
     trees = {"new": csrc_triton, "base": load_base(args.base)}
     print(f"{torch.cuda.get_device_name()}; new: {Path(csrc_triton.__file__).parent}, base: {args.base}")
-    for spec in args.case or ["sonicmoe-7b:24576", "qwen3-30b-a3b:32768"]:
-        shape, tokens = spec.split(":")
-        case(shape, int(tokens), trees, args.rounds)
+    for shape, tokens in args.case or PROFILED_CASES:
+        case(shape, tokens, trees, args.rounds)
 
 
 if __name__ == "__main__":

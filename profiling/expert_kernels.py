@@ -13,7 +13,7 @@ import torch
 import triton
 
 from bench.common import ceilings, time_ms
-from bench.shapes import SHAPES, make_hf_block, router_logits, topk_routing
+from bench.shapes import PROFILED_CASES, SHAPES, add_case_option, make_hf_block, router_logits, topk_routing
 from csrc_triton import plan_routing
 from csrc_triton._grouped_gemm import Groups, TileConfig, grouped_gemm, wgrad, _wgrad_kernel
 from csrc_triton._swiglu import swiglu_backward
@@ -140,14 +140,12 @@ def _print_fastest(name, results, flops):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--case", action="append", help="shape:tokens (default sonicmoe-7b:24576, "
-                        "qwen3-30b-a3b:32768)")
+    add_case_option(parser)
     parser.add_argument("--no-sweep", action="store_true")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}; ceilings: {ceilings()}")
-    for spec in args.case or ["sonicmoe-7b:24576", "qwen3-30b-a3b:32768"]:
-        shape, tokens = spec.split(":")
-        case(shape, int(tokens), not args.no_sweep)
+    for shape, tokens in args.case or PROFILED_CASES:
+        case(shape, tokens, not args.no_sweep)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 import csrc_triton
 from bench.bench_experts import experts_inputs
 from bench.common import time_ms
-from bench.shapes import Case
+from bench.shapes import PROFILED_CASES, Case, add_case_option
 from profiling.ab_trees import load_base
 from profiling.engine_step import gpu_tables, idle_line
 
@@ -61,18 +61,16 @@ def trace(tree, shape: str, tokens: int):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", action="append", help="shape:tokens (default sonicmoe-7b:24576, "
-                        "qwen3-30b-a3b:32768)")
+    add_case_option(parser)
     parser.add_argument("--base", type=Path, help="root of another checkout, traced after this one")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profiling/idle_gaps.py traces CUDA kernels: run it on a machine with a GPU")
     trees = {"this tree": csrc_triton} | ({f"base {args.base}": load_base(args.base)} if args.base else {})
-    for spec in args.case or ["sonicmoe-7b:24576", "qwen3-30b-a3b:32768"]:
-        shape, tokens = spec.split(":")
+    for shape, tokens in args.case or PROFILED_CASES:
         for label, tree in trees.items():
             print(f"[{label}] ", end="")
-            trace(tree, shape, int(tokens))
+            trace(tree, shape, tokens)
 
 
 if __name__ == "__main__":

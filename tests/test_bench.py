@@ -58,6 +58,22 @@ def test_published_anchors_have_their_shapes_and_counts():
     assert shapes.README_SHAPES == ("olmoe-1b-7b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-lite")
 
 
+
+def test_profiling_case_option_parses_and_rejects_in_one_line(capsys):
+    """The profiling scripts' --case: shape:tokens pairs, the anchors by default, a bad spec named in argparse's
+    one-line error."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    shapes.add_case_option(parser)
+    assert parser.parse_args([]).case is None and ("sonicmoe-7b", 24576) in shapes.PROFILED_CASES
+    assert parser.parse_args(["--case", "olmoe-1b-7b:16384", "--case", "qwen3-30b-a3b:32768"]).case == [
+        ("olmoe-1b-7b", 16384), ("qwen3-30b-a3b", 32768)]
+    for bad in ("qwen3:16384", "olmoe-1b-7b", "olmoe-1b-7b:many"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--case", bad])
+        assert f"'{bad}': give shape:tokens, shape one of olmoe-1b-7b" in capsys.readouterr().err
+
 def test_anchor_cases_come_first_and_once():
     from bench.conftest import _cases
 
