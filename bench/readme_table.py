@@ -134,19 +134,32 @@ def missing_lines(report: dict) -> list[str]:
     return lines + (["megablocks back end: " + ", ".join(sorted(backends)) + "."] if backends else [])
 
 
-def rerun_only_lines(report: dict, rerun: dict | None, rerun_path: Path | None, readme: Path) -> list[str]:
-    """The routed-experts cases that only the rerun timed in full (the first run's time cap ended first), from
-    the rerun alone."""
+def rerun_only_lines(report: dict, rerun: dict | None, rerun_path: Path | None, readme: Path,
+                     family: str) -> list[str]:
+    """The cases of ``family`` ("experts" or "layer") that only the rerun timed in full, every implementation (the
+    first run's time cap ended before one of them), from the rerun alone."""
     if rerun is None:
         return []
-    timed = lambda rep: {(r["stage"], r["shape"], r["tokens"], r["routing"]) for r in rep["rows"]
-                         if r["stage"] in ("experts_fwd", "experts_fwd_bwd")}
+    timed = lambda rep: {(r["stage"], r["shape"], r["tokens"], r["routing"], r["impl"]) for r in rep["rows"]
+                         if r["stage"] in (f"{family}_fwd", f"{family}_fwd_bwd")}
     first = timed(report)
-    cases = list(dict.fromkeys(key[1:] for key in sorted(timed(rerun) - first, key=str)))
+    cases = list(dict.fromkeys(key[1:4] for key in sorted(timed(rerun) - first, key=str)))
     if not cases:
         return []
     return ["", f"Cases the first run did not time in full (its time cap ended first), from the rerun alone "
-                f"(`{_rel(rerun_path, readme)}`):", "", family_table(rerun, "experts", cases, {})]
+                f"(`{_rel(rerun_path, readme)}`):", "", family_table(rerun, family, cases, {})]
+
+
+def layer_lines(report: dict, rerun: dict | None, rerun_path: Path | None, readme: Path, cases: list[tuple],
+                changes: dict) -> list[str]:
+    """The whole layer's table: the first run's cases, then those only the rerun timed in full."""
+    first = ["", family_table(report, "layer", cases, changes)] \
+        if any(r["stage"] == "layer_fwd_bwd" for r in report["rows"]) else []
+    rerun_only = rerun_only_lines(report, rerun, rerun_path, readme, "layer")
+    if not first and not rerun_only:
+        return ["", "The whole layer: not measured in this run (its time budget ended first)."]
+    return ["", "The whole layer (every peer but ours inside transformers' block, its router and shared experts in "
+                "PyTorch; TFLOP/s count them too):", *first, *rerun_only]
 
 
 def _load(path: Path | None) -> dict | None:
@@ -174,11 +187,8 @@ def peers_section(path: Path, readme: Path) -> list[str]:
         "", "Routed experts with the weighted combine, the routing given (TFLOP/s: 18 T k H I over the "
             "forward+backward time, the count the published kernels use):", "",
         family_table(report, "experts", cases, changes),
-        *rerun_only_lines(report, rerun, rerun_path, readme),
-        *(["", "The whole layer (every peer but ours inside transformers' block, its router and shared experts in "
-               "PyTorch; TFLOP/s count them too):", "", family_table(report, "layer", cases, changes)]
-          if any(r["stage"] == "layer_fwd_bwd" for r in report["rows"]) else
-          ["", "The whole layer: not measured in this run (its time budget ended first)."]),
+        *rerun_only_lines(report, rerun, rerun_path, readme, "experts"),
+        *layer_lines(report, rerun, rerun_path, readme, cases, changes),
         "", "Against the published numbers, in their count: 6 T k H I over the forward time, 12 T k H I over "
             "forward+backward less forward, 18 T k H I over forward+backward. Our forward is timed without "
             "autograd, so our backward rate is, if anything, low.", "",

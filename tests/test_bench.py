@@ -417,11 +417,28 @@ def test_cases_only_the_rerun_timed_are_shown_from_the_rerun(tmp_path):
     first = json.loads(json.dumps(rerun))  # the first run's time cap ended before olmoe's forward+backward
     first["rows"] = [r for r in first["rows"] if (r["stage"], r["shape"]) != ("experts_fwd_bwd", "olmoe-1b-7b")]
     rerun_path = tmp_path / "rerun_peers_h100_abc1234.json"
-    lines = readme_table.rerun_only_lines(first, rerun, rerun_path, tmp_path / "README.md")
+    lines = readme_table.rerun_only_lines(first, rerun, rerun_path, tmp_path / "README.md", "experts")
     text = "\n".join(lines)
     assert "from the rerun alone (`rerun_peers_h100_abc1234.json`)" in text
     assert "| olmoe-1b-7b | liger | 2.00 | 6.00 |" in text and "sonicmoe-7b" not in text
-    assert readme_table.rerun_only_lines(rerun, rerun, rerun_path, tmp_path / "README.md") == []
+    assert readme_table.rerun_only_lines(first, rerun, rerun_path, tmp_path / "README.md", "layer") == []
+    assert readme_table.rerun_only_lines(rerun, rerun, rerun_path, tmp_path / "README.md", "experts") == []
+
+
+def test_layer_cases_only_the_rerun_timed_are_shown_from_the_rerun(tmp_path):
+    """The first run's cap ended before the layer suite at the README's shapes: those cases come from the rerun,
+    under the layer's heading; with no layer rows in either run, the section says so."""
+    rerun = _peers_report()
+    first = json.loads(json.dumps(rerun))
+    first["rows"] = [r for r in first["rows"] if not (r["stage"].startswith("layer") and r["tokens"] == 16384)]
+    rerun_path = tmp_path / "rerun_peers_h100_abc1234.json"
+    cases = [("olmoe-1b-7b", 16384, "balanced"), ("sonicmoe-7b", 24576, "balanced")]
+    text = "\n".join(readme_table.layer_lines(first, rerun, rerun_path, tmp_path / "README.md", cases, {}))
+    assert text.index("The whole layer (every peer") < text.index("| sonicmoe-7b at 24576 | **pcmoe** |") \
+        < text.index("from the rerun alone") < text.index("| olmoe-1b-7b | **pcmoe** |")
+    no_layers = dict(first, rows=[r for r in first["rows"] if not r["stage"].startswith("layer")])
+    assert readme_table.layer_lines(no_layers, no_layers, rerun_path, tmp_path / "README.md", cases, {}) == \
+        ["", "The whole layer: not measured in this run (its time budget ended first)."]
 
 
 def test_e2e_accounting():
