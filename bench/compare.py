@@ -5,7 +5,10 @@ the published anchors' cases) checked against a tolerance. Cells the README mark
 (report.host_bound) are listed apart and not held to it: they move with the host's load; the GPU time of the same
 stages is held.
 
-    python bench/compare.py FIRST.json RERUN.json [--tolerance 0.1] [--out report.md]
+    python bench/compare.py FIRST.json RERUN.json [--tolerance 0.1] [--out report.md] [--clocks clocks.csv]
+
+With the GPU's clocks sampled through both runs (run_device.sh's clocks.csv), it also says how the card ran during
+each: a run that the power cap held down more often is slower for that alone.
 
 Exits 1 when a README cell that is not the host's time moved by more than the tolerance (relative), listing them.
 """
@@ -14,6 +17,7 @@ import argparse
 import json
 import math
 import statistics
+from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.report import HOST_BOUND_STAGES, HOST_MARK, STAGES, host_bound, readme_cells, timed
@@ -73,14 +77,46 @@ def tile_lines(first: dict, rerun: dict) -> list[str]:
     return lines + [f"- {', '.join(key)}: {a[key]} -> {b[key]}" for key in differ]
 
 
+SW_POWER_CAP = 0x4  # nvidia-smi's clocks_throttle_reasons.active bit: the clock lowered to stay under the power limit
+
+
+def clock_lines(clocks: Path, first: dict, rerun: dict, busy_watts: float = 200.0) -> list[str]:
+    """How the GPU ran in each run, from nvidia-smi samples (``clocks``: timestamp, [index,] SM clock, power,
+    temperature, throttle reasons, as run_device.sh's clock_log writes them): the samples under load (power above
+    ``busy_watts``) up to each run's end (its results' date), their median and lowest SM clock, and in how many the
+    power cap held the clock down."""
+    ends = [datetime.fromisoformat(run["date"]) for run in (first, rerun)]
+    runs: list[list[tuple[float, bool]]] = [[], []]
+    for line in clocks.read_text().splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        try:
+            when = datetime.strptime(fields[0], "%Y/%m/%d %H:%M:%S.%f").replace(tzinfo=timezone.utc)
+            mhz = next(float(f.removesuffix(" MHz")) for f in fields if f.endswith(" MHz"))
+            watts = next(float(f.removesuffix(" W")) for f in fields if f.endswith(" W"))
+            capped = bool(int(fields[-1], 16) & SW_POWER_CAP)
+        except (ValueError, StopIteration):  # a header, or nvidia-smi's "[N/A]"
+            continue
+        run = 0 if when <= ends[0] else 1 if when <= ends[1] else None
+        if run is not None and watts > busy_watts:
+            runs[run].append((mhz, capped))
+    parts = [f"{name} {len(samples)} samples, SM clock median {statistics.median_low([m for m, _ in samples]):.0f} MHz "
+             f"(lowest {min(m for m, _ in samples):.0f}), power cap active in {sum(c for _, c in samples)}"
+             if samples else f"{name} none" for name, samples in zip(("first run", "rerun"), runs)]
+    return ["", f"The GPU under load (above {busy_watts:.0f} W, `{clocks.name}`): " + "; ".join(parts) + "."]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("first", type=Path)
     parser.add_argument("rerun", type=Path)
     parser.add_argument("--tolerance", type=float, default=0.1, help="relative change allowed per README cell")
     parser.add_argument("--out", type=Path, default=None, help="also write the report here (markdown)")
+    parser.add_argument("--clocks", type=Path, default=None, help="nvidia-smi samples through both runs (csv)")
     args = parser.parse_args(argv)
-    lines, moved = compare(json.loads(args.first.read_text()), json.loads(args.rerun.read_text()), args.tolerance)
+    first, rerun = json.loads(args.first.read_text()), json.loads(args.rerun.read_text())
+    lines, moved = compare(first, rerun, args.tolerance)
+    if args.clocks:
+        lines += clock_lines(args.clocks, first, rerun)
     text = "\n".join(lines)
     print(text)
     if args.out:

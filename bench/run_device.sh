@@ -14,7 +14,9 @@
 #                                and SonicMoE, at the README's shapes (16384 tokens, balanced) and the published
 #                                anchors' cases, with the ceilings; all of it twice, one run after the other
 #                                (two at once, one per GPU, contend for the host), and bench/compare.py on the
-#                                pair. Carry .whl/peers (bench/fetch_wheels.sh; about 54 MiB).
+#                                pair, with the GPU's clocks through both (clocks.csv: a run the power cap held down
+#                                more often is slower for that alone). Carry .whl/peers (bench/fetch_wheels.sh;
+#                                about 54 MiB).
 #   bench/run_device.sh e2e      the engine end to end at 1 party and at 2 and 4 when the GPUs are there
 #                                (nvidia-h100-x2, -x4); on one GPU, 2 parties sharing it (memory, not speed)
 #   bench/run_device.sh suites   the stage suites only, for as long as BUDGET_S allows
@@ -57,7 +59,7 @@
 # Writes into $OUT (the device tool's folder; default bench/results/device): bench_*.json, e2e_*.json,
 # small_<n>p.json, engine_profile.json, engine_trace.json.gz, engine_memory.pickle.gz, ncu.txt,
 # megablocks_build.log, run.log; on two GPUs also gpu1/ (its run.log and suites) and reproduce.md. `peers`:
-# peers_*.json, rerun_peers_*.json, reproduce.md, run.log. `finetune`: finetune_*.json, run.log.
+# peers_*.json, rerun_peers_*.json, reproduce.md, clocks.csv, run.log. `finetune`: finetune_*.json, run.log.
 # Each phase gets what is left of BUDGET_S seconds (default 570; peers 560) up to its own cap, and the log says
 # what did not run. Carried wheels (.whl/, .whl/peers/, from bench/fetch_wheels.sh) are installed first;
 # megablocks' source is built in the background while the engine runs. Extra arguments go to the suites' pytest
@@ -197,8 +199,8 @@ peers() {  # the peer suites twice, one run after the other (on two GPUs at once
     peer_suites $(( (BUDGET_S - SECONDS) * 2 / 3 )) peers "$@"  # the first run compiles (cached) for both
     peer_suites 9999 rerun_peers "$@"
     if compgen -G "$OUT/peers_*.json" > /dev/null && compgen -G "$OUT/rerun_peers_*.json" > /dev/null; then
-        python3 -m bench.compare "$OUT"/peers_*.json "$OUT"/rerun_peers_*.json --out "$OUT/reproduce.md" 2>&1 \
-            | tee -a "$LOG"
+        python3 -m bench.compare "$OUT"/peers_*.json "$OUT"/rerun_peers_*.json --out "$OUT/reproduce.md" \
+            --clocks "$OUT/clocks.csv" 2>&1 | tee -a "$LOG"
     else
         echo "== no pair of peer runs to compare" | tee -a "$LOG"
     fi
@@ -295,7 +297,7 @@ privacy)  # PHASES: comma-separated (default: every phase not done); done ones a
 finetune) phase "fine-tune a pretrained MoE together" 9999 300 python3 bench/finetune_proof.py --out "$OUT" \
     --budget $(( BUDGET_S - SECONDS - 20 )) ;;
 suites) megablocks_build; suites 9999 "$@" ;;
-peers) peers "$@" ;;
+peers) clock_log; peers "$@"; kill "$CLOCK_PID" ;;
 all)
     megablocks_build  # while the GPU runs the engine
     if (( GPUS >= 2 )); then

@@ -352,6 +352,32 @@ def test_a_rerun_that_tuned_other_wgrad_tiles_says_where(monkeypatch):
     assert compare.tile_lines(older, rerun) == []
 
 
+def test_compare_says_how_the_gpu_ran_in_each_run(tmp_path):
+    """nvidia-smi's samples, as run_device.sh's clock_log writes them, split at each run's end (its results' date);
+    idle samples, a header, a cut-off last line and samples after the rerun do not count."""
+    first = dict(_sample_report(), date="2026-11-28T03:08:07+00:00")
+    rerun = dict(first, date="2026-11-28T03:10:27+00:00")
+    clocks = tmp_path / "clocks.csv"
+    clocks.write_text("\n".join([
+        "timestamp, index, clocks.current.sm [MHz], power.draw [W], temperature.gpu, clocks_event_reasons.active",
+        "2026/11/28 03:02:43.155, 0, 345 MHz, 72.76 W, 38, 0x0000000000000001",  # idle
+        "2026/11/28 03:05:01.000, 0, 1980 MHz, 650.10 W, 55, 0x0000000000000000",
+        "2026/11/28 03:06:01.000, 0, 1215 MHz, 700.65 W, 60, 0x0000000000000004",  # held down by the power cap
+        "2026/11/28 03:09:01.000, 0, 1980 MHz, 500.00 W, 58, 0x0000000000000000",
+        "2026/11/28 03:11:01.000, 0, 1500 MHz, 690.00 W, 58, 0x0000000000000004",  # after the rerun
+        "2026/11/28 03:11:03.000, 0, 19"]))
+    assert compare.clock_lines(clocks, first, rerun) == [
+        "", "The GPU under load (above 200 W, `clocks.csv`): first run 2 samples, SM clock median 1215 MHz (lowest "
+            "1215), power cap active in 1; rerun 1 samples, SM clock median 1980 MHz (lowest 1980), power cap active "
+            "in 0."]
+    (tmp_path / "first.json").write_text(json.dumps(first))
+    (tmp_path / "rerun.json").write_text(json.dumps(rerun))
+    with pytest.raises(SystemExit) as info:
+        compare.main([str(tmp_path / "first.json"), str(tmp_path / "rerun.json"), "--out", str(tmp_path / "r.md"),
+                      "--clocks", str(clocks)])
+    assert info.value.code == 0 and "power cap active in 1; rerun" in (tmp_path / "r.md").read_text()
+
+
 def _peers_report() -> dict:
     """A `run_device.sh peers` run: the routed experts and the layer at 16384 tokens and in the anchors' cases,
     ours twice as fast as the peers that run (which agree with ours to 1e-3 / 2e-3), SonicMoE unable to."""
