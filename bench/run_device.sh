@@ -189,7 +189,7 @@ peer_suites() {  # peer_suites CAP PREFIX [pytest args]: the routed experts and 
     phase "peer suites ($2)" "$1" 90 python3 -m pytest bench/bench_experts.py bench/bench_layer.py --benchmark-only -q \
         -p no:cacheprovider --bench-out "$OUT" --bench-prefix "$2" --bench-tokens 16384 --bench-routing balanced \
         --bench-anchors -k "not hf_eager and not megablocks" --bench-warmup-ms 10 --bench-rep-ms 40 \
-        --bench-max-call-s 0.3 "${@:3}"
+        --bench-max-call-s 0.3 --durations 12 "${@:3}"  # durations: where the first run's time goes (compiling)
 }
 
 peers() {  # the peer suites twice, one run after the other (on two GPUs at once the runs contend for the host: both
