@@ -8,7 +8,7 @@ stages is held.
     python bench/compare.py FIRST.json RERUN.json [--tolerance 0.1] [--out report.md] [--clocks clocks.csv]
 
 With the GPU's clocks sampled through both runs (run_device.sh's clocks.csv), it also says how the card ran during
-each: a run that the power cap held down more often is slower for that alone.
+each (a run the power cap held down more often may be slower for that alone).
 
 Exits 1 when a README cell that is not the host's time moved by more than the tolerance (relative), listing them.
 """
