@@ -449,6 +449,12 @@ def test_cases_only_the_rerun_timed_are_shown_from_the_rerun(tmp_path):
     assert "| olmoe-1b-7b | liger | 2.00 | 6.00 |" in text and "sonicmoe-7b" not in text
     assert readme_table.rerun_only_lines(first, rerun, rerun_path, tmp_path / "README.md", "layer") == []
     assert readme_table.rerun_only_lines(rerun, rerun, rerun_path, tmp_path / "README.md", "experts") == []
+    # one implementation missing from the first run's case: the whole case from the rerun
+    first["rows"] = [r for r in rerun["rows"] if (r["stage"], r["shape"], r["impl"]) !=
+                     ("experts_fwd_bwd", "sonicmoe-7b", "liger")]
+    text = "\n".join(readme_table.rerun_only_lines(first, rerun, rerun_path, tmp_path / "README.md", "experts"))
+    assert "| sonicmoe-7b at 24576 | **pcmoe** |" in text and "| sonicmoe-7b at 24576 | liger |" in text
+    assert "olmoe-1b-7b" not in text
 
 
 def test_layer_cases_only_the_rerun_timed_are_shown_from_the_rerun(tmp_path):
