@@ -28,8 +28,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ._runtime import interpreting, programs_per_device
 from .permute import RoutingPlan
 
-__all__ = ["TileConfig", "tile_config", "precision", "Groups", "output_tile", "rows_of", "dot", "mma", "tma_rows",
-           "grouped_gemm", "wgrad"]
+__all__ = ["TileConfig", "tile_config", "precision", "Groups", "output_tile", "rows_of", "dot", "mma",
+           "tma_descriptor", "grouped_gemm", "wgrad"]
 
 
 @triton.jit
@@ -290,13 +290,13 @@ class Groups(NamedTuple):
         return max(1, self.num_experts.bit_length())
 
 
-def tma_rows(t: torch.Tensor, rows: int, cols: int, row_stride: int, block: list[int]):
-    """A TMA descriptor over ``t`` read as [rows, cols] with unit column stride, or None where TMA cannot read it
-    (unaligned base or row stride: TMA wants 16 bytes)."""
+def tma_descriptor(t: torch.Tensor, shape: list[int], strides: list[int], block: list[int]):
+    """A TMA descriptor over ``t`` read as ``shape`` with ``strides`` (the last 1), or None where TMA cannot read it
+    (unaligned base or stride: TMA wants 16 bytes)."""
     nbytes = t.element_size()
-    if t.data_ptr() % 16 or (row_stride * nbytes) % 16:
+    if t.data_ptr() % 16 or any(stride * nbytes % 16 for stride in strides[:-1]):
         return None
-    return TensorDescriptor(t, [rows, cols], [row_stride, 1], block)
+    return TensorDescriptor(t, shape, strides, block)
 
 
 def grouped_gemm(a, groups: Groups, gather: bool, b, b_strides, out, n: int, k: int, tma: bool = True):
@@ -310,11 +310,11 @@ def grouped_gemm(a, groups: Groups, gather: bool, b, b_strides, out, n: int, k: 
     b_desc = a_desc = None
     if tma and k % cfg.bk == 0:
         if b_nk and b.stride(0) == n * stride_bn:
-            b_desc = tma_rows(b, groups.num_experts * n, k, stride_bn, [cfg.bn, cfg.bk])
+            b_desc = tma_descriptor(b, [groups.num_experts * n, k], [stride_bn, 1], [cfg.bn, cfg.bk])
         elif stride_bn == 1 and b.stride(0) == k * stride_bk:
-            b_desc = tma_rows(b, groups.num_experts * k, n, stride_bk, [cfg.bk, cfg.bn])
+            b_desc = tma_descriptor(b, [groups.num_experts * k, n], [stride_bk, 1], [cfg.bk, cfg.bn])
         if not gather and a.stride(1) == 1:
-            a_desc = tma_rows(a, a.shape[0], k, a.stride(0), [cfg.bm, cfg.bk])
+            a_desc = tma_descriptor(a, [a.shape[0], k], [a.stride(0), 1], [cfg.bm, cfg.bk])
     use_tma = b_desc is not None and (gather or a_desc is not None)
     programs = min(programs_per_device(a.device), groups.m_tiles * triton.cdiv(n, cfg.bn))
     _grouped_gemm_kernel[(programs,)](
@@ -331,8 +331,10 @@ def wgrad(a, a_token, b, b_token, out, groups: Groups, tma: bool = True):
     allows (``tma``)."""
     num_experts, m, n = out.shape
     # Placeholder blocks: the tuned config sets them (_set_wgrad_blocks).
-    a_desc = tma_rows(a, a.shape[0], m, a.stride(0), [1, 1]) if tma and a_token is None and a.stride(1) == 1 else None
-    b_desc = tma_rows(b, b.shape[0], n, b.stride(0), [1, 1]) if tma and b_token is None and b.stride(1) == 1 else None
+    a_desc = tma_descriptor(a, [a.shape[0], m], [a.stride(0), 1], [1, 1]) \
+        if tma and a_token is None and a.stride(1) == 1 else None
+    b_desc = tma_descriptor(b, [b.shape[0], n], [b.stride(0), 1], [1, 1]) \
+        if tma and b_token is None and b.stride(1) == 1 else None
     _wgrad_kernel[lambda meta: (triton.cdiv(n, meta["BN"]), triton.cdiv(m, meta["BM"]), num_experts)](
         a, a_desc if a_desc is not None else a, a_token if a_token is not None else a, b,
         b_desc if b_desc is not None else b, b_token if b_token is not None else b, out, groups.offsets, m, n,

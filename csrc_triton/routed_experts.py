@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._grouped_gemm import Groups, dot, grouped_gemm, mma, output_tile, precision, rows_of, tma_rows, wgrad
-from ._runtime import check, use_triton
+from ._grouped_gemm import Groups, dot, grouped_gemm, mma, output_tile, precision, rows_of, tma_descriptor, wgrad
+from ._runtime import check, programs_per_device, use_triton
 from ._swiglu import swiglu_backward, swiglu_mlp_reference
 from .permute import RoutingPlan, combine, plan_routing, start_id_check
 
@@ -42,51 +42,55 @@ def _gate_up_fwd_kernel(
     x_ptr, token_ptr, w_ptr, w_desc, h_ptr, act_ptr, offsets_ptr, tile_cum_ptr,
     E, H, I, stride_x, stride_we, stride_wn, stride_wk, stride_h, stride_act,
     SAVE_H: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEARCH_STEPS: tl.constexpr, PROGRAMS: tl.constexpr,
 ):
-    """h = x[token] @ W_gate_up[e]^T and act = silu(h_gate) * h_up, for one [BM, BN/2] tile of act: BN/2 gate
-    and the same BN/2 up columns, fed from the same A loads.
+    """h = x[token] @ W_gate_up[e]^T and act = silu(h_gate) * h_up, a [BM, BN/2] tile of act at a time: one
+    BN-wide MMA whose first BN/2 columns are gate columns c0.., its last BN/2 the same up columns, fed from the
+    same A loads. The epilogue splits it; the halves differ in a register index of the MMA layout, so the split
+    moves no data.
 
-    TMA: gate and up rows come through w_desc ([E*2I, H], blocks [BN/2, BK]) as two blocks, one MMA each. Else
-    (pointer loads) one BN-wide MMA whose first BN/2 columns are rows c of W_gate, its last BN/2 the same rows
-    of W_up (I + c in w_gate_up); the epilogue splits it, and since the halves differ in a register index of
-    the MMA layout, the split moves no data. h is stored from the halves, not from the accumulator through
-    w_rows: that kept w_rows live across the K loop, 134 registers instead of 128 (sm_90: one CTA per SM, not
-    two; notes/experts.md, version 7). A gate block that runs past I reads up rows, an up block the next
-    expert's: both reach only masked columns.
+    TMA: the B tile is one load of w_desc, w_gate_up viewed as [2E, I, H] (gate of e at 2e, up at 2e + 1), block
+    [2, BN/2, BK]: gate rows c0.. then up rows c0.., rows past I zero-filled. Two 2-D loads into two
+    accumulators, one MMA each, ran up to 5% slower one tile a program and slower still made persistent; this
+    form, persistent, 1.02x-1.12x faster (notes/experts.md, versions 10 and 14).
+    Else (pointer loads) the BN columns are the matching rows of w_gate_up (c and I + c). h is stored from the
+    halves, not from the accumulator through w_rows: that kept w_rows live across the K loop (version 7).
+
+    Persistent and flattened as the plain grouped GEMM (_grouped_gemm_kernel): PROGRAMS programs walk the
+    (row tile, column tile) pairs, loading the next tile's first K steps during this one's epilogue.
     """
     HALF: tl.constexpr = BN // 2
-    expert, _, rows, rmask, c0, cols, cmask = output_tile(tl.program_id(1), tl.program_id(0), tile_cum_ptr,
-                                                          offsets_ptr, E, I, BM, HALF, SEARCH_STEPS)
-    if expert >= E:
-        return
-    x_rows = rows_of(token_ptr, rows, rmask, True)
-    if TMA:
-        gate = tl.zeros([BM, HALF], tl.float32)
-        up = tl.zeros([BM, HALF], tl.float32)
-        x_ptrs = x_ptr + x_rows[:, None] * stride_x + tl.arange(0, BK)[None, :]
-        gate_row = expert * 2 * I + c0
-        for k0 in range(0, H, BK):
-            a = tl.load(x_ptrs, mask=rmask[:, None], other=0.0)
-            gate = dot(a, tl.trans(w_desc.load([gate_row, k0])), gate, PRECISION)
-            up = dot(a, tl.trans(w_desc.load([gate_row + I, k0])), up, PRECISION)
-            x_ptrs += BK
-    else:
-        j = tl.arange(0, BN)
-        w_cols = c0 + j % HALF  # the act column each MMA column feeds
-        w_rows = w_cols + (j // HALF) * I  # its row of w_gate_up: gate rows, then up rows
-        acc = mma(tl.zeros([BM, BN], tl.float32), x_ptr, x_rows, rmask, stride_x,
-                  w_ptr + expert.to(tl.int64) * stride_we, w_rows, w_cols < I, stride_wn, stride_wk, H, BK, EVEN_K,
-                  PRECISION)
+    col_tiles = tl.cdiv(I, HALF)
+    tiles = tl.load(tile_cum_ptr + E - 1) * col_tiles
+    for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
+        expert, _, rows, rmask, c0, cols, cmask = output_tile(tile // col_tiles, tile % col_tiles, tile_cum_ptr,
+                                                              offsets_ptr, E, I, BM, HALF, SEARCH_STEPS)
+        x_rows = rows_of(token_ptr, rows, rmask, True)
+        if TMA:
+            acc = tl.zeros([BM, BN], tl.float32)
+            x_ptrs = x_ptr + x_rows[:, None] * stride_x + tl.arange(0, BK)[None, :]
+            for k0 in range(0, H, BK):
+                a = tl.load(x_ptrs, mask=rmask[:, None], other=0.0)
+                w = tl.reshape(w_desc.load([2 * expert, c0, k0]), [BN, BK])
+                acc = dot(a, tl.trans(w), acc, PRECISION)
+                x_ptrs += BK
+        else:
+            j = tl.arange(0, BN)
+            w_cols = c0 + j % HALF  # the act column each MMA column feeds
+            w_rows = w_cols + (j // HALF) * I  # its row of w_gate_up: gate rows, then up rows
+            acc = mma(tl.zeros([BM, BN], tl.float32), x_ptr, x_rows, rmask, stride_x,
+                      w_ptr + expert.to(tl.int64) * stride_we, w_rows, w_cols < I, stride_wn, stride_wk, H, BK,
+                      EVEN_K, PRECISION)
         gate, up = tl.split(tl.permute(tl.reshape(acc, [BM, 2, HALF]), [0, 2, 1]))
-    rows64 = rows.to(tl.int64)
-    mask = rmask[:, None] & cmask[None, :]
-    if SAVE_H:
-        h_ptrs = h_ptr + rows64[:, None] * stride_h + cols[None, :]
-        tl.store(h_ptrs, gate.to(h_ptr.dtype.element_ty), mask=mask)
-        tl.store(h_ptrs + I, up.to(h_ptr.dtype.element_ty), mask=mask)
-    act = gate * tl.sigmoid(gate) * up
-    tl.store(act_ptr + rows64[:, None] * stride_act + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
+        rows64 = rows.to(tl.int64)
+        mask = rmask[:, None] & cmask[None, :]
+        if SAVE_H:
+            h_ptrs = h_ptr + rows64[:, None] * stride_h + cols[None, :]
+            tl.store(h_ptrs, gate.to(h_ptr.dtype.element_ty), mask=mask)
+            tl.store(h_ptrs + I, up.to(h_ptr.dtype.element_ty), mask=mask)
+        act = gate * tl.sigmoid(gate) * up
+        tl.store(act_ptr + rows64[:, None] * stride_act + cols[None, :], act.to(act_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 def gate_up(x, groups: Groups, w_gate_up, h, act, tma: bool = True):
@@ -94,17 +98,19 @@ def gate_up(x, groups: Groups, w_gate_up, h, act, tma: bool = True):
     the weights read by TMA where their layout allows (``tma``)."""
     num_experts, inter, hidden = w_gate_up.shape[0], w_gate_up.shape[1] // 2, w_gate_up.shape[2]
     cfg = groups.tile
-    w_desc = None  # w_gate_up read as [E*2I, H] rows: H a multiple of BK, the experts' rows one after another
-    if tma and hidden % cfg.bk == 0 and w_gate_up.stride(2) == 1 and \
-            w_gate_up.stride(0) == 2 * inter * w_gate_up.stride(1):
-        w_desc = tma_rows(w_gate_up, num_experts * 2 * inter, hidden, w_gate_up.stride(1), [cfg.bn // 2, cfg.bk])
-    _gate_up_fwd_kernel[(triton.cdiv(inter, cfg.bn // 2), groups.m_tiles)](
+    w_desc = None  # w_gate_up viewed as [2E, I, H]: H a multiple of BK, an expert's up rows right after its gate rows
+    row_stride = w_gate_up.stride(1)
+    if tma and hidden % cfg.bk == 0 and w_gate_up.stride(2) == 1 and w_gate_up.stride(0) == 2 * inter * row_stride:
+        w_desc = tma_descriptor(w_gate_up, [2 * num_experts, inter, hidden], [inter * row_stride, row_stride, 1],
+                                [2, cfg.bn // 2, cfg.bk])
+    programs = min(programs_per_device(x.device), groups.m_tiles * triton.cdiv(inter, cfg.bn // 2))
+    _gate_up_fwd_kernel[(programs,)](
         x, groups.token, w_gate_up, w_desc if w_desc is not None else w_gate_up, h if h is not None else act, act,
         groups.offsets, groups.tile_cum, num_experts, hidden, inter, x.stride(0), w_gate_up.stride(0),
-        w_gate_up.stride(1), w_gate_up.stride(2), h.stride(0) if h is not None else 0, act.stride(0),
+        row_stride, w_gate_up.stride(2), h.stride(0) if h is not None else 0, act.stride(0),
         SAVE_H=h is not None, TMA=w_desc is not None, EVEN_K=hidden % cfg.bk == 0, PRECISION=precision(x.dtype),
-        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=groups.search_steps, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, SEARCH_STEPS=groups.search_steps, PROGRAMS=programs,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _routed_forward(x, groups: Groups, w_gate_up, w_down, save_h):
