@@ -50,9 +50,9 @@ def _gate_up_fwd_kernel(
     moves no data.
 
     TMA: the B tile is one load of w_desc, w_gate_up viewed as [2E, I, H] (gate of e at 2e, up at 2e + 1), block
-    [2, BN/2, BK]: gate rows c0.. then up rows c0.., rows past I zero-filled. Two 2-D loads into two
-    accumulators, one MMA each, ran up to 5% slower one tile a program and slower still made persistent; this
-    form, persistent, 1.02x-1.12x faster (notes/experts.md, versions 10 and 14).
+    [2, BN/2, BK]: gate rows c0.. then up rows c0.., rows past I zero-filled. This form, persistent and flattened,
+    ran 1.02x-1.12x the speed of two 2-D loads into two [BM, BN/2] accumulators one tile a program, which, made
+    persistent, had lost 12-18% (notes/experts.md, versions 14 and 10).
     Else (pointer loads) the BN columns are the matching rows of w_gate_up (c and I + c). h is stored from the
     halves, not from the accumulator through w_rows: that kept w_rows live across the K loop (version 7).
 
