@@ -327,7 +327,7 @@ def test_compare_flags_the_readme_cells_a_rerun_moved(tmp_path):
     assert "| router † | 16 | 50.0% | 50.0% | 200.0% | 10 |" in lines
     assert "| router (GPU time) | 16 | 0.0% | 0.0% | 0.0% | 0 |" in lines
     assert "The host's cells moved by 0.0% (median) and 200% at most: not held to the tolerance." in lines
-    # ours 1.3x slower in one case: its two peers' speed-ups 23.1% lower; the router's GPU speed-ups held
+    # ours 1.3x slower in one case: the peers' speed-ups there 23.1% lower; the router's GPU speed-ups held
     assert "Their speed-ups moved at most (cells): experts_fwd 0.0% (4), experts_fwd_bwd 0.0% (4), gemm_dgrad 0.0% " \
            "(2), gemm_fwd 0.0% (2), gemm_wgrad 0.0% (2), layer_fwd 0.0% (4), layer_fwd_bwd 23.1% (4), permute 0.0% " \
            "(2), router 0.0% (2), unpermute 0.0% (2)." in lines
