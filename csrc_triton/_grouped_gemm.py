@@ -284,6 +284,10 @@ class Groups(NamedTuple):
     def num_experts(self) -> int:
         return self.counts.numel()
 
+    def programs(self, device: torch.device, col_tiles: int) -> int:
+        """A persistent kernel's grid: one program per SM, no more than its (row tile, column tile) pairs."""
+        return min(programs_per_device(device), self.m_tiles * col_tiles)
+
     @property
     def search_steps(self) -> int:
         """Binary-search steps of _find_group over the experts."""
@@ -316,7 +320,7 @@ def grouped_gemm(a, groups: Groups, gather: bool, b, b_strides, out, n: int, k: 
         if not gather and a.stride(1) == 1:
             a_desc = tma_descriptor(a, [a.shape[0], k], [a.stride(0), 1], [cfg.bm, cfg.bk])
     use_tma = b_desc is not None and (gather or a_desc is not None)
-    programs = min(programs_per_device(a.device), groups.m_tiles * triton.cdiv(n, cfg.bn))
+    programs = groups.programs(a.device, triton.cdiv(n, cfg.bn))
     _grouped_gemm_kernel[(programs,)](
         a, a_desc if use_tma and not gather else a, groups.token, b, b_desc if use_tma else b, out, groups.offsets,
         groups.tile_cum, groups.num_experts, n, k, a.stride(0), b.stride(0), stride_bn, stride_bk, out.stride(0),
