@@ -126,7 +126,9 @@ def _grouped_gemm_kernel(
     one after another (they share its A rows in L2). The loop is flattened into the K loop (``flatten``), so the
     pipeline loads the next tile's first K steps during this tile's epilogue: the short-K GEMMs gain most (the
     7B shape's down GEMM, K = 256, 4 K steps a tile: 1.2x; notes/experts.md, version 9). The tile count is read
-    on the device (tile_cum), so the launch needs no sync."""
+    on the device (tile_cum), so the launch needs no sync. PROGRAMS, compile-time, is the SM count whatever the
+    rows (programs past the tiles return at once): a grid that followed the row count compiled the kernel again at
+    each new count, and a host's received rows change every step (notes/experts.md, entry 17)."""
     col_tiles = tl.cdiv(N, BN)
     tiles = tl.load(tile_cum_ptr + E - 1) * col_tiles
     for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=True):
@@ -270,23 +272,17 @@ class Groups(NamedTuple):
     counts: torch.Tensor  # [E]: slots of each expert
     tile: TileConfig
     tile_cum: torch.Tensor  # [E] int32: row tiles of experts 0..e
-    m_tiles: int  # the grid's row tiles: an upper bound on tile_cum[-1], known without a device->host sync
 
     @classmethod
     def of(cls, plan: RoutingPlan, dtype: torch.dtype, tile: TileConfig | None = None) -> "Groups":
         tile = tile or tile_config(dtype)
         counts = plan.tokens_per_expert
         tile_cum = torch.cumsum((counts + (tile.bm - 1)) // tile.bm, 0, dtype=torch.int32)
-        m_tiles = triton.cdiv(plan.sorted_token.numel(), tile.bm) + counts.numel()
-        return cls(plan.sorted_token, plan.offsets, counts, tile, tile_cum, m_tiles)
+        return cls(plan.sorted_token, plan.offsets, counts, tile, tile_cum)
 
     @property
     def num_experts(self) -> int:
         return self.counts.numel()
-
-    def programs(self, device: torch.device, col_tiles: int) -> int:
-        """A persistent kernel's grid: one program per SM, no more than its (row tile, column tile) pairs."""
-        return min(programs_per_device(device), self.m_tiles * col_tiles)
 
     @property
     def search_steps(self) -> int:
@@ -320,7 +316,7 @@ def grouped_gemm(a, groups: Groups, gather: bool, b, b_strides, out, n: int, k: 
         if not gather and a.stride(1) == 1:
             a_desc = tma_descriptor(a, [a.shape[0], k], [a.stride(0), 1], [cfg.bm, cfg.bk])
     use_tma = b_desc is not None and (gather or a_desc is not None)
-    programs = groups.programs(a.device, triton.cdiv(n, cfg.bn))
+    programs = programs_per_device(a.device)
     _grouped_gemm_kernel[(programs,)](
         a, a_desc if use_tma and not gather else a, groups.token, b, b_desc if use_tma else b, out, groups.offsets,
         groups.tile_cum, groups.num_experts, n, k, a.stride(0), b.stride(0), stride_bn, stride_bk, out.stride(0),

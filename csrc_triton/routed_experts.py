@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._grouped_gemm import Groups, dot, grouped_gemm, mma, output_tile, precision, rows_of, tma_descriptor, wgrad
-from ._runtime import check, use_triton
+from ._runtime import check, programs_per_device, use_triton
 from ._swiglu import swiglu_backward, swiglu_mlp_reference
 from .permute import RoutingPlan, combine, plan_routing, start_id_check
 
@@ -56,8 +56,9 @@ def _gate_up_fwd_kernel(
     Else (pointer loads) the BN columns are the matching rows of w_gate_up (c and I + c). h is stored from the
     halves, not from the accumulator through w_rows: that kept w_rows live across the K loop (version 7).
 
-    Persistent and flattened as the plain grouped GEMM (_grouped_gemm_kernel): PROGRAMS programs walk the
-    (row tile, column tile) pairs, loading the next tile's first K steps during this one's epilogue.
+    Persistent and flattened as the plain grouped GEMM (_grouped_gemm_kernel): PROGRAMS programs, one per SM
+    whatever the rows, walk the (row tile, column tile) pairs, loading the next tile's first K steps during this
+    one's epilogue.
     """
     HALF: tl.constexpr = BN // 2
     col_tiles = tl.cdiv(I, HALF)
@@ -103,7 +104,7 @@ def gate_up(x, groups: Groups, w_gate_up, h, act, tma: bool = True):
     if tma and hidden % cfg.bk == 0 and w_gate_up.stride(2) == 1 and w_gate_up.stride(0) == 2 * inter * row_stride:
         w_desc = tma_descriptor(w_gate_up, [2 * num_experts, inter, hidden], [inter * row_stride, row_stride, 1],
                                 [2, cfg.bn // 2, cfg.bk])
-    programs = groups.programs(x.device, triton.cdiv(inter, cfg.bn // 2))
+    programs = programs_per_device(x.device)
     _gate_up_fwd_kernel[(programs,)](
         x, groups.token, w_gate_up, w_desc if w_desc is not None else w_gate_up, h if h is not None else act, act,
         groups.offsets, groups.tile_cum, num_experts, hidden, inter, x.stride(0), w_gate_up.stride(0),

@@ -91,6 +91,36 @@ def test_grouped_mlp_one_expert_per_row(device, poison):
         assert rel_err(a.grad, b.grad) < 1e-5
 
 
+def test_persistent_grid_does_not_follow_the_rows(device, monkeypatch):
+    """A host's received rows change every step: a persistent kernel whose grid (its compile-time PROGRAMS)
+    followed the row count compiled again at each new count (two parties' `small` run stopped at step 7 of 60 in
+    its 2 minutes; bench/results/experts_notes/v17_recompile_fix_h200x2.log)."""
+    from csrc_triton import _grouped_gemm, routed_experts
+
+    launches = []
+
+    class Recorder:  # the kernel's launches as (name, grid, PROGRAMS)
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.kernel.fn.__name__, grid, kwargs["PROGRAMS"]))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for module, name in [(_grouped_gemm, "_grouped_gemm_kernel"), (routed_experts, "_gate_up_fwd_kernel")]:
+        monkeypatch.setattr(module, name, Recorder(getattr(module, name)))
+    seen = []
+    for rows in (1, 40):  # one expert: one row tile and a few, fewer tiles than programs at one row
+        launches.clear()
+        x = leaf(torch.randn(rows, 16), device)
+        w_gate_up, w_down = leaf(torch.randn(1, 16, 16), device), leaf(torch.randn(1, 16, 8), device)
+        grouped_mlp(x, torch.zeros(rows, dtype=torch.long, device=device), w_gate_up, w_down).sum().backward()
+        seen.append(sorted(launches))
+    assert seen[0] == seen[1] and len(seen[0]) == 4  # gate-up, down, and the backward's two dgrads
+
+
 def test_empty_input(device):
     out = expert_mlp(torch.randn(0, 16, device=device), torch.rand(0, 2, device=device),
                      torch.zeros(0, 2, dtype=torch.int32, device=device), torch.randn(4, 32, 16, device=device),
