@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Fill .whl/ (git-ignored, carried to the GPU machine, which has no internet) with what the peers need there,
 # for its Python 3.12 on manylinux x86_64, each without its dependencies (named here one by one):
-#   .whl/*.whl               installed by bench/run_device.sh into /tmp/site: nvtx, stanford-stk (pure Python)
-#   .whl/megablocks-0.10.0/  megablocks' source, patched for CUDA 13, built there in the background
+#   .whl/suites/             what the stage suites add (`run_device.sh` carries it with .whl/peers, about 57 MiB):
+#     *.whl                    installed by bench/run_device.sh into /tmp/site: nvtx, stanford-stk (pure Python)
+#     megablocks-0.10.0/       megablocks' source, patched for CUDA 13, built there in the background
 #   .whl/peers/              the fused-MoE peers (about 54 MiB: `run_device.sh peers` carries this folder alone):
 #     liger-kernel 0.8.5       pure Python
 #     sonic-moe 0.1.2.post1    pure Python; it pins torch<=2.9.1 and the image has 2.11: installed --no-deps, and
@@ -24,7 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP=${PIP:-python3 -m pip}
-mkdir -p .whl/peers .whl/scale
+mkdir -p .whl/suites .whl/peers .whl/scale
 download() {  # download DIR NAME==VERSION...: binary wheels for the GPU machine's Python and platform
     local dir=$1
     shift
@@ -32,15 +33,15 @@ download() {  # download DIR NAME==VERSION...: binary wheels for the GPU machine
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d "$dir" "$@"
 }
-download .whl nvtx==0.2.17
-$PIP wheel --no-deps -w .whl stanford-stk==0.7.1
+download .whl/suites nvtx==0.2.17
+$PIP wheel --no-deps -w .whl/suites stanford-stk==0.7.1
 tmp=$(mktemp -d)
 $PIP download --no-deps --no-binary=:all: --no-build-isolation -d "$tmp" megablocks==0.10.0
-rm -rf .whl/megablocks-0.10.0 && tar -xzf "$tmp"/megablocks-0.10.0.tar.gz -C .whl && rm -rf "$tmp"
+rm -rf .whl/suites/megablocks-0.10.0 && tar -xzf "$tmp"/megablocks-0.10.0.tar.gz -C .whl/suites && rm -rf "$tmp"
 # CUB (CUDA 13) dropped DeviceScan's trailing debug_synchronous argument; megablocks 0.10.0 still passes it.
 python3 - <<'PY'
 import pathlib, re
-path = pathlib.Path(".whl/megablocks-0.10.0/csrc/cumsum.h")
+path = pathlib.Path(".whl/suites/megablocks-0.10.0/csrc/cumsum.h")
 text, n = re.subn(r"stream,\s*debug_synchronous\)\)", "stream))", path.read_text())
 assert n == 2, f"expected 2 DeviceScan calls to patch in {path}, found {n}"
 path.write_text(text)
@@ -58,6 +59,6 @@ if [ ! -f "$libs" ]; then
 fi
 $PIP download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 -d .whl/scale \
     bitsandbytes==0.50.2  # py3-none-manylinux_2_24: no cp tag to match, and older than the peers' platforms
-ls -la .whl .whl/peers .whl/scale
-du -sh .whl/peers  # what `run_device.sh peers` carries (64 MiB per call with the working tree)
-du -sh .whl        # everything, for the other modes
+ls -la .whl/suites .whl/peers .whl/scale
+du -sh .whl/peers .whl/suites  # `run_device.sh peers` carries the first, the default run both (64 MiB a call)
+du -sh .whl/scale              # `run_device.sh scale` and `central`

@@ -61,7 +61,7 @@
 # megablocks_build.log, run.log; on two GPUs also gpu1/ (its run.log and suites) and reproduce.md. `peers`:
 # peers_*.json, rerun_peers_*.json, reproduce.md, clocks.csv, run.log. `finetune`: finetune_*.json, run.log.
 # Each phase gets what is left of BUDGET_S seconds (default 570; peers 560) up to its own cap, and the log says
-# what did not run. Carried wheels (.whl/, .whl/peers/, from bench/fetch_wheels.sh) are installed first;
+# what did not run. Carried wheels (.whl/suites/, .whl/peers/, .whl/scale/: bench/fetch_wheels.sh) are installed first;
 # megablocks' source is built in the background while the engine runs. Extra arguments go to the suites' pytest
 # (alltests: to the tests' pytest).
 set -uo pipefail
@@ -98,7 +98,7 @@ phase() {  # phase NAME CAP_SECONDS MIN_SECONDS COMMAND...: run COMMAND for at m
 GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 
 shopt -s nullglob
-wheels=(.whl/*.whl .whl/peers/*.whl .whl/scale/*.whl)
+wheels=(.whl/suites/*.whl .whl/peers/*.whl .whl/scale/*.whl)
 if (( ${#wheels[@]} )); then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         "${wheels[@]}" 2>&1 | tee -a "$LOG"
@@ -151,13 +151,13 @@ all_tests() {  # the whole tests/ suite on the GPU: every kernel test compiled (
 
 megablocks_build() {  # megablocks' CUDA extension (sort, histogram, cumsum), sm_90 only, on the CPUs
     MB_PID=
-    if [ -d .whl/megablocks-0.10.0 ] && command -v nvcc >/dev/null; then
-        (cd .whl/megablocks-0.10.0 && TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(( $(nproc) / 2 )) timeout 200 python3 -m pip install \
+    if [ -d .whl/suites/megablocks-0.10.0 ] && command -v nvcc >/dev/null; then
+        (cd .whl/suites/megablocks-0.10.0 && TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(( $(nproc) / 2 )) timeout 200 python3 -m pip install \
             --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site-megablocks . ) \
             > "$OUT/megablocks_build.log" 2>&1 &
         MB_PID=$!
     else
-        echo "megablocks: no source carried (.whl/megablocks-0.10.0: bench/fetch_wheels.sh) or no nvcc" | tee -a "$LOG"
+        echo "megablocks: no source carried (.whl/suites/megablocks-0.10.0) or no nvcc" | tee -a "$LOG"
     fi
 }
 
