@@ -2,6 +2,7 @@
 warm-up, rotating input sets where one set would sit in L2) and the device's ceilings measured in the same run."""
 
 import datetime
+import gc
 import itertools
 import math
 import os
@@ -67,9 +68,12 @@ _cache: dict = {}
 
 
 def cached(key, build):
-    """One case's inputs at a time: building the next frees the last (they run to gigabytes)."""
+    """One case's inputs at a time: building the next frees the last (they run to gigabytes), and whatever a
+    reference cycle in a peer's code still holds of it (freed only by Python's collector, which the GPU's memory
+    does not prompt)."""
     if key not in _cache:
         _cache.clear()
+        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         _cache[key] = build()

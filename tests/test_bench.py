@@ -173,6 +173,37 @@ def test_megablocks_missing_is_a_reason():
         peers.megablocks_ops()
 
 
+def test_a_peer_that_cannot_run_does_not_keep_its_case_alive(monkeypatch):
+    """Why megablocks cannot run is kept with the case; kept as the exception, its traceback held the case (a cycle:
+    every case's inputs stayed on the GPU until Python's collector ran, and the suites ran out of memory)."""
+    import gc
+    import weakref
+
+    from bench import bench_layer
+
+    def unavailable(part):
+        raise peers.Unavailable(f"{part}: not here")
+
+    monkeypatch.setattr(bench_layer, "probe", unavailable)
+    inputs = torch.zeros(4)
+    alive = weakref.ref(inputs)
+    case = {"inputs": [inputs]}
+    del inputs
+    gc.disable()  # what refcounting frees, without the collector
+    try:
+        for _ in range(2):  # built once, refused every time after
+            try:
+                bench_layer.module_for("megablocks", None, case)
+            except peers.Unavailable as e:
+                assert str(e) == "megablocks dmoe: not here"
+            else:
+                raise AssertionError("megablocks ran")
+        del case
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
 def _tiny_experts():
     s = shapes.SMOKE_SHAPES["tiny-qwen3-30b-a3b"]
     torch.manual_seed(0)
