@@ -61,9 +61,9 @@
 # megablocks_build.log, run.log; on two GPUs also gpu1/ (its run.log and suites) and reproduce.md. `peers`:
 # peers_*.json, rerun_peers_*.json, reproduce.md, clocks.csv, run.log. `finetune`: finetune_*.json, run.log.
 # Each phase gets what is left of BUDGET_S seconds (default 570; peers 560) up to its own cap, and the log says
-# what did not run. Carried wheels (.whl/suites/, .whl/peers/, .whl/scale/: bench/fetch_wheels.sh) are installed first;
-# megablocks' source is built in the background while the engine runs. Extra arguments go to the suites' pytest
-# (alltests: to the tests' pytest).
+# what did not run. Carried wheels (.whl/suites/, .whl/peers/, .whl/scale/: bench/fetch_wheels.sh) are installed
+# first; megablocks' source is built in the background while the engine runs. Extra arguments go to the suites'
+# pytest (alltests: to the tests' pytest).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-all}
