@@ -94,7 +94,7 @@ def test_grouped_mlp_one_expert_per_row(device, poison):
 def test_persistent_grid_does_not_follow_the_rows(device, monkeypatch):
     """A host's received rows change every step: a persistent kernel whose grid (its compile-time PROGRAMS)
     followed the row count compiled again at each new count (two parties' `small` run stopped at step 7 of 60 in
-    its 2 minutes; bench/results/experts_notes/v17_recompile_fix_h200x2.log)."""
+    its 2 minutes: bench/results/run_h100x2_59b021b.log; the fix, measured: experts_notes/v17_recompile_fix_*.log)."""
     from csrc_triton import _grouped_gemm, routed_experts
 
     launches = []
