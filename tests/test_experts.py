@@ -278,3 +278,36 @@ def test_grouped_gemms_read_by_tma_or_pointers(tma, dtype, device, poison):
     assert rel_err(dw_down, per_expert(x_slot, act)) < TOLERANCE[dtype]
     assert rel_err(dw_gate_up, per_expert(dh, x_slot)) < TOLERANCE[dtype]
     assert dw_down[3].abs().max().item() == 0 and dw_gate_up[3].abs().max().item() == 0
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointer_loads"])
+def test_wgrad_keeps_an_experts_nan_rows_to_itself(tma, device, poison):
+    """A NaN (an overflow in one expert's rows) stays in that expert's weight gradient: an expert's last, partial
+    block of rows must not read its neighbour's rows, as a TMA box past its end would (0 x NaN is NaN). Rows of
+    each expert are not a multiple of any K tile here (32 on GPUs, 16 under the interpreter)."""
+    from csrc_triton._grouped_gemm import Groups, wgrad
+    from csrc_triton.permute import plan_routing
+
+    counts, hidden, inter = [37, 50, 3, 0, 45], 64, 32
+    expert = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    plan = plan_routing(expert[torch.randperm(len(expert))].int().unsqueeze(1).to(device), len(counts))
+    groups = Groups.of(plan, torch.bfloat16)
+    slots = len(expert)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(slots, hidden, generator=gen).to(device, torch.bfloat16)
+    act, dh = (torch.randn(slots, n, generator=gen).to(device, torch.bfloat16) for n in (inter, 2 * inter))
+    nan_expert = 1  # its plain rows follow expert 0's partial block and precede expert 2's three rows
+    act[expert.to(device) == nan_expert] = float("nan")
+    dh[expert.to(device) == nan_expert] = float("nan")
+    x_slot = x[plan.sorted_token.long()]
+    dw_down = torch.empty(len(counts), hidden, inter, device=device, dtype=torch.bfloat16)
+    dw_gate_up = torch.empty(len(counts), 2 * inter, hidden, device=device, dtype=torch.bfloat16)
+    wgrad(x, plan.sorted_token, act, None, dw_down, groups, tma)  # B plain
+    wgrad(dh, None, x, plan.sorted_token, dw_gate_up, groups, tma)  # A plain
+    for e in range(len(counts)):
+        if e == nan_expert:
+            assert dw_down[e].isnan().any() and dw_gate_up[e].isnan().any()
+            continue
+        rows = (expert == e).to(device)
+        assert rel_err(dw_down[e], x_slot[rows].double().T @ act[rows].double()) < TOLERANCE[torch.bfloat16], e
+        assert rel_err(dw_gate_up[e], dh[rows].double().T @ x_slot[rows].double()) < TOLERANCE[torch.bfloat16], e
