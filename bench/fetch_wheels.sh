@@ -49,16 +49,22 @@ PY
 
 download .whl/peers liger-kernel==0.8.5 sonic-moe==0.1.2.post1 quack-kernels==0.3.11 nvidia-cutlass-dsl==4.4.2 \
     apache-tvm-ffi==0.1.10
-libs=.whl/peers/nvidia_cutlass_dsl_libs_cu13-4.4.2.tar.xz
-if [ ! -f "$libs" ]; then
+# The libraries' archive (about 51 MiB) in two halves: the first in .whl/peers_first, carried by a call of its own
+# (it stays on the warm machine), the second in .whl/peers (bench/README.md: the working tree and both halves
+# passed 64 MiB). run_device.sh joins them.
+libs=nvidia_cutlass_dsl_libs_cu13-4.4.2.tar.xz
+mkdir -p .whl/peers_first
+if [ ! -f ".whl/peers/$libs.part1" ]; then
     tmp=$(mktemp -d)
     download "$tmp" nvidia-cutlass-dsl-libs-cu13==4.4.2
     python3 -m zipfile -e "$tmp"/nvidia_cutlass_dsl_libs_cu13-4.4.2-*.whl "$tmp/site"
-    XZ_OPT="-9e -T0" tar -C "$tmp/site" -cJf "$libs.partial" . && mv "$libs.partial" "$libs"  # a few minutes
+    XZ_OPT="-9e -T0" tar -C "$tmp/site" -cJf "$tmp/$libs" .  # a few minutes
+    split -n 2 -d -a 1 "$tmp/$libs" "$tmp/$libs.part"
+    mv "$tmp/$libs.part0" .whl/peers_first/ && mv "$tmp/$libs.part1" .whl/peers/
     rm -rf "$tmp"
 fi
 $PIP download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 -d .whl/scale \
     bitsandbytes==0.50.2  # py3-none-manylinux_2_24: no cp tag to match, and older than the peers' platforms
-ls -la .whl/suites .whl/peers .whl/scale
-du -sh .whl/peers .whl/suites  # `run_device.sh peers` carries the first, the default run both (64 MiB a call)
+ls -la .whl/suites .whl/peers_first .whl/peers .whl/scale
+du -sh .whl/peers_first .whl/peers .whl/suites  # a call carries .whl/peers_first, the next .whl/peers (+ .whl/suites)
 du -sh .whl/scale              # `run_device.sh scale` and `central`

@@ -102,8 +102,15 @@ wheels=(.whl/suites/*.whl .whl/peers/*.whl .whl/scale/*.whl)
 if (( ${#wheels[@]} )); then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         "${wheels[@]}" 2>&1 | tee -a "$LOG"
-    for archive in .whl/peers/*.tar.xz; do  # wheels repacked to fit the carry limit (bench/fetch_wheels.sh)
-        mkdir -p /tmp/site && tar -xJf "$archive" -C /tmp/site && echo "unpacked $archive" | tee -a "$LOG"
+    for second in .whl/peers/*.tar.xz.part1; do  # wheels repacked in halves to fit the carry limit (fetch_wheels.sh)
+        first=.whl/peers_first/$(basename "${second%1}")0
+        if [ -f "$first" ]; then
+            mkdir -p /tmp/site && cat "$first" "$second" | tar -xJ -C /tmp/site && echo "unpacked ${second%.part1}" \
+                | tee -a "$LOG"
+        else
+            echo "$first: not here (carry .whl/peers_first in a call just before this one): SonicMoE will not run" \
+                | tee -a "$LOG"
+        fi
     done
     export PYTHONPATH=/tmp/site:$PYTHONPATH
     for pth in /tmp/site/*.pth; do  # --target does not run .pth files (nvidia-cutlass-dsl puts cutlass on the path)
