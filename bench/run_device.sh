@@ -16,7 +16,7 @@
 #                                (two at once, one per GPU, contend for the host), and bench/compare.py on the
 #                                pair, with the GPU's clocks through both (clocks.csv: a run the power cap held down
 #                                more often may be slower for that alone). Carry .whl/peers (bench/fetch_wheels.sh;
-#                                about 54 MiB).
+#                                about 29 MiB), after a call that carried .whl/peers_first (bench/README.md).
 #   bench/run_device.sh e2e      the engine end to end at 1 party and at 2 and 4 when the GPUs are there
 #                                (nvidia-h100-x2, -x4); on one GPU, 2 parties sharing it (memory, not speed)
 #   bench/run_device.sh suites   the stage suites only, for as long as BUDGET_S allows
