@@ -184,6 +184,10 @@ class PrivacyConfig:
     # each step and layer, the rows a party sends a host cross in a fresh secret order (undone when they return),
     # so the host can tie a row neither to its position in the batch nor to the same token at other layers
     shuffle: bool = True
+    # with a public starting checkpoint (model.init_from): the origin adds f0(x) - f0(row sent) to each output a
+    # host returns, f0 the public expert (held frozen), so the noise's effect cancels to first order in how far the
+    # host's expert has moved from f0; nothing more crosses (protocol.DistributedExperts._public_correction)
+    public_correction: bool = False
 
     def resolved(self, shared_start: bool) -> "PrivacyConfig":
         """The noises left unset filled in: SHARED_START_NOISE when the parties start from one public checkpoint

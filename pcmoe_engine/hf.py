@@ -205,6 +205,20 @@ def load_party(directory, cfg: ModelConfig, party: int, parties: int, device) ->
     return backbone, shard
 
 
+def load_public_experts(directory, cfg: ModelConfig, device, dtype: torch.dtype
+                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every routed expert of the checkpoint folder, frozen, in ``dtype``: per MoE layer [E, 2I, H] and [E, H, I]
+    (privacy.public_correction)."""
+    reader = CheckpointReader(directory)
+    every = list(range(cfg.num_experts))
+    gate_up, down = [], []
+    for layer in cfg.moe_layers:
+        pairs = list(_read_experts(reader, cfg, layer, every))
+        gate_up.append(torch.stack([g for g, _ in pairs]).to(device, dtype))
+        down.append(torch.stack([d for _, d in pairs]).to(device, dtype))
+    return gate_up, down
+
+
 def hf_state_dict(backbone: Backbone, shards: list[ExpertShard]) -> dict[str, torch.Tensor]:
     """The transformers state dict (per-expert layout, save_pretrained's names) of ``backbone`` with the experts
     of ``shards``: every expert once for a complete model, or some (e.g. one party's) for a partial one. The

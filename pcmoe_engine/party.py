@@ -37,7 +37,7 @@ from .checkpoint import checkpoint_path, drop_after, held_steps, load_checkpoint
 from .config import Config
 from .data import Batches, eval_batches, party_tokens, tokenizer_for
 from .faults import Diverged, say
-from .hf import checkpoint_files, load_party
+from .hf import checkpoint_files, load_party, load_public_experts
 from .model import Backbone, Loss, compute_loss, count_parameters
 from .nvtx import nvtx_range
 from .optim import StepInBackward, build_optimizer, clip_grad_norms, grad_bound, grad_norms
@@ -141,6 +141,9 @@ class Party:
         self.wire = Wire(rank, cfg.parties, log=wire_log, privacy=cfg.privacy.resolved(bool(init_from)),
                          transport=transport)
         self.experts = DistributedExperts(self.shard, self.wire, cfg.wire)
+        if cfg.privacy.public_correction and cfg.parties > 1:  # validate: needs model.init_from
+            self.experts.public_experts = load_public_experts(
+                init_from, cfg.model, self.device, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.optimizer = build_optimizer(cfg, (self.backbone, self.shard), self.device)
         self.step_count = 0
         self.progress = {"initial_loss": None, "final_loss": None, "timed_tokens": 0, "timed_seconds": 0.0}

@@ -195,6 +195,11 @@ class DistributedExperts:
         # plan_observer(layer, plan, rows): the wire order of each layer's pairs and rows as sent (shuffled or
         # not); for an evaluation that pairs what a host received with the tokens it was (bench/privacy)
         self.plan_observer: Callable | None = None
+        # The public checkpoint's routed experts (per MoE layer, [E, 2I, H] and [E, H, I], frozen) when the parties
+        # start from it and privacy.public_correction is on: the origin then adds f0(x) - f0(sent row) to what a
+        # host returns for each pair, f0 the public expert, so that the noise on the rows it sent cancels to
+        # first order in how far the host's expert has moved from f0 (_public_correction).
+        self.public_experts: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def plan(self, expert_ids: torch.Tensor) -> ct.RoutingPlan:
         """The wire order of this party's (token, expert) pairs: by owner, token, owner-local expert. The pairs
@@ -243,6 +248,24 @@ class DistributedExperts:
         else:
             y = ct.grouped_mlp(expanded, pair_expert, w_gate_up, w_down, validate=False)  # < local by construction
         return scatter_add(y, pair_row, rows.shape[0], weights) if self.combine_at_host else y
+
+    def _public_correction(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, pair: torch.Tensor,
+                           row_token: torch.Tensor, row_owner: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
+        """f0(x[token]) - f0(sent row) for each pair sent away (``pair``: indices into expert_ids, in the order
+        the outputs return), f0 the public expert: what the host returns, f(sent row), plus this is f(x[token])
+        up to (f - f0)(sent row) - (f - f0)(x[token]). Its gradient reaches x through both terms (the sent row
+        as x plus a constant, as the host's returned gradient does)."""
+        tokens, k = expert_ids.shape
+        expert = expert_ids.reshape(-1)[pair].long()
+        token = pair // k
+        row_of = torch.empty(self.wire.parties * tokens, dtype=torch.long, device=x.device)
+        row_of[row_owner * tokens + row_token] = torch.arange(row_token.numel(), device=x.device)
+        clean = gather(x, token)
+        noisy = clean + (gather(sent, row_of[expert % self.wire.parties * tokens + token]).to(x.dtype)
+                         - clean).detach()
+        w_gate_up, w_down = (w[layer].to(x.dtype) for w in self.public_experts)
+        return (ct.grouped_mlp(clean, expert, w_gate_up, w_down, validate=False)
+                - ct.grouped_mlp(noisy, expert, w_gate_up, w_down, validate=False))
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
                  concurrent: Callable[[], torch.Tensor] | None = None):
@@ -315,6 +338,10 @@ class DistributedExperts:
                         [plan.sorted_token[:own_pairs.start], plan.sorted_token[own_pairs.stop:]]).long()
                     grad_copies = lambda: copies(back_token, back_from)  # noqa: E731
                 y_back = _Arrive.apply(y, transfer, wire, self.grad_kind, layer, back_from, back_to, None, grad_copies)
+                if self.public_experts is not None and hidden.sent is not None:
+                    away_pair = torch.cat([plan.sorted_pair[:own_pairs.start], plan.sorted_pair[own_pairs.stop:]])
+                    y_back = y_back + self._public_correction(layer, x, expert_ids, away_pair.long(), away_token,
+                                                              owners(rows_to, x.device), hidden.sent)
                 start = row_start if self.combine_at_host else pair_start
                 y_all = s.output(torch.cat([y_back[:start], y_own, y_back[start:]]))
         with stage("combine") as s:

@@ -97,6 +97,9 @@ def validate(cfg: Config) -> Config:
     w = cfg.wire
     _require(w.dispatch in ("token", "pair"), f"wire.dispatch={w.dispatch!r}: choose token or pair")
     _require(w.combine in ("origin", "host"), f"wire.combine={w.combine!r}: choose origin or host")
+    _require(not cfg.privacy.public_correction or (m.init_from and w.dispatch == "token" and w.combine == "origin"),
+             "privacy.public_correction corrects with the experts of the public checkpoint every party starts from: "
+             "it needs model.init_from, wire.dispatch=token and wire.combine=origin")
     for name in ("hidden_dtype", "grad_dtype"):
         _require(getattr(w, name) in ("auto", "fp8"), f"wire.{name}={getattr(w, name)!r}: choose auto or fp8")
     _require(not t.optimizer_in_backward or t.grad_accum == 1,

@@ -200,9 +200,11 @@ class Transfer:
     unpacks them again, bitwise the same."""
 
     def __init__(self, tensor: torch.Tensor, work=None, unpack: Callable | None = None,
-                 arrived: Callable | None = None, timer: ExchangeTimer | None = None, record: dict | None = None):
+                 arrived: Callable | None = None, timer: ExchangeTimer | None = None, record: dict | None = None,
+                 sent: torch.Tensor | None = None):
         self.tensor, self.work, self.unpack, self.arrived, self.timer, self.record = (
             tensor, work, unpack, arrived, timer, record)
+        self.sent = sent  # a defended kind's rows as the hosts decode them (clipped, noised; fp8 and back)
         self.done = work is None and arrived is None
 
     def wait(self) -> torch.Tensor:
@@ -340,17 +342,20 @@ class Wire:
         transfer = self.kept(lambda: self._exchange(kind, layer, send, send_splits, recv_splits, async_op, copies))
         # A replay hands out a new tensor object (on the same memory, or unpacked anew from the same bytes): the
         # forward's tensor keeps its autograd history.
-        return Transfer(transfer.wait().detach()) if replaying else transfer
+        return Transfer(transfer.wait().detach(), sent=transfer.sent) if replaying else transfer
 
     def _exchange(self, kind, layer, send, send_splits, recv_splits, async_op, copies) -> Transfer:
         base = kind.removesuffix("_fp8")
-        if self.parties > 1 and base in self.defences:
+        defended = self.parties > 1 and base in self.defences
+        if defended:
             send = self._defend(base, send, send_splits, copies)
+        decoded = send if defended else None
         unpack = None
         if kind != base:
             row_dtype = send.dtype
             send = pack_fp8(send)
             unpack = lambda packed: unpack_fp8(packed, row_dtype)  # noqa: E731
+            decoded = unpack(send) if defended else None
         row_shape = tuple(send.shape[1:])
         row_bytes = math.prod(row_shape) * send.element_size()
         sent = sum(send_splits[p] for p in range(self.parties) if p != self.party) * row_bytes
@@ -366,14 +371,14 @@ class Wire:
                     self.log.record(WireEntry(kind, layer, (recv_splits[other], *row_shape), dtype,
                                               recv_splits[other] * row_bytes, other, self.party))
         if self.parties == 1:
-            return Transfer(send, None, unpack)
+            return Transfer(send, None, unpack, sent=decoded)
         send = send.contiguous()
         recv = send.new_empty((sum(recv_splits), *row_shape))
         record = self.timer.launched(kind, layer, sent, received) if self.timer is not None else None
         work = self.transport.all_to_all_single(recv, send, recv_splits, send_splits, async_op=True)
         observer = self.observer
         arrived = (lambda rows: observer(kind, layer, rows, recv_splits)) if observer is not None else None
-        transfer = Transfer(recv, work, unpack, arrived, self.timer, record)
+        transfer = Transfer(recv, work, unpack, arrived, self.timer, record, decoded)
         if not async_op:
             transfer.wait()
         return transfer

@@ -46,6 +46,7 @@ def test_toml_file(tmp_path):
     (["train.min_lr=1"], "min_lr=1.0 between 0 and lr"),
     (["model.num_heads=3"], "must split into num_heads=3"),
     (["train.device=tpu"], "train.device='tpu'"),
+    (["privacy.public_correction=true"], "privacy.public_correction corrects with the experts of the public"),
     *([(["train.device=cuda"], "train.device=cuda, but torch sees no GPU")] if not torch.cuda.is_available() else []),
 ])
 def test_validation_errors_are_one_line(overrides, message):

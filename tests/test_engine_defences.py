@@ -167,3 +167,51 @@ def test_noise_is_drawn_once_per_token_and_host_and_never_for_a_recompute(dispat
             grads = grad[pair_token == token]
             direction = grads[0] / grads[0].norm()
             torch.testing.assert_close(grads, (grads @ direction)[:, None] * direction, rtol=1e-5, atol=1e-7)
+
+
+def _corrected_party(rank, port, out_dir):
+    """One forward and backward through the wire undefended, then with noise on the hidden states and the public
+    experts' correction, the host's experts still the public ones: the logits and the backbone's gradients."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    backbone = Backbone(CFG)
+    backbone.init_weights(torch.Generator().manual_seed(100 + rank))
+    shard, public = ExpertShard(CFG, rank, 2), ExpertShard(CFG)
+    shard.init_weights(7)
+    public.init_weights(7)  # the whole model's experts from the same seed: the shards' starting weights
+    tokens = torch.randint(0, CFG.vocab_size, (3, 17), generator=torch.Generator().manual_seed(200 + rank))
+    result = {}
+    for name, privacy in (("plain", PrivacyConfig()),
+                          ("corrected", PrivacyConfig(hidden_noise=0.5, grad_noise=0.0, public_correction=True))):
+        received = []
+        wire = Wire(rank, 2, dist.group.WORLD, privacy=privacy, secret=1000 + rank,
+                    observer=lambda kind, layer, rows, splits: received.append((kind, rows.clone())))
+        experts = DistributedExperts(shard, wire)
+        if privacy.public_correction:
+            experts.public_experts = tuple([w.detach() for w in ws] for ws in (public.w_gate_up, public.w_down))
+        backbone.zero_grad()
+        logits, routings = backbone(tokens[:, :-1], experts)
+        compute_loss(logits, tokens[:, 1:], routings, 0.01, 0.001).total.backward()
+        result[name] = {"logits": logits.detach(), "grads": [p.grad.clone() for p in backbone.parameters()],
+                        "hidden": [rows for kind, rows in received if kind == "hidden"]}
+    torch.save(result, os.path.join(out_dir, f"party{rank}.pt"))
+    end_party()
+
+
+@pytest.mark.slow
+def test_public_correction_cancels_the_noise_while_the_experts_are_the_public_ones(tmp_path, monkeypatch):
+    """privacy.public_correction: the origin adds f0(x) - f0(row sent) to what a host returns for it. While the
+    host's experts are the public ones (f = f0, as at the first step of a fine-tuning), the outputs and the
+    backbone's gradients are the undefended run's, though the rows that crossed carry noise as large as
+    themselves."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_corrected_party, args=(free_port(), str(tmp_path)), nprocs=2)
+    for p in range(2):
+        r = torch.load(tmp_path / f"party{p}.pt", weights_only=False)
+        plain, corrected = r["plain"], r["corrected"]
+        for a, b in zip(plain["hidden"], corrected["hidden"], strict=True):  # the noise is there
+            assert (b - a).norm() > 0.5 * a.norm()
+        torch.testing.assert_close(corrected["logits"], plain["logits"], rtol=1e-4, atol=1e-4)
+        for a, b in zip(corrected["grads"], plain["grads"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

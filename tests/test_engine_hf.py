@@ -152,6 +152,20 @@ def test_a_party_reads_only_its_experts(layout, tmp_path, monkeypatch):
     assert torch.equal(shard.w_down[1], experts.down_proj.detach()[[1, 5]])
 
 
+def test_public_experts_are_every_expert_of_the_checkpoint(checkpoints):
+    """privacy.public_correction's frozen copy: every routed expert of every MoE layer, as a whole shard reads them."""
+    directory = checkpoints["mixtral"][0]
+    cfg = read_config(directory)
+    whole = ExpertShard(cfg)
+    load_hf_weights(directory, Backbone(cfg), whole)
+    gate_up, down = hf.load_public_experts(directory, cfg, "cpu", torch.float32)
+    assert len(gate_up) == len(down) == len(cfg.moe_layers)
+    for layer in range(len(cfg.moe_layers)):
+        assert torch.equal(gate_up[layer], whole.w_gate_up[layer].detach())
+        assert torch.equal(down[layer], whole.w_down[layer].detach())
+        assert not gate_up[layer].requires_grad
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pooled_export_loads_into_transformers(family, checkpoints, tmp_path):
     """The three parties' shards, pooled, written in several files: transformers loads every key, the weights

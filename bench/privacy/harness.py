@@ -205,6 +205,10 @@ def _start_from(party: Party, start: dict) -> None:
     with torch.no_grad():
         for name, weights in party.shard.named_parameters():
             weights.copy_(start["experts"][name][party.shard.expert_ids])
+    if party.cfg.privacy.public_correction:
+        layers = range(len(party.shard.w_down))
+        party.experts.public_experts = tuple([start["experts"][f"{part}.{layer}"].to(party.device) for layer in layers]
+                                             for part in ("w_gate_up", "w_down"))
 
 
 def _party(rank: int, cfg: Config, start: dict | None, observed: torch.Tensor, scratch: str, port: int,
