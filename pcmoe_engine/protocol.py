@@ -301,7 +301,7 @@ class DistributedExperts:
 
                 hidden_copies = None if self.once or not wire.defends(self.hidden_kind) else copies(away_token, rows_to)
                 hidden = wire.exchange(self.hidden_kind, layer, x_away.detach(), rows_to, rows_from, async_op=True,
-                                       copies=hidden_copies)
+                                       copies=hidden_copies, keep_sent=self.public_experts is not None)
                 masks = wire.exchange("expert_mask", layer, away_mask, rows_to, rows_from, async_op=True)
                 if self.combine_at_host:
                     w_away = torch.cat([pair_weights[:own_pairs.start], pair_weights[own_pairs.stop:]]).float()

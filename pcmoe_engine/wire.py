@@ -330,32 +330,35 @@ class Wire:
         return defended
 
     def exchange(self, kind: str, layer: int, send: torch.Tensor, send_splits: list[int],
-                 recv_splits: list[int], async_op: bool = False, copies: torch.Tensor | None = None) -> Transfer:
+                 recv_splits: list[int], async_op: bool = False, copies: torch.Tensor | None = None,
+                 keep_sent: bool = False) -> Transfer:
         """THE crossing point: rows ``send[sum(send_splits[:p]):...]`` go to party p, rows from each party
         arrive in party order. Rows a party keeps for itself are copied locally and count as no traffic. A
         ``*_fp8`` kind takes float rows and arrives as float rows of the same dtype; e4m3 bytes cross.
         ``copies``: for a defended kind, the first row of each row's group of copies (clip_and_noise).
+        ``keep_sent``: for a defended kind, keep the rows as the receivers decode them in ``Transfer.sent``.
         Inside a checkpointed block's recompute, returns what the forward received."""
         if kind not in WIRE_KINDS:
             raise ValueError(f"{kind!r} may not cross between parties; allowed: {', '.join(WIRE_KINDS)}")
         replaying = self.tape is not None and self.tape.replaying
-        transfer = self.kept(lambda: self._exchange(kind, layer, send, send_splits, recv_splits, async_op, copies))
+        transfer = self.kept(lambda: self._exchange(kind, layer, send, send_splits, recv_splits, async_op, copies,
+                                                    keep_sent))
         # A replay hands out a new tensor object (on the same memory, or unpacked anew from the same bytes): the
         # forward's tensor keeps its autograd history.
         return Transfer(transfer.wait().detach(), sent=transfer.sent) if replaying else transfer
 
-    def _exchange(self, kind, layer, send, send_splits, recv_splits, async_op, copies) -> Transfer:
+    def _exchange(self, kind, layer, send, send_splits, recv_splits, async_op, copies, keep_sent) -> Transfer:
         base = kind.removesuffix("_fp8")
         defended = self.parties > 1 and base in self.defences
         if defended:
             send = self._defend(base, send, send_splits, copies)
-        decoded = send if defended else None
+        decoded = send if defended and keep_sent else None
         unpack = None
         if kind != base:
             row_dtype = send.dtype
             send = pack_fp8(send)
             unpack = lambda packed: unpack_fp8(packed, row_dtype)  # noqa: E731
-            decoded = unpack(send) if defended else None
+            decoded = unpack(send) if decoded is not None else None
         row_shape = tuple(send.shape[1:])
         row_bytes = math.prod(row_shape) * send.element_size()
         sent = sum(send_splits[p] for p in range(self.parties) if p != self.party) * row_bytes

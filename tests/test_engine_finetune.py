@@ -346,3 +346,16 @@ def test_two_parties_fine_tune_and_pool_their_experts(olmoe, corpus, text, tmp_p
                            states[1]["model.layers.0.self_attn.q_proj.weight"])  # private backbones, trained apart
     original = AutoModelForCausalLM.from_pretrained(olmoe).state_dict()
     assert not any(torch.equal(states[0][k], original[k]) for k in experts)  # the experts trained too
+
+
+def test_public_correction_holds_every_expert_of_the_start(olmoe, corpus, tmp_path):
+    """privacy.public_correction: a party built from model.init_from holds every routed expert of the checkpoint,
+    frozen, beside its own shard (which the same folder filled)."""
+    cfg = load_config(None, [*RUN, "parties=2", f"model.init_from={olmoe}", f"data.corpus={corpus}",
+                             f"train.out_dir={tmp_path}", "train.name=run", "privacy.public_correction=true"])
+    party = Party(cfg, 1)
+    gate_up, down = party.experts.public_experts
+    for layer, shard_layer in enumerate(party.shard.w_gate_up):
+        assert gate_up[layer].shape[0] == down[layer].shape[0] == cfg.model.num_experts
+        assert torch.equal(gate_up[layer][party.shard.expert_ids], shard_layer.detach())
+        assert torch.equal(down[layer][party.shard.expert_ids], party.shard.w_down[layer].detach())
