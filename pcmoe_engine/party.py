@@ -141,7 +141,7 @@ class Party:
         self.wire = Wire(rank, cfg.parties, log=wire_log, privacy=cfg.privacy.resolved(bool(init_from)),
                          transport=transport)
         self.experts = DistributedExperts(self.shard, self.wire, cfg.wire)
-        if cfg.privacy.public_correction and cfg.parties > 1:  # validate: needs model.init_from
+        if cfg.privacy.public_correction and init_from and cfg.parties > 1:  # (bench/privacy gives its own)
             self.experts.public_experts = load_public_experts(
                 init_from, cfg.model, self.device, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.optimizer = build_optimizer(cfg, (self.backbone, self.shard), self.device)
