@@ -5,7 +5,7 @@ gather of token rows into that order, and the inverse scatter with the top-k wei
 No capacity and no padding: expert e owns slots ``offsets[e]:offsets[e+1]`` of the sorted order.
 """
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import triton
@@ -37,56 +37,38 @@ def _check_ids(expert_ids, num_experts):
     check(expert_ids.numel() < 2**31, "plan_routing: more than 2^31 (token, expert) pairs")
 
 
-class IdCheck:
-    """The check that a call's expert ids lie in [0, E), started before the kernels that read them.
+def start_id_check(expert_ids: torch.Tensor, num_experts: int) -> Callable[[], None]:
+    """Start the check that ``expert_ids`` lie in [0, E); the returned function finishes it (raises if not).
 
-    min and max travel to pinned host memory behind an event, and ``finish`` waits for that event alone, so the
-    kernels launched meanwhile keep the GPU busy (a ``.tolist()`` first would drain the stream and leave the GPU
-    idle while the host launches them). A training forward does not wait at all (``finish_soon``): a wait there
-    would leave the GPU idle while the host launches the backward. Its backward finishes the check, or else the
-    first check started once the device has passed the event, so an out-of-range id is reported even if no
-    backward runs. The plan's kernels meanwhile count an out-of-range id as expert 0, so nothing reads out of
-    bounds before the error. Skipped while a CUDA graph is captured, where nothing may wait on the device: ids
-    from ``route`` are in range by construction.
+    Started before the kernels that read the ids and finished after they are launched: min and max travel to
+    pinned host memory behind an event, and finishing waits for that event alone, so the launched kernels keep
+    the GPU busy meanwhile (a ``.tolist()`` at the start would drain the stream and leave the GPU idle while the
+    host launches them). The plan's kernels meanwhile count an out-of-range id as expert 0, so nothing reads out
+    of bounds before the error. Skipped while a CUDA graph is captured, where nothing may wait on the device:
+    ids from ``route`` are in range by construction.
     """
+    if not expert_ids.numel() or (expert_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return lambda: None
+    bounds = torch.stack(torch.aminmax(expert_ids))
+    ready = None
+    if bounds.is_cuda:
+        bounds = bounds.to("cpu", non_blocking=True)  # into pinned memory, behind the event below
+        ready = torch.cuda.Event()
+        ready.record()
 
-    _unfinished: list["IdCheck"] = []  # left by a forward whose backward has not run yet
-
-    def __init__(self, expert_ids: torch.Tensor, num_experts: int):
-        IdCheck._unfinished = [c for c in IdCheck._unfinished if not c.finish(wait=False)]
-        self.num_experts, self.bounds, self.ready = num_experts, None, None
-        if not expert_ids.numel() or (expert_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return
-        self.bounds = torch.stack(torch.aminmax(expert_ids))
-        if self.bounds.is_cuda:
-            self.bounds = self.bounds.to("cpu", non_blocking=True)  # into pinned memory, behind the event below
-            self.ready = torch.cuda.Event()
-            self.ready.record()
-
-    def finish(self, wait: bool = True) -> bool:
-        """Raise if an id is out of range (once); False, checking nothing, if not ``wait`` and the device has not
-        passed the event yet."""
-        if self.bounds is None:
-            return True
-        if self.ready is not None:
-            if not wait and not self.ready.query():
-                return False
-            self.ready.synchronize()
-        (low, high), self.bounds = self.bounds.tolist(), None
-        check(low >= 0 and high < self.num_experts,
-              f"plan_routing: expert ids must lie in [0, {self.num_experts}), got values in [{low}, {high}]")
-        return True
-
-    def finish_soon(self) -> None:
-        """Finish now if the device has passed the event; else leave it to ``finish`` or a check started later."""
-        if not self.finish(wait=False):
-            IdCheck._unfinished.append(self)
+    def finish():
+        if ready is not None:
+            ready.synchronize()
+        low, high = bounds.tolist()
+        check(low >= 0 and high < num_experts,
+              f"plan_routing: expert ids must lie in [0, {num_experts}), got values in [{low}, {high}]")
+    return finish
 
 
 def plan_routing_reference(expert_ids: torch.Tensor, num_experts: int) -> RoutingPlan:
     """Pure-PyTorch plan: a stable sort of the pairs by expert id."""
     _check_ids(expert_ids, num_experts)
-    IdCheck(expert_ids, num_experts).finish()
+    start_id_check(expert_ids, num_experts)()
     flat = expert_ids.flatten().long()
     sorted_pair = torch.sort(flat, stable=True)[1]
     slot_of_pair = torch.empty_like(sorted_pair)
@@ -105,7 +87,7 @@ def _chunk_one_hot(ids_ptr, chunk, P, E, lane, cols, CHUNK: tl.constexpr, E_PAD:
     pairs = chunk * CHUNK + lane
     valid = pairs < P
     ids = tl.load(ids_ptr + pairs, mask=valid, other=0)
-    # An id outside [0, E) counts as expert 0 (IdCheck raises, perhaps after these kernels ran): every pair
+    # An id outside [0, E) counts as expert 0 (start_id_check raises, perhaps after these kernels ran): every pair
     # still gets one slot of [0, P), so no later kernel reads out of bounds. E_PAD matches no column.
     ids = tl.where(valid, tl.where((ids >= 0) & (ids < E), ids, 0), E_PAD)
     return pairs, ids, valid, ids[:, None] == cols[None, :]
@@ -165,13 +147,13 @@ def plan_routing(expert_ids: torch.Tensor, num_experts: int, validate: bool = Tr
     """Plan the dropless permutation of ``expert_ids`` ([T, k], any integer dtype, values in [0, E)).
 
     Two Triton launches (block histograms, then offsets and placement); the slot order equals a stable sort
-    of the pairs by expert id. ``validate`` checks the id range (``IdCheck``: waits for the device
+    of the pairs by expert id. ``validate`` checks the id range (``start_id_check``: waits for the device
     once, after the plan's kernels are launched); pass False for ids in range by construction (``route``'s).
     """
     _check_ids(expert_ids, num_experts)
     if not use_triton(expert_ids):
         return plan_routing_reference(expert_ids, num_experts)
-    id_check = IdCheck(expert_ids, num_experts) if validate else None
+    finish_check = start_id_check(expert_ids, num_experts) if validate else lambda: None
     num_tokens, k = expert_ids.shape
     num_pairs = num_tokens * k
     dev = expert_ids.device
@@ -193,8 +175,7 @@ def plan_routing(expert_ids: torch.Tensor, num_experts: int, validate: bool = Tr
     _place_pairs_kernel[(num_blocks,)](ids, num_pairs, k, num_experts, hist, num_blocks, counts, offsets,
                                        sorted_token, sorted_pair, slot_of_pair, E_PAD=e_pad, CHUNK=chunk,
                                        CHUNKS=chunks, HIST_ROWS=max(1, 4096 // e_pad))
-    if id_check is not None:
-        id_check.finish()
+    finish_check()
     return RoutingPlan(sorted_token, sorted_pair, slot_of_pair, counts, offsets)
 
 

@@ -32,7 +32,7 @@ import triton.language as tl
 from ._grouped_gemm import Groups, dot, grouped_gemm, mma, output_tile, precision, rows_of, tma_descriptor, wgrad
 from ._runtime import check, programs_per_device, use_triton
 from ._swiglu import swiglu_backward, swiglu_mlp_reference
-from .permute import IdCheck, RoutingPlan, combine, plan_routing
+from .permute import RoutingPlan, combine, plan_routing, start_id_check
 
 __all__ = ["expert_mlp", "expert_mlp_reference", "grouped_mlp", "grouped_mlp_reference"]
 
@@ -164,11 +164,11 @@ class _RoutedExpertsFunction(torch.autograd.Function):
     for grouped_mlp: k = 1 and unweighted, so the combine only puts the rows back in their order)."""
 
     @staticmethod
-    def forward(ctx, x, weights, w_gate_up, w_down, residual, plan: RoutingPlan, id_check: IdCheck | None):
+    def forward(ctx, x, weights, w_gate_up, w_down, residual, plan: RoutingPlan):
         y, h = _routed_forward(x, Groups.of(plan, x.dtype), w_gate_up, w_down, save_h=any(ctx.needs_input_grad[:4]))
         out = combine(y, plan.slot_of_pair, weights, residual)
         ctx.save_for_backward(x, weights, w_gate_up, w_down, h, *plan)
-        ctx.has_residual, ctx.id_check = residual is not None, id_check
+        ctx.has_residual = residual is not None
         return out
 
     @staticmethod
@@ -183,9 +183,7 @@ class _RoutedExpertsFunction(torch.autograd.Function):
             dout, x, Groups.of(plan, x.dtype), w_gate_up, w_down, h, slot_weight, need_dw=ctx.needs_input_grad[1])
         dx = combine(dx_slot, plan.slot_of_pair)
         dweights = dw_slot[plan.slot_of_pair.long()].to(weights.dtype) if dw_slot is not None else None
-        if ctx.id_check is not None:
-            ctx.id_check.finish()  # its event is behind the forward's kernels: no wait by now
-        return dx, dweights, dw_gate_up, dw_down, dout if ctx.has_residual else None, None, None
+        return dx, dweights, dw_gate_up, dw_down, dout if ctx.has_residual else None, None
 
 
 # References (the oracles and the CPU path): the transformers experts loop, line for line.
@@ -233,14 +231,12 @@ def _rowmajor(t):
 
 def _routed_experts(x, weights, expert_ids, w_gate_up, w_down, residual, plan, check_ids):
     """_RoutedExpertsFunction on ``plan``, or on one made here; ``check_ids``: the ids' range, checked without
-    stalling the experts' kernels (IdCheck: started before them; finished once they are launched, or, where a
-    backward will run, by the backward unless the device has already passed it)."""
-    id_check = IdCheck(expert_ids, w_down.shape[0]) if check_ids else None
+    stalling the experts' kernels (start_id_check starts before them and finishes once they are launched)."""
+    finish_check = start_id_check(expert_ids, w_down.shape[0]) if check_ids else lambda: None
     if plan is None:
         plan = plan_routing(expert_ids, w_down.shape[0], validate=False)
-    out = _RoutedExpertsFunction.apply(_rowmajor(x), weights, w_gate_up, w_down, residual, plan, id_check)
-    if id_check is not None:
-        id_check.finish_soon() if out.requires_grad else id_check.finish()
+    out = _RoutedExpertsFunction.apply(_rowmajor(x), weights, w_gate_up, w_down, residual, plan)
+    finish_check()
     return out
 
 
@@ -274,7 +270,7 @@ def grouped_mlp(x: torch.Tensor, expert_of_row: torch.Tensor, w_gate_up: torch.T
     """One expert per row, unweighted: y[r] = MLP_{expert_of_row[r]}(x[r]) -> [R, H].
 
     This is what an expert owner runs on the hidden states it received from all parties. ``validate`` checks
-    the ids' range (``IdCheck``: no wait for the device before the experts' kernels are launched); pass
+    the ids' range (``start_id_check``: one wait for the device, after the experts' kernels are launched); pass
     False for ids in range by construction.
     """
     _check_experts("grouped_mlp", x, w_gate_up, w_down)

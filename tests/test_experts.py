@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from csrc_triton.permute import IdCheck
 from csrc_triton.routed_experts import expert_mlp, expert_mlp_reference, grouped_mlp, grouped_mlp_reference
 from csrc_triton.shared_expert import shared_expert_mlp, shared_expert_mlp_reference
 from helpers import TOLERANCE, leaf, rel_err
@@ -139,33 +138,13 @@ def test_mismatched_shapes_say_what_is_wrong():
 
 
 def test_out_of_range_ids_are_rejected(device):
-    """The range check finishes after the experts' kernels are launched (IdCheck), and still raises."""
+    """The range check finishes after the experts' kernels are launched (start_id_check), and still raises."""
     x, wgu, wd = (torch.randn(*shape, device=device) for shape in [(3, 16), (4, 32, 16), (4, 16, 16)])
     with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 4\), got values in \[-1, 3\]"):
         expert_mlp(x, torch.ones(3, 2, device=device), torch.tensor([[0, 3], [-1, 2], [1, 1]], device=device),
                    wgu, wd)
     with pytest.raises(ValueError, match=r"got values in \[0, 4\]"):
         grouped_mlp(x, torch.tensor([0, 4, 2], device=device), wgu, wd)
-
-
-
-def test_a_training_forward_leaves_the_id_check_to_its_backward(monkeypatch, device):
-    """With a backward to come and the device not yet past the ids' min and max, the forward returns without
-    waiting for them; the backward raises."""
-    from test_permute import EventNotReached
-    start = IdCheck.__init__
-
-    def not_reached(self, *args):
-        start(self, *args)
-        self.ready = EventNotReached()
-    monkeypatch.setattr(IdCheck, "__init__", not_reached)
-    x = torch.randn(3, 16, device=device, requires_grad=True)
-    wgu, wd = torch.randn(4, 32, 16, device=device), torch.randn(4, 16, 16, device=device)
-    out = expert_mlp(x, torch.ones(3, 2, device=device), torch.tensor([[0, 3], [5, 2], [1, 1]], device=device),
-                     wgu, wd)
-    with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 4\), got values in \[0, 5\]"):
-        out.sum().backward()
-    IdCheck(torch.tensor([[0, 1]], device=device), 4).finish()  # reported once, by the backward
 
 
 @pytest.mark.gpu

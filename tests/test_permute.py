@@ -3,8 +3,8 @@ import importlib
 import pytest
 import torch
 
-from csrc_triton.permute import (IdCheck, permute, permute_reference, plan_routing, plan_routing_reference,
-                                 unpermute, unpermute_reference)
+from csrc_triton.permute import (permute, permute_reference, plan_routing, plan_routing_reference, unpermute,
+                                 unpermute_reference)
 from helpers import leaf, rel_err
 
 
@@ -76,7 +76,7 @@ def test_non_contiguous_rows(device):
 
 @pytest.mark.parametrize("bad", [4, 16, -1, 2**31 - 1])  # a padded column, past the padding, negative, huge
 def test_unchecked_out_of_range_ids_still_get_one_slot_each(bad, device):
-    """Unchecked (validate=False, or a check that finishes after the kernels: IdCheck), an out-of-range
+    """Unchecked (validate=False, or a check that finishes after the kernels: start_id_check), an out-of-range
     id counts as expert 0: every pair gets one slot in [0, P), so the kernels that follow read in bounds."""
     plan = plan_routing(torch.tensor([[0, bad], [3, 1], [bad, 2]], device=device), 4, validate=False)
     assert sorted(plan.sorted_pair.tolist()) == list(range(6))
@@ -89,28 +89,3 @@ def test_out_of_range_ids_are_rejected():
         plan_routing(torch.tensor([[0, 4]]), 4)
     with pytest.raises(ValueError, match=r"got values in \[-1, 3\]"):
         plan_routing(torch.tensor([[3, 1], [-1, 2]], dtype=torch.int32), 4)
-
-
-class EventNotReached:
-    """Stands in for the CUDA event of an IdCheck whose min and max the device has not produced yet."""
-    reached = False
-
-    def query(self):
-        return self.reached
-
-    def synchronize(self):
-        self.reached = True
-
-
-def test_an_id_check_the_device_has_not_reached_is_finished_by_a_later_one():
-    """A check left unfinished (finish_soon, as a training forward leaves it) raises at the first check started
-    once the device has passed its event, and only once."""
-    bad = IdCheck(torch.tensor([[0, 4]]), 4)
-    bad.ready = EventNotReached()
-    bad.finish_soon()  # not reached: nothing checked, nothing raised
-    IdCheck(torch.tensor([[0, 3]]), 4).finish()  # still not reached
-    bad.ready.reached = True
-    with pytest.raises(ValueError, match=r"got values in \[0, 4\]"):
-        IdCheck(torch.tensor([[1, 2]]), 4)
-    IdCheck(torch.tensor([[1, 2]]), 4).finish()
-    assert not IdCheck._unfinished
