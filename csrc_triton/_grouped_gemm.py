@@ -15,7 +15,8 @@ _runtime.py).
 
 Operands bf16/fp16 (fp32 for tests) with fp32 accumulation. What is never gathered (the weights, and rows read in
 slot order) is read through TMA descriptors where its layout allows (16-byte aligned, K a multiple of the K
-tile), else by pointer loads; gathered rows always by pointer loads (Hopper's TMA cannot gather rows).
+tile), else by pointer loads; gathered rows by pointer loads (Hopper's TMA cannot gather rows), which on Hopper the
+weight gradient issues from warps of their own (_wgrad_hopper.py).
 """
 
 from typing import NamedTuple
@@ -25,6 +26,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import _wgrad_hopper
 from ._runtime import interpreting, programs_per_device
 from .permute import RoutingPlan
 
@@ -328,7 +330,11 @@ def grouped_gemm(a, groups: Groups, gather: bool, b, b_strides, out, n: int, k: 
 def wgrad(a, a_token, b, b_token, out, groups: Groups, tma: bool = True):
     """out[e] = a[rows of e]^T @ b[rows of e], rows gathered through a_token / b_token where given; an expert
     with no slots gets zeros (the loop over its rows is empty). A plain operand is read by TMA where its layout
-    allows (``tma``)."""
+    allows (``tma``); on Hopper, bf16, one operand gathered, the warp-specialised kernel runs it
+    (_wgrad_hopper.py)."""
+    gathered, token, plain = (a, a_token, b) if a_token is not None else (b, b_token, a)
+    if tma and token is not None and _wgrad_hopper.supports(gathered, plain):
+        return _wgrad_hopper.wgrad(gathered, token, plain, out, groups.offsets, transposed=a_token is None)
     num_experts, m, n = out.shape
     # Placeholder blocks: the tuned config sets them (_set_wgrad_blocks).
     a_desc = tma_descriptor(a, [a.shape[0], m], [a.stride(0), 1], [1, 1]) \

@@ -14,7 +14,7 @@ import triton
 
 from bench.common import ceilings, time_ms
 from bench.shapes import PROFILED_CASES, SHAPES, add_case_option, make_hf_block, router_logits, topk_routing
-from csrc_triton import plan_routing
+from csrc_triton import _wgrad_hopper, plan_routing
 from csrc_triton._grouped_gemm import Groups, TileConfig, grouped_gemm, wgrad, _wgrad_kernel
 from csrc_triton._swiglu import swiglu_backward
 from csrc_triton.permute import combine
@@ -72,21 +72,22 @@ def case(shape_name, tokens, sweep):
          (slots, 2 * inter, hidden)),
     ]
     default = Groups.of(plan, torch.bfloat16)
-    wgrads = [  # (name, launch(tma), FLOPs)
+    wgrads = [  # (name, launch(tma), FLOPs, (gathered, plain))
         ("wgrad W_down (gather A)", lambda tma: wgrad(dout, default.token, act, None, dw_down, default, tma),
-         flops_down),
+         flops_down, (dout, act)),
         ("wgrad W_gate_up (gather B)", lambda tma: wgrad(dh, None, x, default.token, dw_gate_up, default, tma),
-         flops_gu)]
+         flops_gu, (x, dh))]
     total = 0.0
     for name, launch, flops, (m, k, n) in gemms:
         ms = time_ms(lambda: launch(default, True))
         total += ms
         a, b = new(m, k).normal_(), new(k, n).normal_()
         row(name, ms, flops, note=f"(cuBLAS dense {m}x{k}x{n}: {flops / time_ms(lambda: a @ b) / 1e9:.0f} TFLOP/s)")
-    for name, launch, flops in wgrads:
+    for name, launch, flops, operands in wgrads:
         ms = time_ms(lambda: launch(True))
         total += ms
-        row(name, ms, flops, note=f"tuned: {_wgrad_kernel.best_config}")
+        row(name, ms, flops, note="warp-specialised (_wgrad_hopper.py)" if _wgrad_hopper.supports(*operands)
+            else f"tuned: {_wgrad_kernel.best_config}")
     for name, launch, nbytes in [
         ("SwiGLU backward (+ w a)", lambda: swiglu_backward(dh[:, inter:], h[:, :inter], h[:, inter:], slot_weight,
                                                             dh[:, :inter], dh[:, inter:], act=act,
@@ -109,7 +110,9 @@ def case(shape_name, tokens, sweep):
                     results.append((_time_or_none(name, tile, lambda: launch(groups, tma)), tile, tma))
             _print_fastest(name, results, flops)
         tuned = _wgrad_kernel.configs
-        for name, launch, flops in wgrads:
+        hopper = _wgrad_hopper.supports
+        _wgrad_hopper.supports = lambda *operands: False  # the sweep tunes the Triton kernel
+        for name, launch, flops, _ in wgrads:
             results = []
             for bm, bn, bk, warps, stages in WGRAD_SWEEP:
                 # one config at a time: the autotuner then runs it without tuning
@@ -122,6 +125,7 @@ def case(shape_name, tokens, sweep):
             _print_fastest(name, results, flops)
         _wgrad_kernel.configs = tuned
         _wgrad_kernel.cache.clear()
+        _wgrad_hopper.supports = hopper
 
 
 def _time_or_none(name, tile, launch):

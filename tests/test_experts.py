@@ -284,7 +284,7 @@ def test_grouped_gemms_read_by_tma_or_pointers(tma, dtype, device, poison):
 def test_wgrad_keeps_an_experts_nan_rows_to_itself(tma, device, poison):
     """A NaN (an overflow in one expert's rows) stays in that expert's weight gradient: an expert's last, partial
     block of rows must not read its neighbour's rows, as a TMA box past its end would (0 x NaN is NaN). Rows of
-    each expert are not a multiple of any K tile here (32 on GPUs, 16 under the interpreter)."""
+    each expert are not a multiple of any K tile here (32 or 64 on GPUs, 16 under the interpreter)."""
     from csrc_triton._grouped_gemm import Groups, wgrad
     from csrc_triton.permute import plan_routing
 
