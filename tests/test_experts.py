@@ -280,6 +280,20 @@ def test_grouped_gemms_read_by_tma_or_pointers(tma, dtype, device, poison):
     assert dw_down[3].abs().max().item() == 0 and dw_gate_up[3].abs().max().item() == 0
 
 
+@pytest.mark.gpu
+def test_hopper_runs_the_warp_specialised_wgrad():
+    """On Hopper the bf16 wgrads of the tests above and of real widths run _wgrad_hopper's kernel (the tests then
+    check it, not the Triton one); fp32, widths off 16 and misaligned rows keep the Triton kernel."""
+    from csrc_triton import _wgrad_hopper
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("not a Hopper GPU")
+    x, act = (torch.empty(rows, n, device="cuda", dtype=torch.bfloat16) for rows, n in ((300, 2048), (600, 768)))
+    assert _wgrad_hopper.supports(x, act) and _wgrad_hopper.supports(x[:, :128], act[:, :64])
+    assert not _wgrad_hopper.supports(x.float(), act.float())
+    assert not _wgrad_hopper.supports(x[:, :1000].contiguous(), act)
+    assert not _wgrad_hopper.supports(x.view(-1)[4:4 + 299 * 2048].view(299, 2048), act)
+
+
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointer_loads"])
 def test_wgrad_keeps_an_experts_nan_rows_to_itself(tma, device, poison):
     """A NaN (an overflow in one expert's rows) stays in that expert's weight gradient: an expert's last, partial
