@@ -99,8 +99,7 @@ def _wgrad_kernel(g_ptr, token_ptr, p_ptr, p_desc, out_ptr, offsets_ptr, M, N, s
     expert = gl.program_id(2)
     row0 = gl.load(offsets_ptr + expert)
     row_end = gl.load(offsets_ptr + expert + 1)
-    g_bufs = gl.allocate_shared_memory(g_ptr.dtype.element_ty, [STAGES, BK, BM],
-                                       gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
+    g_bufs = gl.allocate_shared_memory(g_ptr.dtype.element_ty, [STAGES, BK, BM], p_desc.layout)  # both swizzled
     p_bufs = gl.allocate_shared_memory(p_ptr.dtype.element_ty, [STAGES, BK, BN], p_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
