@@ -229,7 +229,7 @@ def test_grouped_mlp_large_bf16(case, device):
 
 
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointer_loads"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_grouped_gemms_read_by_tma_or_pointers(tma, dtype, device, poison):
     """Each grouped GEMM of the routed experts, both ways of reading its operands, against fp64 per expert. Sizes
     are multiples of the K tile (64 on GPUs), so tma=True takes the TMA path; an expert has more rows than one
@@ -282,14 +282,16 @@ def test_grouped_gemms_read_by_tma_or_pointers(tma, dtype, device, poison):
 
 @pytest.mark.gpu
 def test_hopper_runs_the_warp_specialised_wgrad():
-    """On Hopper the bf16 wgrads of the tests above and of real widths run _wgrad_hopper's kernel (the tests then
-    check it, not the Triton one); fp32, widths off 16 and misaligned rows keep the Triton kernel."""
+    """On Hopper the bf16 and fp16 wgrads of the tests above and of real widths run _wgrad_hopper's kernel (the
+    tests then check it, not the Triton one); fp32, mixed dtypes, widths off 16 and misaligned rows keep the Triton
+    kernel."""
     from csrc_triton import _wgrad_hopper
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("not a Hopper GPU")
     x, act = (torch.empty(rows, n, device="cuda", dtype=torch.bfloat16) for rows, n in ((300, 2048), (600, 768)))
     assert _wgrad_hopper.supports(x, act) and _wgrad_hopper.supports(x[:, :128], act[:, :64])
-    assert not _wgrad_hopper.supports(x.float(), act.float())
+    assert _wgrad_hopper.supports(x.half(), act.half())
+    assert not _wgrad_hopper.supports(x.float(), act.float()) and not _wgrad_hopper.supports(x, act.half())
     assert not _wgrad_hopper.supports(x[:, :1000].contiguous(), act)
     assert not _wgrad_hopper.supports(x.view(-1)[4:4 + 299 * 2048].view(299, 2048), act)
 
