@@ -25,6 +25,15 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PCMOE_CACHE", str(tmp_path_factory.getbasetemp() / "pcmoe-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _on_the_cpu(monkeypatch):
+    """The smoke study runs its parties on the CPU, as in CI, on a GPU machine too: there the scheduler would give
+    each party a GPU of its own and skip the 2-party run on a machine of one GPU."""
+    monkeypatch.setattr(convergence.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(convergence.torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the parties' processes
+
+
 @pytest.fixture
 def corpora(tmp_path):
     text = read_text(corpus_path("tinyshakespeare"))
