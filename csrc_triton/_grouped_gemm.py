@@ -330,7 +330,7 @@ def grouped_gemm(a, groups: Groups, gather: bool, b, b_strides, out, n: int, k: 
 def wgrad(a, a_token, b, b_token, out, groups: Groups, tma: bool = True):
     """out[e] = a[rows of e]^T @ b[rows of e], rows gathered through a_token / b_token where given; an expert
     with no slots gets zeros (the loop over its rows is empty). A plain operand is read by TMA where its layout
-    allows (``tma``); on Hopper, bf16, one operand gathered, the warp-specialised kernel runs it
+    allows (``tma``); on Hopper, bf16 or fp16, one operand gathered, the warp-specialised kernel runs it
     (_wgrad_hopper.py)."""
     gathered, token, plain = (a, a_token, b) if a_token is not None else (b, b_token, a)
     if tma and token is not None and _wgrad_hopper.supports(gathered, plain):

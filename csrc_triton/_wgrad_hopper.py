@@ -4,9 +4,11 @@ out[e] = G[token[rows of e]]^T @ P[rows of e] (or its transpose): G the gathered
 partition of four warps fills a ring of shared stages: P's full blocks of rows by TMA, the expert's last, partial
 block by masked cp.async (a TMA box would read the next expert's rows), and G's gathered rows by cp.async, 16 bytes
 a thread, the next block's tokens loaded a step ahead; each load thread arrives on the stage's barrier when its
-copies land. The MMA warps wait for a stage, run async wgmma and free the stage their previous MMA read. The copies
-and their address arithmetic stay off the MMA warps' issue slots: with every warp both loading and multiplying,
-_grouped_gemm's wgrad issued 3-4x the instructions of SonicMoE's (notes/experts.md, entries 22-23).
+copies land. The MMA warps wait for a stage, run async wgmma and free the stage their previous MMA read. Persistent:
+a program an SM walks the experts' tiles, its load warps filling the ring with the next tile's rows while its MMA
+warps store the last one. The copies and their address arithmetic stay off the MMA warps' issue slots: with every
+warp both loading and multiplying, _grouped_gemm's wgrad issued 3-4x the instructions of SonicMoE's
+(notes/experts.md, entries 22-24).
 sm_90 and 16-bit floats only (``supports``); _grouped_gemm's Triton kernel runs the rest, the interpreter included.
 """
 
@@ -21,8 +23,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from ._runtime import programs_per_device
 
 LOAD_WARPS = gl.constexpr(4)
-# 144 KB of stages and 64 KB to store a tile through (the ring stays live while a tile is stored); a 128 x 256
-# accumulator on two warpgroups
+# 192 KB of stages and, live beside them while a tile is stored, the store's layout conversion: 224 KB of the 227 KB
+# an SM has (notes/experts.md, entry 24); a 128 x 256 accumulator on two warpgroups
 BM, BN, BK, STAGES, MMA_WARPS = 128, 256, 64, 4, 8
 LOAD_REGS = gl.constexpr(88)  # the load warps' registers a thread; the rest of MAX_REGS goes to the MMA warps
 MAX_REGS = 168  # a thread, at launch: 12 warps use the whole register file
