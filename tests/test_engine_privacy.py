@@ -664,6 +664,24 @@ def test_routing_target_says_whether_the_runs_split():
             in line([0.11, 0.3]))
 
 
+def test_private_target_over_seeds():
+    """The private target's line gives each run's strongest attack (seed 0: the private phase, seed k: seed=<k>:private)
+    over the runs, how many hold 5% and how many stay at their own chance; with one run, that run alone."""
+    def row(key, accuracy):
+        return {"key": key, "attack": key, "setting": "private init", "token_accuracy": accuracy}
+
+    phases = {"private": {"rows": [row("a", 0.0), row("b", 0.06)]}}
+    results = {"phases": phases, "chance": {"token_accuracy": 0.1}}
+    alone = privacy.report._targets(results)[0]
+    assert "NOT met" in alone and "recovers 6.0%" in alone and "Over" not in alone
+    phases["seed=1:private"] = {"seed": 1, "private": True, "chance": {"token_accuracy": 0.03},
+                                "rows": [row("a", 0.01), row("b", 0.04)]}
+    phases["seed=1"] = {"seed": 1, "noise": 0.0, "chance": {"token_accuracy": 0.03}, "rows": [row("r_row", 0.5)]}
+    line = privacy.report._targets(results)[0]
+    assert ("Over 2 runs (train.seed 0, 1) the strongest attack of each recovers 5.0% (4.0% to 6.0%); <= 5% in 1 of "
+            "the 2, at or below the run's own chance in 1.") in line
+
+
 def test_privacy_seed_deals_other_text():
     """A routing_seeds run is independent of seed 0's: train.seed deals other text blocks to the victim's held-out
     text and to the attacker."""
@@ -675,19 +693,24 @@ def test_privacy_seed_deals_other_text():
 @pytest.mark.slow
 def test_privacy_command_runs_routing_seeds(tmp_path, monkeypatch):
     """seed=<k> phases run the routing attack on a public model and split of seed k, and the report gives their
-    spread and judges the routing target on the mean."""
+    spread and judges the routing target on the mean; seed=<k>:private runs the private attacks at seed k."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     monkeypatch.setitem(privacy.PRESETS, "smoke", replace(
         SMOKE, finetune_steps=5, eval_sequences=4, aux_sequences=32, noise=[0.0], routing_steps=10,
         routing_seeds=[1, 2]))
-    privacy.main(["--preset", "smoke", "--out", str(tmp_path), "--phase", "seed=1,seed=2"])
+    privacy.main(["--preset", "smoke", "--out", str(tmp_path), "--phase", "seed=1,seed=2,seed=1:private"])
     runs = [json.loads((tmp_path / "phases" / f"seed={k}.json").read_text()) for k in (1, 2)]
     assert [run["seed"] for run in runs] == [1, 2] and runs[0]["chance"] != runs[1]["chance"]
     assert all({r["key"] for r in run["rows"]} == {"r_linked", "r_row"} for run in runs)
     assert torch.load(tmp_path / "phases" / "public-seed=2.pt")["seed"] == 2
+    private = json.loads((tmp_path / "phases" / "seed=1:private.json").read_text())
+    assert private["private"] and private["seed"] == 1 and private["chance"] == runs[0]["chance"]
+    assert [r["key"] for r in private["rows"]] == list(privacy.evaluate.PRIVATE_ATTACKS)
+    assert {r["setting"] for r in private["rows"]} == {"private init"}
     spread = json.loads((tmp_path / "results.json").read_text())["routing_spread"]
     shuffled = [next(r["token_accuracy"] for r in run["rows"] if r["key"] == "r_row") for run in runs]
+    # the private run is no shared-initialisation run of the routing attack's spread
     assert spread[0]["seeds"] == [1, 2] and math.isclose(spread[0]["r_row"]["mean"], sum(shuffled) / 2)
     report = (tmp_path / "report.md").read_text()
     assert "| 0 | 2 runs |" in report and "on the mean of 2 runs (shared init, train.seed 1, 2), by " in report

@@ -19,11 +19,12 @@ are done (``--redo``: run them again; ``--phase``: only those): ``shared`` (shar
 with the FedSGD baseline), ``private`` (private initialisation, undefended), then ``noise=<x>`` per point of the
 defence sweep (shared initialisation, the worst case: noise multiplier x on hidden states and returned output
 gradients, clipped at each exchange's median norm, the rows shuffled), then the default defence's parts alone
-(``PARTS``: its noise on the hidden states only, on the gradients only, its clipping only), then ``seed=<k>`` and
-``seed=<k>:noise=<default>`` per seed of the preset's routing_seeds: the routing attack undefended, and every
-attack of the sweep at the default noise, under shared initialisation with train.seed k (a data split, public
-model, in ``public-seed=<k>.pt``, and fine-tuning run of their own), for its run-to-run spread. The report is
-written from whatever phases are there.
+(``PARTS``: its noise on the hidden states only, on the gradients only, its clipping only), then ``seed=<k>``,
+``seed=<k>:noise=<default>`` and ``seed=<k>:private`` per seed of the preset's routing_seeds: the routing attack
+undefended and every attack of the sweep at the default noise, under shared initialisation with train.seed k (a
+data split, public model, in ``public-seed=<k>.pt``, and fine-tuning run of their own), and every attack of
+``private`` at train.seed k, for their run-to-run spread. The report is written from whatever phases are
+there.
 """
 
 import argparse
@@ -63,12 +64,14 @@ TARGETS = {"a": "inputs", "b": "inputs", "c": "next tokens", "d": "inputs", "e":
 
 # The default defence's parts one at a time (phases of their own): where its cost in held-out loss comes from
 PARTS = (f"hidden={SHARED_START_NOISE}", f"grad={SHARED_START_NOISE}", "clip")
+# The attacks on a private-initialisation run (d and e refine through known starting layers, which it has none of)
+PRIVATE_ATTACKS = ("a", "b", "c", "r_linked", "r_row")
 
 
 def phases(preset: Preset) -> list[str]:
     return ["shared", "private", *(f"noise={noise}" for noise in preset.noise if noise > 0), *PARTS,
             *(f"seed={seed}{suffix}" for seed in preset.routing_seeds
-              for suffix in ("", f":noise={SHARED_START_NOISE}"))]
+              for suffix in ("", f":noise={SHARED_START_NOISE}", ":private"))]
 
 
 def part_defence(name: str, s: "Setting") -> PrivacyConfig:
@@ -222,8 +225,7 @@ def run_phase(name: str, s: Setting, log) -> dict:
             run = collaborate(s.cfg, None, PrivacyConfig(), s.held_out, s.threads)
         log(f"{setting}: victim loss {run.losses[0]:.3f} -> {run.losses[-1]:.3f} "
             f"({time.perf_counter() - started:.0f} s)")
-        which = ("a", "b", "c", "d", "e", "r_linked", "r_row") if name == "shared" else ("a", "b", "c", "r_linked",
-                                                                                        "r_row")
+        which = ("a", "b", "c", "d", "e", "r_linked", "r_row") if name == "shared" else PRIVATE_ATTACKS
         rows, result["details"] = attack(s, run, setting, which)
         result["rows"] = list(rows.values())
         if name == "shared":
@@ -231,6 +233,10 @@ def run_phase(name: str, s: Setting, log) -> dict:
             result["sweep"] = {"noise": 0.0, **_outcome(run, {k: rows[k] for k in SWEPT})}
             result["row_norms"] = {kind: torch.cat([w[kind] for w in run.watch]).norm(dim=1).median().item()
                                    for kind in ("hidden", "grad")}
+    elif name.endswith(":private"):  # private initialisation's spread over seeds
+        run = collaborate(s.cfg, None, PrivacyConfig(), s.held_out, s.threads)
+        rows, result["details"] = attack(s, run, "private init", PRIVATE_ATTACKS)
+        result.update(rows=list(rows.values()), seed=s.seed, private=True, chance=s.chance())
     elif name.startswith("seed="):  # the routing attack's spread over seeds, and the default defence's
         noise = float(name.partition(":noise=")[2] or 0)
         run = collaborate(finetuning(s.cfg, s.preset), s.public, PrivacyConfig(hidden_noise=noise, grad_noise=noise),

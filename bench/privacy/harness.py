@@ -62,8 +62,8 @@ class Preset:
     refine_sequences: int = 16  # victim sequences attacks d and e optimise (the first ones)
     refine_steps: int = 100  # their optimisation steps
     routing_steps: int = 400  # training steps of the routing attack's inverter
-    # train.seed of the extra runs that measure the routing attack's run-to-run spread (phases seed=<k>): each a new
-    # data split (victim's held-out text, attacker's text), public model, fine-tuning order and inverter
+    # train.seed of the extra runs that measure the run-to-run spread (phases seed=<k>[...]): each a new data split
+    # (victim's held-out text, attacker's text), public model, fine-tuning order and inverter, or private start
     routing_seeds: list[int] = field(default_factory=list)
     device: str = "cpu"  # auto: both parties on this machine's GPU (over gloo) if it has one
 

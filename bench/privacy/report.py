@@ -56,7 +56,7 @@ def routing_spread(results: dict) -> list[dict]:
         runs = [{"seed": p["seed"], "chance": p["chance"]["token_accuracy"],
                  **{r["key"]: r["token_accuracy"] for r in p["rows"]},
                  **({"eval_loss": p["eval_loss"]} if "eval_loss" in p else {})}
-                for p in phases.values() if p.get("seed") is not None and p["noise"] == noise]
+                for p in phases.values() if p.get("seed") is not None and not p.get("private") and p["noise"] == noise]
         zero = phases.get("shared" if noise == 0 else f"noise={noise}")
         if zero is not None:  # seed 0: the undefended phase's routing rows, or the default's sweep point
             found = {r["key"]: r["token_accuracy"] for r in zero["rows"] if r["key"] in ("r_row", "r_linked")}
@@ -100,6 +100,22 @@ def _cost_over_seeds(results: dict) -> str:
             f"{held} of these {len(full)} runs.")
 
 
+def _private_over_seeds(results: dict) -> str:
+    """The end of the private target's line: each run's strongest attack (seed 0: the private phase; seed k:
+    seed=<k>:private), where more than one run measured them."""
+    phases = results["phases"]
+    runs = [(0, phases["private"]["rows"], results["chance"]["token_accuracy"])] if "private" in phases else []
+    runs += [(p["seed"], p["rows"], p["chance"]["token_accuracy"]) for p in phases.values() if p.get("private")]
+    if len(runs) < 2:
+        return ""
+    strongest = [max(r["token_accuracy"] for r in rows) for _, rows, _ in runs]
+    held = sum(value <= 0.05 for value in strongest)
+    below = sum(value <= chance for value, (_, _, chance) in zip(strongest, runs))
+    return (f" Over {len(runs)} runs (train.seed {', '.join(str(seed) for seed, _, _ in runs)}) the strongest attack "
+            f"of each recovers {_spread(_stat(strongest))}; <= 5% in {held} of the {len(runs)}, at or below the "
+            f"run's own chance in {below}.")
+
+
 def _targets(results: dict) -> list[str]:
     """Each target of issue 15, the number measured against it and its setting."""
     phases, chance = results["phases"], results["chance"]["token_accuracy"]
@@ -116,7 +132,8 @@ def _targets(results: dict) -> list[str]:
                         "clears 5%; " + ("every attack here stays at or below that chance level."
                                          if worst["token_accuracy"] <= chance else
                                          f"the strongest is {(worst['token_accuracy'] - chance) * 100:.1f} points "
-                                         "above it.")))
+                                         "above it."))
+                     + _private_over_seeds(results))
     sweep = {s["noise"]: s for s in _sweep(results)}
     if 0.0 in sweep and SHARED_START_NOISE in sweep:
         base, default = sweep[0.0], sweep[SHARED_START_NOISE]
