@@ -364,7 +364,7 @@ def test_noise_is_on_by_default_from_a_public_checkpoint_and_its_absence_is_said
 
 SMOKE = replace(privacy.PRESETS["tiny"], model=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4,
                                                     expert_intermediate_size=32), seq_len=16, batch_size=4, steps=10,
-                routing_seeds=[])
+                spread_seeds=[])
 
 
 def test_scores_on_known_inputs():
@@ -683,7 +683,7 @@ def test_private_target_over_seeds():
 
 
 def test_privacy_seed_deals_other_text():
-    """A routing_seeds run is independent of seed 0's: train.seed deals other text blocks to the victim's held-out
+    """A spread_seeds run is independent of seed 0's: train.seed deals other text blocks to the victim's held-out
     text and to the attacker."""
     first, other = (privacy.evaluate.Setting(SMOKE, 1, None, seed) for seed in (0, 1))
     assert other.cfg.train.seed == 1 and privacy.evaluate.phase_seed("seed=1:noise=0.5") == 1
@@ -691,14 +691,14 @@ def test_privacy_seed_deals_other_text():
 
 
 @pytest.mark.slow
-def test_privacy_command_runs_routing_seeds(tmp_path, monkeypatch):
+def test_privacy_command_runs_the_seed_phases(tmp_path, monkeypatch):
     """seed=<k> phases run the routing attack on a public model and split of seed k, and the report gives their
     spread and judges the routing target on the mean; seed=<k>:private runs the private attacks at seed k."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     monkeypatch.setitem(privacy.PRESETS, "smoke", replace(
         SMOKE, finetune_steps=5, eval_sequences=4, aux_sequences=32, noise=[0.0], routing_steps=10,
-        routing_seeds=[1, 2]))
+        spread_seeds=[1, 2]))
     privacy.main(["--preset", "smoke", "--out", str(tmp_path), "--phase", "seed=1,seed=2,seed=1:private"])
     runs = [json.loads((tmp_path / "phases" / f"seed={k}.json").read_text()) for k in (1, 2)]
     assert [run["seed"] for run in runs] == [1, 2] and runs[0]["chance"] != runs[1]["chance"]

@@ -20,7 +20,7 @@ with the FedSGD baseline), ``private`` (private initialisation, undefended), the
 defence sweep (shared initialisation, the worst case: noise multiplier x on hidden states and returned output
 gradients, clipped at each exchange's median norm, the rows shuffled), then the default defence's parts alone
 (``PARTS``: its noise on the hidden states only, on the gradients only, its clipping only), then ``seed=<k>``,
-``seed=<k>:noise=<default>`` and ``seed=<k>:private`` per seed of the preset's routing_seeds: the routing attack
+``seed=<k>:noise=<default>`` and ``seed=<k>:private`` per seed of the preset's spread_seeds: the routing attack
 undefended and every attack of the sweep at the default noise, under shared initialisation with train.seed k (a
 data split, public model, in ``public-seed=<k>.pt``, and fine-tuning run of their own), and every attack of
 ``private`` at train.seed k, for their run-to-run spread. The report is written from whatever phases are
@@ -70,7 +70,7 @@ PRIVATE_ATTACKS = ("a", "b", "c", "r_linked", "r_row")
 
 def phases(preset: Preset) -> list[str]:
     return ["shared", "private", *(f"noise={noise}" for noise in preset.noise if noise > 0), *PARTS,
-            *(f"seed={seed}{suffix}" for seed in preset.routing_seeds
+            *(f"seed={seed}{suffix}" for seed in preset.spread_seeds
               for suffix in ("", f":noise={SHARED_START_NOISE}", ":private"))]
 
 

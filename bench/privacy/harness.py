@@ -64,16 +64,16 @@ class Preset:
     routing_steps: int = 400  # training steps of the routing attack's inverter
     # train.seed of the extra runs that measure the run-to-run spread (phases seed=<k>[...]): each a new data split
     # (victim's held-out text, attacker's text), public model, fine-tuning order and inverter, or private start
-    routing_seeds: list[int] = field(default_factory=list)
+    spread_seeds: list[int] = field(default_factory=list)
     device: str = "cpu"  # auto: both parties on this machine's GPU (over gloo) if it has one
 
 
 PRESETS = {
     "tiny": Preset(model=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
-                              expert_intermediate_size=128), routing_seeds=[1, 2, 3]),
+                              expert_intermediate_size=128), spread_seeds=[1, 2, 3]),
     "base": Preset(model=dict(), seq_len=128, steps=600, finetune_steps=200, eval_sequences=64, aux_sequences=1024,
                    noise=[0.0, 0.1, 0.3, 0.5, 1.0], dlg_sequences=4, dlg_steps=200, refine_sequences=4,
-                   routing_seeds=[1, 2], device="auto"),
+                   spread_seeds=[1, 2], device="auto"),
 }
 
 
