@@ -217,8 +217,8 @@ def run_phase(name: str, s: Setting, log) -> dict:
     """One phase: its joint training run and attacks; the phase's results."""
     started = time.perf_counter()
     result = {"phase": name, "rows": [], "sweep": None, "details": {}}
-    if name in ("shared", "private"):
-        setting = f"{name} init"
+    if name in ("shared", "private") or name.endswith(":private"):  # seed=<k>:private: private's spread over seeds
+        setting = "shared init" if name == "shared" else "private init"
         if name == "shared":
             run = collaborate(finetuning(s.cfg, s.preset), s.public, PrivacyConfig(), s.held_out, s.threads)
         else:
@@ -233,10 +233,8 @@ def run_phase(name: str, s: Setting, log) -> dict:
             result["sweep"] = {"noise": 0.0, **_outcome(run, {k: rows[k] for k in SWEPT})}
             result["row_norms"] = {kind: torch.cat([w[kind] for w in run.watch]).norm(dim=1).median().item()
                                    for kind in ("hidden", "grad")}
-    elif name.endswith(":private"):  # private initialisation's spread over seeds
-        run = collaborate(s.cfg, None, PrivacyConfig(), s.held_out, s.threads)
-        rows, result["details"] = attack(s, run, "private init", PRIVATE_ATTACKS)
-        result.update(rows=list(rows.values()), seed=s.seed, private=True, chance=s.chance())
+        elif name != "private":
+            result.update(seed=s.seed, private=True, chance=s.chance())
     elif name.startswith("seed="):  # the routing attack's spread over seeds, and the default defence's
         noise = float(name.partition(":noise=")[2] or 0)
         run = collaborate(finetuning(s.cfg, s.preset), s.public, PrivacyConfig(hidden_noise=noise, grad_noise=noise),
