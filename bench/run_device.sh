@@ -17,6 +17,9 @@
 #                                pair, with the GPU's clocks through both (clocks.csv: a run the power cap held down
 #                                more often may be slower for that alone). Carry .whl/peers (bench/fetch_wheels.sh;
 #                                about 29 MiB), after a call that carried .whl/peers_first (bench/README.md).
+#   bench/run_device.sh cap      the routed experts at the power cap (bench/at_cap.py): ours, SonicMoE and Liger-Kernel
+#                                at the published anchors' cases, each run back to back for 3 s a measurement,
+#                                two rounds: time, energy and clock a step (~5 min; carry .whl/peers as for peers)
 #   bench/run_device.sh e2e      the engine end to end at 1 party and at 2 and 4 when the GPUs are there
 #                                (nvidia-h100-x2, -x4); on one GPU, 2 parties sharing it (memory, not speed)
 #   bench/run_device.sh suites   the stage suites only, for as long as BUDGET_S allows
@@ -59,7 +62,8 @@
 # Writes into $OUT (the device tool's folder; default bench/results/device): bench_*.json, e2e_*.json,
 # small_<n>p.json, engine_profile.json, engine_trace.json.gz, engine_memory.pickle.gz, ncu.txt,
 # megablocks_build.log, run.log; on two GPUs also gpu1/ (its run.log and suites) and reproduce.md. `peers`:
-# peers_*.json, rerun_peers_*.json, reproduce.md, clocks.csv, run.log. `finetune`: finetune_*.json, run.log.
+# peers_*.json, rerun_peers_*.json, reproduce.md, clocks.csv, run.log. `cap`: at_cap_*.json, clocks.csv, run.log.
+# `finetune`: finetune_*.json, run.log.
 # Each phase gets what is left of BUDGET_S seconds (default 570; peers 560) up to its own cap, and the log says
 # what did not run. Carried wheels (.whl/suites/, .whl/peers/, .whl/scale/: bench/fetch_wheels.sh) are installed
 # first; megablocks' source is built in the background while the engine runs. Extra arguments go to the suites'
@@ -305,6 +309,11 @@ finetune) phase "fine-tune a pretrained MoE together" 9999 300 python3 bench/fin
     --budget $(( BUDGET_S - SECONDS - 20 )) ;;
 suites) megablocks_build; suites 9999 "$@" ;;
 peers) clock_log; peers "$@"; kill "$CLOCK_PID" ;;
+cap)
+    clock_log
+    phase "routed experts at the power cap" 9999 120 python3 -m bench.at_cap --out "$OUT" \
+        --case qwen3-30b-a3b:32768 --case sonicmoe-7b:24576 --case sonicmoe-30b:32768 "$@"
+    kill "$CLOCK_PID" ;;
 all)
     megablocks_build  # while the GPU runs the engine
     if (( GPUS >= 2 )); then
@@ -336,7 +345,7 @@ all)
         gpu_tests 9999
     fi
     ;;
-*) echo "usage: bench/run_device.sh [all|suites|peers|e2e|small|tests|alltests|finetune|scale|loss|profile|central|privacy] [pytest args]"
+*) echo "usage: bench/run_device.sh [all|suites|peers|cap|e2e|small|tests|alltests|finetune|scale|loss|profile|central|privacy] [pytest args]"
    exit 2 ;;
 esac
 echo "== done at ${SECONDS} s" | tee -a "$LOG"

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -661,3 +662,62 @@ def test_ab_trees_loads_another_checkout_beside_ours(monkeypatch, tmp_path):
     weights = torch.rand(12, 2, generator=gen)
     assert torch.equal(other.expert_mlp(x, weights, ids, w_gate_up, w_down),
                        ct.expert_mlp(x, weights, ids, w_gate_up, w_down))
+
+
+def test_sustained_counts_whole_batches_and_energy_a_step():
+    from bench import at_cap
+
+    calls, readings = [0], iter([1500, 1200, 1800, 1300, 1700] * 1000)
+
+    def step():
+        calls[0] += 1
+
+    def energy():  # 7 mJ a step, read at the start and the end
+        return 100.0 + 7.0 * calls[0]
+
+    clocks = []
+
+    def clock():
+        clocks.append(next(readings))
+        return clocks[-1]
+
+    m = at_cap.sustained(step, seconds=0.005, rest=0.0, energy_mj=energy, sm_clock=clock)
+    assert m["steps"] == calls[0] and m["steps"] % at_cap.BATCH == 0 and m["steps"] >= at_cap.BATCH
+    assert m["mj"] == pytest.approx(7.0)
+    assert len(clocks) == m["steps"] // at_cap.BATCH and m["sm_mhz"] == statistics.median(clocks)
+    assert m["ms"] > 0
+    nan = float("nan")
+    blind = at_cap.sustained(step, seconds=0.0, rest=0.0, energy_mj=lambda: nan, sm_clock=lambda: nan)
+    assert blind["steps"] == at_cap.BATCH and blind["mj"] is None and blind["sm_mhz"] is None
+
+
+@pytest.mark.slow
+def test_at_cap_runs_ours_records_an_unavailable_peer_and_sums_up(monkeypatch):
+    """On the CPU (a tiny shape, our kernels interpreted: one step a batch): every round of ours timed, SonicMoE
+    (not installed here) recorded as unavailable, and the summary's medians and speed-ups from the rounds."""
+    from bench import at_cap
+
+    if importlib.util.find_spec("sonicmoe") is not None:
+        pytest.skip("SonicMoE is installed here: its rows would be timed, not recorded as unavailable")
+    monkeypatch.setattr(at_cap, "BATCH", 1)
+    rows = at_cap.run([("tiny-qwen3-30b-a3b", 16)], ["pcmoe", "sonicmoe"], seconds=0.0, rest=0.0, rounds=2,
+                      warmup=1)
+    unavailable = [r for r in rows if "unavailable" in r]
+    assert [r["impl"] for r in unavailable] == ["sonicmoe"] and "sonic" in unavailable[0]["unavailable"].lower()
+    timed = [r for r in rows if "round" in r]
+    assert [(r["impl"], r["round"]) for r in timed] == [("pcmoe", 0), ("pcmoe", 1)]
+    flops = shapes.routed_flops(16, shapes.SMOKE_SHAPES["tiny-qwen3-30b-a3b"])
+    for r in timed:
+        assert r["fwd_bwd"]["steps"] == r["fwd"]["steps"] == at_cap.BATCH
+        assert r["fwd_bwd"]["tflops"] == pytest.approx(3 * flops / r["fwd_bwd"]["ms"] / 1e9)
+        assert r["fwd"]["tflops"] == pytest.approx(flops / r["fwd"]["ms"] / 1e9)
+
+    fake = [dict(shape="s", tokens=8, impl=impl, round=rnd, fwd_bwd=dict(ms=ms, mj=mj), fwd=dict(ms=ms / 3, mj=None))
+            for impl, rnd, ms, mj in (("pcmoe", 0, 10.0, 7.0), ("sonicmoe", 0, 12.0, 8.0), ("pcmoe", 1, 11.0, 9.0),
+                                      ("sonicmoe", 1, 13.0, None), ("pcmoe", 2, 30.0, 8.0))]
+    fake.append(dict(shape="s", tokens=8, impl="liger", unavailable="not installed"))
+    ours, sonic = at_cap.summary(fake)
+    assert (ours["impl"], ours["rounds"], ours["fwd_bwd_ms"], ours["fwd_bwd_mj"]) == ("pcmoe", 3, 11.0, 8.0)
+    assert ours["speedup_fwd_bwd"] == 1.0 and ours["fwd_ms"] == pytest.approx(11.0 / 3)
+    assert (sonic["rounds"], sonic["fwd_bwd_ms"], sonic["fwd_bwd_mj"]) == (2, 12.5, 8.0)
+    assert sonic["speedup_fwd_bwd"] == pytest.approx(12.5 / 11.0) and sonic["speedup_fwd"] == pytest.approx(12.5 / 11.0)
