@@ -21,11 +21,13 @@ import torch
 
 from .bench_experts import experts_inputs, forward_backward, leaves
 from .common import environment, sync
-from .peers import Unavailable, experts_fn, settings
+from . import peers
 from .report import gpu_tag
 from .shapes import PROFILED_CASES, Case, add_case_option, routed_flops
 
-IMPLS = ("pcmoe", "sonicmoe", "liger")
+# Each implementation's own function (x, ids, weights, w_gate_up, w_down), called directly: the suites' way through
+# transformers' experts module switches one module between them, which two implementations' steps cannot share.
+FUNCTIONS = {"pcmoe": peers.ours_experts, "sonicmoe": peers.sonicmoe_experts, "liger": peers.liger_experts}
 BATCH = 10  # steps between reads of the clock (each read waits for the GPU)
 
 
@@ -62,8 +64,13 @@ def sustained(step, seconds: float, rest: float, energy_mj, sm_clock) -> dict:
 
 
 def steps_of(impl: str, d: dict):
-    """(forward+backward, forward) steps of ``impl`` on the case's inputs, rotating over its three input sets."""
-    fn, calls = experts_fn(impl, d["experts"]), iter(range(10**12))
+    """(forward+backward, forward) steps of ``impl`` on the case's inputs, rotating over its three input sets;
+    raises peers.Unavailable where it cannot run."""
+    peers.require(impl)
+    experts, calls = d["experts"], iter(range(10**12))
+
+    def fn(x, ids, weights):
+        return FUNCTIONS[impl](x, ids, weights, experts.gate_up_proj, experts.down_proj)
 
     def fwd_bwd():
         forward_backward(fn, d, d["inputs"][next(calls) % 3])
@@ -90,7 +97,7 @@ def run(cases, impls, seconds: float, rest: float, rounds: int, warmup: int = 3)
                 for step in ready[impl]:  # compiles
                     for _ in range(warmup):
                         step()
-            except Unavailable as e:
+            except peers.Unavailable as e:
                 ready.pop(impl, None)
                 rows.append(dict(shape=shape, tokens=tokens, impl=impl, unavailable=str(e)))
                 print(f"{shape} at {tokens} {impl}: unavailable: {e}", flush=True)
@@ -143,16 +150,16 @@ def summary(rows: list[dict]) -> list[dict]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_case_option(parser)
-    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of {', '.join(IMPLS)}")
+    parser.add_argument("--impls", default=",".join(FUNCTIONS), help=f"comma-separated, of {', '.join(FUNCTIONS)}")
     parser.add_argument("--seconds", type=float, default=3.0, help="each measurement's back-to-back run")
     parser.add_argument("--rest", type=float, default=1.0, help="idle seconds before each measurement")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/results/device"))
     args = parser.parse_args(argv)
     impls = args.impls.split(",")
-    unknown = sorted(set(impls) - set(IMPLS))
+    unknown = sorted(set(impls) - set(FUNCTIONS))
     if unknown:
-        parser.error(f"--impls: {', '.join(unknown)} not among {', '.join(IMPLS)}")
+        parser.error(f"--impls: {', '.join(unknown)} not among {', '.join(FUNCTIONS)}")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU: the power cap is the GPU's")
     rows = run(args.case or PROFILED_CASES, impls, args.seconds, args.rest, args.rounds)
@@ -160,7 +167,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"at_cap_{gpu_tag(env['device'])}_{env['commit']}.json"
     medians = summary(rows)
-    path.write_text(json.dumps(dict(environment=env, peers=settings(), seconds=args.seconds, rest=args.rest,
+    path.write_text(json.dumps(dict(environment=env, peers=peers.settings(), seconds=args.seconds, rest=args.rest,
                                     rounds=args.rounds, summary=medians, rows=rows), indent=1) + "\n")
     for m in medians:
         print(f"{m['shape']} at {m['tokens']} {m['impl']:9s} median of {m['rounds']}: forward+backward "

@@ -721,3 +721,24 @@ def test_at_cap_runs_ours_records_an_unavailable_peer_and_sums_up(monkeypatch):
     assert ours["speedup_fwd_bwd"] == 1.0 and ours["fwd_ms"] == pytest.approx(11.0 / 3)
     assert (sonic["rounds"], sonic["fwd_bwd_ms"], sonic["fwd_bwd_mj"]) == (2, 12.5, 8.0)
     assert sonic["speedup_fwd_bwd"] == pytest.approx(12.5 / 11.0) and sonic["speedup_fwd"] == pytest.approx(12.5 / 11.0)
+
+
+def test_at_cap_times_each_implementation_with_its_own_function(monkeypatch):
+    """Two implementations measured in alternation each run their own function in every round (the suites'
+    one experts module, switched between implementations, would have run the last one set for both)."""
+    from bench import at_cap
+
+    calls = {"a": 0, "b": 0}
+
+    def fake(name):
+        def fn(x, ids, weights, w_gate_up, w_down):
+            calls[name] += 1
+            return x * 2
+        return fn
+
+    monkeypatch.setattr(at_cap, "FUNCTIONS", {"a": fake("a"), "b": fake("b")})
+    monkeypatch.setattr(at_cap.peers, "require", lambda impl: None)
+    monkeypatch.setattr(at_cap, "BATCH", 1)
+    rows = at_cap.run([("tiny-olmoe-1b-7b", 8)], ["a", "b"], seconds=0.0, rest=0.0, rounds=2, warmup=1)
+    assert [(r["impl"], r["round"]) for r in rows] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    assert calls == {"a": 2 + 2 * 2, "b": 2 + 2 * 2}  # warm-up of both steps, then two steps a round
