@@ -19,7 +19,7 @@
 #                                about 29 MiB), after a call that carried .whl/peers_first (bench/README.md).
 #   bench/run_device.sh cap      the routed experts at the power cap (bench/at_cap.py): ours, SonicMoE and Liger-Kernel
 #                                at the published anchors' cases, each run back to back for 3 s a measurement,
-#                                two rounds: time, energy and clock a step (~5 min; carry .whl/peers as for peers)
+#                                two rounds: time, energy and clock a step (~6 min; carry .whl/peers as for peers)
 #   bench/run_device.sh e2e      the engine end to end at 1 party and at 2 and 4 when the GPUs are there
 #                                (nvidia-h100-x2, -x4); on one GPU, 2 parties sharing it (memory, not speed)
 #   bench/run_device.sh suites   the stage suites only, for as long as BUDGET_S allows
