@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
+from . import peers
 from .bench_experts import experts_inputs, forward_backward, leaves
 from .common import environment, sync
-from . import peers
 from .report import gpu_tag
 from .shapes import PROFILED_CASES, Case, add_case_option, routed_flops
 

@@ -16,7 +16,7 @@ import torch
 from helpers import rel_err
 
 import csrc_triton as ct
-from bench import compare, peers, plots, readme_table, report, shapes
+from bench import at_cap, compare, peers, plots, readme_table, report, shapes
 from bench.engine_e2e import flops_per_token, party_result
 from csrc_triton.routed_experts import expert_mlp_reference
 from csrc_triton.permute import permute_reference, plan_routing_reference, unpermute_reference
@@ -665,8 +665,6 @@ def test_ab_trees_loads_another_checkout_beside_ours(monkeypatch, tmp_path):
 
 
 def test_sustained_counts_whole_batches_and_energy_a_step():
-    from bench import at_cap
-
     calls, readings = [0], iter([1500, 1200, 1800, 1300, 1700] * 1000)
 
     def step():
@@ -692,11 +690,9 @@ def test_sustained_counts_whole_batches_and_energy_a_step():
 
 
 @pytest.mark.slow
-def test_at_cap_runs_ours_records_an_unavailable_peer_and_sums_up(monkeypatch):
-    """On the CPU (a tiny shape, our kernels interpreted: one step a batch): every round of ours timed, SonicMoE
-    (not installed here) recorded as unavailable, and the summary's medians and speed-ups from the rounds."""
-    from bench import at_cap
-
+def test_at_cap_times_ours_and_records_an_unavailable_peer(monkeypatch):
+    """On the CPU (a tiny shape, our kernels interpreted: one step a batch): every round of ours timed, its TFLOP/s
+    from the shape's FLOPs, and SonicMoE (not installed here) recorded as unavailable."""
     if importlib.util.find_spec("sonicmoe") is not None:
         pytest.skip("SonicMoE is installed here: its rows would be timed, not recorded as unavailable")
     monkeypatch.setattr(at_cap, "BATCH", 1)
@@ -712,6 +708,8 @@ def test_at_cap_runs_ours_records_an_unavailable_peer_and_sums_up(monkeypatch):
         assert r["fwd_bwd"]["tflops"] == pytest.approx(3 * flops / r["fwd_bwd"]["ms"] / 1e9)
         assert r["fwd"]["tflops"] == pytest.approx(flops / r["fwd"]["ms"] / 1e9)
 
+
+def test_at_cap_summary_takes_medians_over_rounds_and_speedups_against_ours():
     fake = [dict(shape="s", tokens=8, impl=impl, round=rnd, fwd_bwd=dict(ms=ms, mj=mj), fwd=dict(ms=ms / 3, mj=None))
             for impl, rnd, ms, mj in (("pcmoe", 0, 10.0, 7.0), ("sonicmoe", 0, 12.0, 8.0), ("pcmoe", 1, 11.0, 9.0),
                                       ("sonicmoe", 1, 13.0, None), ("pcmoe", 2, 30.0, 8.0))]
@@ -726,8 +724,6 @@ def test_at_cap_runs_ours_records_an_unavailable_peer_and_sums_up(monkeypatch):
 def test_at_cap_times_each_implementation_with_its_own_function(monkeypatch):
     """Two implementations measured in alternation each run their own function in every round (the suites'
     one experts module, switched between implementations, would have run the last one set for both)."""
-    from bench import at_cap
-
     calls = {"a": 0, "b": 0}
 
     def fake(name):
