@@ -32,12 +32,14 @@ BATCH = 10  # steps between reads of the clock (each read waits for the GPU)
 
 
 def gpu_counters(device: int = 0):
-    """(energy in mJ since boot, SM clock in MHz) readers of NVML, or readers of NaN where it is not there."""
+    """(energy in mJ since boot, SM clock in MHz) readers of NVML for CUDA device ``device``, or readers of NaN
+    where NVML is not there."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device)
+        # NVML numbers every GPU of the host; torch's mapping through CUDA_VISIBLE_DEVICES (its power_draw's)
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(device))
         return (lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle),
                 lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
     except Exception:  # no nvidia-ml-py, no driver, or no energy counter on this GPU
